@@ -1,0 +1,163 @@
+"""The AdaCache decision, top to bottom, with no model in sight.
+
+A generation is a sequence of denoising steps 1..N. `Schedule` holds one generation's state and answers two
+questions: `is_computed(step)` (run the blocks, or reuse the cached residual?) and, after a computed step,
+`update(step, probe)` (how many steps until the next computed one?). The distance, the motion score and the
+codebook lookup are pure functions, tested by hand.
+
+Paper mode reproduces the authors' code exactly (ADACACHE.md section 2). The default differs only where their
+code misbehaves: the distance is divided by the real gap since the last computed step (theirs divides by the
+stored rate, which is wrong after a forced step cut the gap short), and a step at or past the planned one is
+computed (theirs needs equality, so a transformer that sees only part of the steps, as each expert of Wan 2.2
+does, would never compute again).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import AdaCacheConfig
+
+logger = logging.getLogger(__name__)
+
+
+def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """L1(current - previous) / L1(previous), summed over every element (all of the batch): a 0-d float32 tensor."""
+    if current.shape != previous.shape:
+        raise ValueError(
+            f"probe shape changed from {tuple(previous.shape)} to {tuple(current.shape)} within one generation; "
+            "a generation must keep its batch size and resolution (open a new generation, or use a separate "
+            "cache_context name per differently shaped call)"
+        )
+    diff = torch.linalg.vector_norm(current - previous, ord=1, dtype=torch.float32)
+    return diff / torch.linalg.vector_norm(previous, ord=1, dtype=torch.float32)
+
+
+def motion_score(frames: torch.Tensor, strides: tuple[int, ...]) -> torch.Tensor | None:
+    """Raw motion of a probe laid out as frames (B, T, S, C): for each stride i,
+    L1(x[:, i:] - x[:, :-i]) / (L1(x[:, i:]) + L1(x[:, :-i])), averaged over strides; None if T <= every stride."""
+    scores = []
+    for stride in strides:
+        if stride >= frames.shape[1]:
+            continue
+        later, earlier = frames[:, stride:], frames[:, :-stride]
+        l1 = lambda t: torch.linalg.vector_norm(t, ord=1, dtype=torch.float32)  # noqa: E731
+        scores.append(l1(later - earlier) / (l1(later) + l1(earlier)))
+    if not scores:
+        return None
+    return torch.stack(scores).mean()
+
+
+def lookup_rate(codebook: dict[float, int], distance: float) -> int:
+    """The rate of the first threshold (ascending) above `distance`; past the last threshold, the last rate.
+    A non-finite distance gives rate 1 (compute the next step) rather than trusting garbage."""
+    if not math.isfinite(distance):
+        return 1
+    for threshold, rate in codebook.items():
+        if distance < threshold:
+            return rate
+    return rate  # the last entry's rate
+
+
+@dataclass
+class StepRecord:
+    """What happened at one computed step, for `get_stats`."""
+
+    step: int
+    distance: float | None = None  # normalized (and MoReg-scaled) distance used for the lookup
+    raw_distance: float | None = None  # relative L1 before dividing by the gap and before MoReg
+    motion: float | None = None  # MoReg score m (after the (norm, power, divisor) mapping)
+    motion_factor: float | None = None  # m + |g|, the factor the distance was multiplied by
+    rate: int = 1  # rate chosen at this step: the next computed step is `rate` steps later
+
+
+@dataclass
+class Schedule:
+    """One generation's caching state (per transformer and per CFG branch).
+
+    Steps are 1-based. `num_steps` may be None when the pipeline does not say; then the last two steps cannot be
+    forced (a warning says so once per generation).
+    """
+
+    config: AdaCacheConfig
+    num_steps: int | None = None
+    rate: int = 1
+    prev_compute: int = 0
+    prev_probe: torch.Tensor | None = None
+    prev_motion: float = 1.0
+    last_step: int = 0
+    computed_steps: list[int] = field(default_factory=list)
+    skipped_steps: list[int] = field(default_factory=list)
+    records: list[StepRecord] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def is_computed(self, step: int, have_cache: bool) -> bool:
+        """Whether `step` runs the blocks. Without a usable cache every step is computed."""
+        forced = step == 1 or (self.num_steps is not None and step >= self.num_steps - 1)
+        if self.config.paper_mode:
+            planned = step == self.prev_compute + self.rate
+        else:
+            planned = step >= self.prev_compute + self.rate
+        return forced or planned or not have_cache
+
+    def update(self, step: int, probe: torch.Tensor, frames: int | None) -> StepRecord:
+        """After computing `step`: compare its probe with the last one and choose the next rate.
+
+        `probe` is the probe residual laid out as (B, T, S, C) frames when `frames` is known (MoReg needs it),
+        else as it came. Returns the record of this step (also appended to `records`)."""
+        config = self.config
+        record = StepRecord(step=step)
+        if self.prev_probe is not None:
+            gap = self.rate if config.paper_mode else step - self.prev_compute
+            raw = relative_l1(probe, self.prev_probe)
+            motion = None
+            if config.moreg and self._in_moreg_window(step):
+                motion = motion_score(probe, config.moreg_strides) if frames is not None else None
+                if motion is None:
+                    self._note_once(
+                        "MoReg skipped: the probe has too few frames for strides "
+                        f"{config.moreg_strides} (or the model spec gives no frame layout)"
+                    )
+            # One device sync for everything this step needs on the host.
+            values = torch.stack([raw, motion if motion is not None else raw]).tolist()
+            record.raw_distance = values[0]
+            distance = values[0] / gap
+            if motion is not None:
+                m = (values[1] / config.moreg_norm) ** config.moreg_power / config.moreg_divisor
+                gradient = config.moreg_gradient_scale * (m - self.prev_motion) / gap
+                self.prev_motion = m
+                record.motion, record.motion_factor = m, m + abs(gradient)
+                distance *= record.motion_factor
+            record.distance = distance
+            if not math.isfinite(distance):
+                self._note_once(f"non-finite probe distance at step {step}: computing the next step")
+            self.rate = lookup_rate(config.codebook, distance)
+        else:
+            self.rate = 1  # the first computed step has nothing to compare with: the next step is computed too
+        record.rate = self.rate
+        self.prev_probe = probe.detach()
+        self.prev_compute = step
+        self.records.append(record)
+        return record
+
+    def reset_after_bad_cache(self, step: int) -> None:
+        """Forget the cache and the probe history, so the next step is computed and compares with nothing."""
+        if not self.records or self.records[-1].step != step:
+            self.records.append(StepRecord(step=step, rate=1))
+        self.records[-1].rate = 1
+        self.rate, self.prev_probe, self.prev_compute = 1, None, step
+
+    def _in_moreg_window(self, step: int) -> bool:
+        if self.num_steps is None and self.config.moreg_window is None:
+            return step >= 2
+        first, last = self.config.resolve_moreg_window(self.num_steps or 0)
+        return first <= step <= last
+
+    def _note_once(self, message: str) -> None:
+        if message not in self.notes:
+            self.notes.append(message)
+            logger.warning("AdaCache: %s", message)

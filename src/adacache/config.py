@@ -1,0 +1,210 @@
+"""AdaCacheConfig: every knob of Adaptive Caching, validated, with the authors' presets.
+
+A config is a plain dataclass. It is checked when it is made, so a bad value fails at once with a message that
+says how to fix it, never later inside a generation. Presets and codebook files load through the same class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+# The authors' Open-Sora v1.2 codebooks (rectified flow), threshold -> cache rate, with their MoReg step windows.
+# Thresholds are model- and step-count-specific: on another model, calibrate (or start from these and watch
+# `get_stats`).
+PRESETS: dict[str, dict[str, Any]] = {
+    "opensora-100-fast": {
+        "codebook": {0.03: 12, 0.05: 10, 0.07: 8, 0.09: 6, 0.11: 4, 1.00: 3},
+        "moreg_window": (10, 90),
+    },
+    "opensora-30-fast": {
+        "codebook": {0.08: 6, 0.16: 5, 0.24: 4, 0.32: 3, 0.40: 2, 1.00: 1},
+        "moreg_window": (4, 26),
+    },
+    "opensora-30-slow": {
+        "codebook": {0.08: 3, 0.16: 2, 0.24: 1, 0.32: 1, 0.40: 1, 1.00: 1},
+        "moreg_window": (4, 26),
+    },
+}
+DEFAULT_PRESET = "opensora-30-fast"
+
+PROBE_POINTS = ("auto", "block", "attention")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message says how to fix it."""
+
+
+@dataclass
+class AdaCacheConfig:
+    """How AdaCache decides, per video and while generating, which denoising steps to compute.
+
+    On a computed step every block runs and the stack's residual is kept; the next `rate - 1` steps reuse it.
+    `rate` comes from the codebook, looked up with the probe distance (how much a mid-stack residual changed
+    since the last computed step, per step of gap), optionally raised by motion regularization (MoReg).
+    """
+
+    # threshold -> rate, thresholds strictly ascending. The first threshold above the distance gives the rate;
+    # distances beyond the last threshold take the last rate. Higher rates = faster, but more reuse error.
+    codebook: Mapping[float, int] = field(default_factory=lambda: dict(PRESETS[DEFAULT_PRESET]["codebook"]))
+    # Motion regularization: multiply the distance by a motion score of the probe (frame-to-frame change) and its
+    # gradient, so videos with more motion get more compute. Costs nothing measurable; slightly slower overall.
+    moreg: bool = False
+    # 1-based steps (first, last) inclusive where MoReg applies; None = (max(2, round(N/10)), N - round(N/10)).
+    moreg_window: tuple[int, int] | None = None
+    # Frame strides over which motion is measured; their scores are averaged. (1,) is the authors' default.
+    moreg_strides: tuple[int, ...] = (1,)
+    # MoReg score m = (raw / moreg_norm) ** moreg_power / moreg_divisor; authors' values (0.385, 8, 1).
+    moreg_norm: float = 0.385
+    moreg_power: float = 8.0
+    moreg_divisor: float = 1.0
+    # Weight of the motion gradient g = moreg_gradient_scale * (m - m_prev) / rate; the factor is m + |g|.
+    moreg_gradient_scale: float = 10.0
+    # Index (in call order over all cached blocks) of the block whose residual is the probe. None = mid-stack,
+    # (num_blocks - 1) // 2, i.e. block 13 of 28 as in the authors' code. Earlier = cheaper to watch, less telling.
+    probe_block: int | None = None
+    # Where in the probe block to read: "block" (its output minus its input), "attention" (the output of its
+    # attention module, as the authors do; diffusers blocks apply the adaLN gate after it), "auto" (attention
+    # where the model spec names one, else block), or a submodule path inside the block such as "attn2".
+    probe_point: str = "auto"
+    # True: the authors' exact decisions (distance divided by the stored rate even where a forced step cut the
+    # gap short; the step must equal last computed + rate). False: divide by the real gap; a step at or past
+    # the planned one is computed (robust when a transformer sees only part of the steps, as in Wan 2.2).
+    paper_mode: bool = False
+    # Only for pipelines that tell neither the step index nor the step count (no `cache_context`, no scheduler
+    # known): the number of denoising steps, so the last two can be forced. Leave None otherwise.
+    num_inference_steps: int | None = None
+    # Finished generations kept for `get_stats` (per transformer).
+    stats_history: int = 8
+
+    def __post_init__(self) -> None:
+        self.codebook = validate_codebook(self.codebook)
+        if self.moreg_window is not None:
+            window = tuple(self.moreg_window)
+            if len(window) != 2 or not all(_is_int(v) for v in window) or not 1 <= window[0] <= window[1]:
+                raise ConfigError(
+                    f"moreg_window must be (first_step, last_step) with 1 <= first <= last, got {self.moreg_window!r}; "
+                    "for 30 steps the authors use (4, 26)."
+                )
+            self.moreg_window = (int(window[0]), int(window[1]))
+        strides = tuple(self.moreg_strides)
+        if not strides or not all(_is_int(s) and s >= 1 for s in strides):
+            raise ConfigError(f"moreg_strides must be a non-empty tuple of positive ints, got {self.moreg_strides!r}")
+        self.moreg_strides = tuple(int(s) for s in strides)
+        for name in ("moreg_norm", "moreg_power", "moreg_divisor"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+        if not isinstance(self.moreg_gradient_scale, (int, float)) or not math.isfinite(self.moreg_gradient_scale):
+            raise ConfigError(f"moreg_gradient_scale must be a finite number, got {self.moreg_gradient_scale!r}")
+        if self.probe_block is not None and (not _is_int(self.probe_block)):
+            raise ConfigError(f"probe_block must be an int (a block index) or None for mid-stack, got {self.probe_block!r}")
+        if not isinstance(self.probe_point, str) or not self.probe_point:
+            raise ConfigError(f"probe_point must be one of {PROBE_POINTS} or a submodule path, got {self.probe_point!r}")
+        if self.num_inference_steps is not None and (not _is_int(self.num_inference_steps) or self.num_inference_steps < 1):
+            raise ConfigError(f"num_inference_steps must be a positive int or None, got {self.num_inference_steps!r}")
+        if not _is_int(self.stats_history) or self.stats_history < 1:
+            raise ConfigError(f"stats_history must be a positive int, got {self.stats_history!r}")
+
+    # --- construction from names and files -------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "AdaCacheConfig":
+        """A named preset (see `PRESETS`), with any field overridden, e.g. `from_preset("opensora-30-fast", moreg=True)`."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "AdaCacheConfig":
+        """Build from a mapping (as read from JSON). Unknown keys are an error, never ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown AdaCacheConfig keys {unknown}; known keys: {sorted(known)}")
+        values = dict(values)
+        for key in ("moreg_window", "moreg_strides"):
+            if isinstance(values.get(key), list):
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path_or_preset: str | os.PathLike) -> "AdaCacheConfig":
+        """A preset name or a JSON file written by `save` (or by hand: {"codebook": {"0.08": 6, "1.0": 1}, ...})."""
+        if isinstance(path_or_preset, str) and path_or_preset in PRESETS:
+            return cls.from_preset(path_or_preset)
+        path = Path(path_or_preset)
+        if not path.is_file():
+            raise ConfigError(
+                f"{str(path_or_preset)!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a readable JSON file"
+            )
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path} is not valid JSON: {error}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a JSON object of AdaCacheConfig fields")
+        data.pop("_comment", None)
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["codebook"] = {repr(float(k)): int(v) for k, v in self.codebook.items()}
+        return data
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write as JSON, atomically (a crash leaves the old file or the new one, never half of one)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        os.replace(tmp, path)
+
+    def resolve_moreg_window(self, num_steps: int) -> tuple[int, int]:
+        if self.moreg_window is not None:
+            return self.moreg_window
+        margin = round(num_steps / 10)
+        return max(2, margin), num_steps - margin
+
+
+def validate_codebook(codebook: Any) -> dict[float, int]:
+    """Return the codebook as an ordered {threshold: rate} dict, or raise ConfigError saying what is wrong."""
+    example = "for example {0.08: 6, 0.16: 4, 1.0: 1}"
+    if isinstance(codebook, Mapping):
+        items = list(codebook.items())
+    elif isinstance(codebook, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in codebook):
+        items = [tuple(p) for p in codebook]
+    else:
+        raise ConfigError(f"codebook must be a mapping threshold -> rate, {example}; got {codebook!r}")
+    if not items:
+        raise ConfigError(f"codebook is empty; give at least one threshold -> rate, {example}")
+    result: dict[float, int] = {}
+    previous = -math.inf
+    for threshold, rate in items:
+        try:
+            threshold = float(threshold)
+        except (TypeError, ValueError):
+            raise ConfigError(f"codebook threshold {threshold!r} is not a number ({example})") from None
+        if not math.isfinite(threshold) or threshold <= 0:
+            raise ConfigError(f"codebook threshold {threshold!r} must be positive and finite ({example})")
+        if not _is_int(rate) or rate < 1:
+            raise ConfigError(
+                f"codebook rate {rate!r} (threshold {threshold}) must be a positive int: rate k computes one step "
+                f"in k, so 1 means no reuse ({example})"
+            )
+        if threshold <= previous:
+            ordered = dict(sorted((float(t), r) for t, r in items))
+            raise ConfigError(
+                f"codebook thresholds must be strictly ascending, but {threshold} follows {previous}; "
+                f"write it as {ordered}"
+            )
+        result[threshold] = int(rate)
+        previous = threshold
+    return result
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

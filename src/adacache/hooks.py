@@ -1,0 +1,580 @@
+"""Glue between a transformer and the AdaCache schedule: `apply_adacache`, `remove_adacache`, `get_stats`.
+
+One hook wraps the transformer's forward: it works out which generation, CFG branch and step the call belongs
+to, and whether the step is computed (`algorithm.Schedule`). The blocks of the cached span get a thin wrapper:
+
+- computed step: the block runs; the first block's input, the probe and the last block's output are noted, and
+  after the last block the stack residual (output - input, per stream) replaces the cached one;
+- skipped step: every block passes its input through untouched and the last block returns input + cached
+  residual.
+
+The decision is plain Python between block calls; each block's own forward is called unchanged, so blocks can be
+compiled (`block.compile()`, or `compile_blocks` for fullgraph). State lives in one `_Runtime` object on the
+model, keyed by (CFG branch) and reset per generation; nothing is global, no class is patched.
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import math
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .algorithm import Schedule
+from .config import AdaCacheConfig
+from .models.specs import BlockSpec, ModelSpec, spec_for
+
+logger = logging.getLogger(__name__)
+
+_HOOK_NAME = "adacache"
+_RUNTIME_ATTRIBUTE = "_adacache"
+
+
+# --- per-generation state ---------------------------------------------------------------------------------------
+@dataclass
+class GenerationStats:
+    """What AdaCache did in one generation of one CFG branch."""
+
+    branch: str
+    generation: int
+    num_steps: int | None
+    steps_seen: int
+    computed_steps: list[int]
+    skipped_steps: list[int]
+    distances: list[float | None]  # per computed step: the distance looked up in the codebook
+    rates: list[int]  # per computed step: the rate chosen there
+    motion: list[float | None]  # per computed step: the MoReg score (None outside the window or without MoReg)
+    cache_bytes: int  # cached residuals + probe held between steps (peak over the generation)
+    notes: list[str]
+
+    @property
+    def compute_fraction(self) -> float:
+        return len(self.computed_steps) / max(1, self.steps_seen)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        data["compute_fraction"] = self.compute_fraction
+        return data
+
+    def __str__(self) -> str:
+        return (
+            f"[{self.branch} #{self.generation}] computed {len(self.computed_steps)}/{self.steps_seen} steps "
+            f"{self.computed_steps}, rates {self.rates}, cache {self.cache_bytes / 2**20:.2f} MiB"
+        )
+
+
+@dataclass
+class _BranchState:
+    """One CFG branch's generation in progress."""
+
+    schedule: Schedule
+    generation: int
+    last_t: float | None = None
+    residuals: tuple[torch.Tensor, torch.Tensor | None] | None = None  # cached (video, text) stack residuals
+    peak_bytes: int = 0
+
+    def cache_bytes(self) -> int:
+        tensors = [*(self.residuals or ()), self.schedule.prev_probe]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def stats(self, branch: str) -> GenerationStats:
+        s = self.schedule
+        return GenerationStats(
+            branch=branch,
+            generation=self.generation,
+            num_steps=s.num_steps,
+            steps_seen=s.last_step,
+            computed_steps=list(s.computed_steps),
+            skipped_steps=list(s.skipped_steps),
+            distances=[r.distance for r in s.records],
+            rates=[r.rate for r in s.records],
+            motion=[r.motion for r in s.records],
+            cache_bytes=self.peak_bytes,
+            notes=list(s.notes),
+        )
+
+
+@dataclass
+class _Call:
+    """One forward call of the transformer."""
+
+    branch: str
+    state: _BranchState
+    step: int
+    compute: bool
+    frames: int | None
+    first_inputs: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    probe: torch.Tensor | None = None
+
+
+# --- the runtime: one per patched transformer -------------------------------------------------------------------
+class _Runtime:
+    def __init__(self, model: torch.nn.Module, config: AdaCacheConfig, spec: ModelSpec) -> None:
+        self.config, self.spec = config, spec
+        self.blocks = spec.blocks(model)
+        if len(self.blocks) <= spec.cache_start:
+            raise ValueError(f"{type(model).__name__} has {len(self.blocks)} blocks: nothing to cache after cache_start={spec.cache_start}")
+        self.first = spec.cache_start
+        self.last = len(self.blocks) - 1
+        self.probe_index = self._resolve_probe_index(config.probe_block)
+        self.probe_point = self._resolve_probe_point(config.probe_point)
+        self.temporal_patch = spec.temporal_patch_size(model)
+        self.forward_parameters = list(inspect.signature(model.forward).parameters)
+        self.block_parameters = [list(inspect.signature(b.forward).parameters) for _, b, _ in self.blocks]
+        self.states: dict[str, _BranchState] = {}
+        self.history: collections.deque[GenerationStats] = collections.deque(maxlen=config.stats_history)
+        self.generations = 0
+        self.current: _Call | None = None
+        self.context = None  # receives diffusers' cache_context (see _ContextHook)
+        self.scheduler_timesteps: list[float] | None = None  # set when applied to a pipeline
+        self.passthrough_checked = False
+        self.last_call_t: float | None = None
+        self.calls_at_t = 0
+        self.probe_slot: list[torch.Tensor | None] = [None]  # filled by the attention forward hook
+        self.restore: list[Callable[[], None]] = []
+
+    def _resolve_probe_index(self, probe_block: int | None) -> int:
+        n = len(self.blocks)
+        index = (n - 1) // 2 if probe_block is None else probe_block
+        if index < 0:
+            index += n
+        if not self.first <= index <= self.last:
+            raise ValueError(
+                f"probe_block={probe_block} is out of range: the model has {n} blocks in call order and the cached "
+                f"span is {self.first}..{self.last}; use an index in that range, or None for mid-stack"
+            )
+        return index
+
+    def _resolve_probe_point(self, point: str) -> str:
+        block_name, block, block_spec = self.blocks[self.probe_index]
+        if point == "block":
+            return "block"
+        if point in ("auto", "attention"):
+            if block_spec.attention is not None:
+                point = block_spec.attention
+            elif point == "auto":
+                return "block"
+            else:
+                raise ValueError(f"the model spec names no attention submodule for {block_name}; use probe_point='block'")
+        try:
+            block.get_submodule(point)
+        except AttributeError:
+            children = ", ".join(n for n, _ in block.named_children())
+            raise ValueError(
+                f"probe_point {point!r} is not a submodule of {block_name} ({type(block).__name__}); "
+                f"its children are: {children}; or use 'block'"
+            ) from None
+        return point
+
+    # -- a transformer call begins: which branch, which step, compute or skip? --
+    def begin_call(self, args: tuple, kwargs: dict) -> None:
+        t = self._timestep(args, kwargs)
+        context = self.context
+        branch, step_index, num_steps = None, None, None
+        if context is not None:
+            branch, step_index, num_steps = context.name, context.step_index, context.num_inference_steps
+        if branch is None:  # no cache_context: the k-th call at the same timestep is branch k
+            self.calls_at_t = self.calls_at_t + 1 if t == self.last_call_t else 0
+            branch = "default" if self.calls_at_t == 0 else f"default.{self.calls_at_t}"
+        self.last_call_t = t
+        if step_index is None and self.scheduler_timesteps and t is not None:
+            step_index = min(range(len(self.scheduler_timesteps)), key=lambda i: abs(self.scheduler_timesteps[i] - t))
+        if num_steps is None:
+            num_steps = len(self.scheduler_timesteps) if self.scheduler_timesteps else self.config.num_inference_steps
+
+        state = self.states.get(branch)
+        if step_index is not None:
+            new_generation = state is None or step_index + 1 <= state.schedule.last_step
+        else:
+            new_generation = state is None or t is None or state.last_t is None or t >= state.last_t
+        if state is not None and not new_generation and num_steps != state.schedule.num_steps:
+            new_generation = True
+        if new_generation:
+            state = self._new_generation(branch, num_steps)
+        step = step_index + 1 if step_index is not None else state.schedule.last_step + 1
+        state.schedule.last_step, state.last_t = step, t
+
+        compute = state.schedule.is_computed(step, have_cache=state.residuals is not None)
+        (state.schedule.computed_steps if compute else state.schedule.skipped_steps).append(step)
+        self.current = _Call(branch, state, step, compute, self._frames(args, kwargs))
+
+    def _new_generation(self, branch: str, num_steps: int | None) -> _BranchState:
+        old = self.states.get(branch)
+        if old is not None:
+            self.history.append(old.stats(branch))
+        self.generations += 1
+        state = _BranchState(Schedule(self.config, num_steps=num_steps), generation=self.generations)
+        if num_steps is None:
+            state.schedule._note_once(
+                "the number of inference steps is unknown (no cache_context with num_inference_steps, no scheduler): "
+                "the last two steps are not forced to compute. Apply to the pipeline (apply_adacache(pipe, ...)) "
+                "or set AdaCacheConfig(num_inference_steps=N)"
+            )
+        self.states[branch] = state
+        return state
+
+    def _argument(self, name: str, args: tuple, kwargs: dict) -> Any:
+        if name in kwargs:
+            return kwargs[name]
+        if name in self.forward_parameters:
+            position = self.forward_parameters.index(name)
+            if position < len(args):
+                return args[position]
+        return None
+
+    def _timestep(self, args: tuple, kwargs: dict) -> float | None:
+        value = self._argument(self.spec.timestep_argument, args, kwargs)
+        if value is None:
+            return None
+        if isinstance(value, torch.Tensor):
+            return float(value.detach().max())
+        return float(value)
+
+    def _frames(self, args: tuple, kwargs: dict) -> int | None:
+        value = self._argument(self.spec.frames_argument, args, kwargs)
+        if value is None:
+            return None
+        frames = value.shape[self.spec.frames_dim] if self.spec.frames_dim is not None else int(value)
+        return max(1, frames // self.temporal_patch)
+
+    # -- around each block --
+    def before_block(self, index: int, args: tuple, kwargs: dict) -> Any:
+        """None when the block must run; else the output to return instead of running it."""
+        call = self.current
+        if call is None:
+            return None  # the block was called outside a transformer forward: leave it alone
+        _, _, block_spec = self.blocks[index]
+        inputs = _read_streams(block_spec, args, kwargs, self.block_parameters[index])
+        if index == self.first:
+            call.first_inputs = inputs
+        if call.compute:
+            return None
+        if index != self.last:
+            return _make_output(block_spec, *inputs)
+        return _make_output(block_spec, *self._apply_cache(call, inputs))
+
+    def after_block(self, index: int, args: tuple, kwargs: dict, output: Any) -> Any:
+        call = self.current
+        if call is None or not call.compute:
+            return output
+        _, _, block_spec = self.blocks[index]
+        if index == self.probe_index:
+            if self.probe_point == "block":
+                hidden_in = _read_streams(block_spec, args, kwargs, self.block_parameters[index])[0]
+                call.probe = _read_output(block_spec, output)[0] - hidden_in
+            else:
+                call.probe, self.probe_slot[0] = self.probe_slot[0], None
+        if index == self.last:
+            self._store_cache(call, _read_output(block_spec, output))
+        return output
+
+    def _apply_cache(self, call: _Call, inputs: tuple) -> tuple:
+        """Skipped step at the last block: input + cached residual, per stream, after checking it is safe."""
+        first, residuals = call.first_inputs, call.state.residuals
+        for name, now, cached in zip(("video", "text"), inputs, residuals):
+            if cached is not None and now.shape != cached.shape:
+                raise ValueError(
+                    f"AdaCache: the {name} tokens have shape {tuple(now.shape)} at step {call.step} (branch "
+                    f"{call.branch!r}) but the cached residual has {tuple(cached.shape)}: the batch size or "
+                    "resolution changed within a generation. Start a new generation, or name each differently "
+                    "shaped call with its own cache_context."
+                )
+        if inputs[0] is not first[0] and not self.passthrough_checked:
+            # Something ran between the blocks. It is only allowed to permute tokens in a way that round-trips.
+            if not torch.equal(inputs[0], first[0]):
+                raise ValueError(
+                    "AdaCache: on a skipped step the last cached block did not receive what the first one did: the "
+                    "model changes the hidden states between blocks (an added embedding, a concatenation). Start "
+                    "the cached span after that point with ModelSpec(cache_start=...)."
+                )
+            self.passthrough_checked = True
+        return tuple(now + cached if cached is not None else now for now, cached in zip(inputs, residuals))
+
+    def _store_cache(self, call: _Call, outputs: tuple) -> None:
+        """Computed step, after the last block: keep the stack residual and let the schedule choose the next rate."""
+        state, schedule = call.state, call.state.schedule
+        residuals = tuple(
+            out - first if out is not None and first is not None else None
+            for out, first in zip(outputs, call.first_inputs)
+        )
+        for name, residual in zip(("video", "text"), residuals):
+            if residual is not None and not torch.isfinite(residual.sum(dtype=torch.float32)):
+                schedule._note_once(
+                    f"non-finite values in the {name} residual of blocks {self.blocks[self.first][0]}.."
+                    f"{self.blocks[self.last][0]} at step {call.step} (branch {call.branch!r}); not caching it, "
+                    "the next step is computed"
+                )
+                state.residuals = None
+                schedule.reset_after_bad_cache(call.step)
+                return
+        if call.probe is None:
+            raise RuntimeError(f"AdaCache: the probe at {self.blocks[self.probe_index][0]} produced nothing")
+        record = schedule.update(call.step, _probe_frames(call.probe, self.blocks[self.probe_index][2], call.frames), call.frames)
+        if record.distance is not None and not math.isfinite(record.distance):
+            schedule.reset_after_bad_cache(call.step)
+        last_step = schedule.num_steps is not None and call.step >= schedule.num_steps
+        state.residuals = None if last_step else residuals  # nothing to reuse after the last step: free it
+        state.peak_bytes = max(state.peak_bytes, sum(r.numel() * r.element_size() for r in residuals if r is not None)
+                               + call.probe.numel() * call.probe.element_size())
+        if last_step:
+            schedule.prev_probe = None
+
+    # -- stats --
+    def stats(self) -> list[GenerationStats]:
+        current = [state.stats(branch) for branch, state in self.states.items()]
+        return sorted([*self.history, *current], key=lambda s: (s.generation, s.branch))
+
+    def reset(self) -> None:
+        for branch, state in self.states.items():
+            self.history.append(state.stats(branch))
+        self.states.clear()
+        self.current = None
+
+
+def _read_streams(spec: BlockSpec, args: tuple, kwargs: dict, parameters: list[str]) -> tuple:
+    def get(name: str | None) -> torch.Tensor | None:
+        if name is None:
+            return None
+        if name in kwargs:
+            return kwargs[name]
+        position = parameters.index(name) if name in parameters else len(args)
+        if position >= len(args):
+            raise ValueError(f"AdaCache: block called without its {name!r} argument; check the ModelSpec's BlockSpec")
+        return args[position]
+
+    return get(spec.hidden_states_argument), get(spec.encoder_hidden_states_argument)
+
+
+def _read_output(spec: BlockSpec, output: Any) -> tuple:
+    if spec.output_hidden_states_index is None:
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(
+                f"AdaCache: the block returned {type(output).__name__}, but its BlockSpec says a bare tensor; set "
+                "output_hidden_states_index (and the text stream's) in the spec"
+            )
+        return output, None
+    hidden = output[spec.output_hidden_states_index]
+    text = output[spec.output_encoder_hidden_states_index] if spec.output_encoder_hidden_states_index is not None else None
+    return hidden, text
+
+
+def _make_output(spec: BlockSpec, hidden: torch.Tensor, text: torch.Tensor | None) -> Any:
+    if spec.output_hidden_states_index is None:
+        return hidden
+    result: list[Any] = [None] * (max(spec.output_hidden_states_index, spec.output_encoder_hidden_states_index or 0) + 1)
+    result[spec.output_hidden_states_index] = hidden
+    if spec.output_encoder_hidden_states_index is not None:
+        result[spec.output_encoder_hidden_states_index] = text
+    return tuple(result)
+
+
+def _probe_frames(probe: torch.Tensor, spec: BlockSpec, frames: int | None) -> torch.Tensor:
+    """The probe as (B, T, S, C) when the frame count fits its token layout, else as it is (MoReg then skips)."""
+    if frames is None or probe.dim() != 3:
+        return probe
+    a, b, c = probe.shape
+    if spec.token_layout == "b(ts)c" and b % frames == 0:
+        return probe.view(a, frames, b // frames, c)
+    if spec.token_layout == "(bt)sc" and a % frames == 0:
+        return probe.view(a // frames, frames, b, c)
+    if spec.token_layout == "(bs)tc" and b == frames:
+        return probe.transpose(0, 1).unsqueeze(0)  # (1, T, B*S, C): sums over batch and tokens alike
+    return probe
+
+
+# --- installing and removing ------------------------------------------------------------------------------------
+def _context_hook_class():
+    """A diffusers ModelHook on the transformer: it receives `cache_context` and brackets every forward call."""
+    from diffusers.hooks.hooks import ModelHook, StateManager
+
+    class _ContextHook(ModelHook):
+        _is_stateful = True  # so diffusers' cache_context reaches our StateManager
+
+        def __init__(self, runtime: _Runtime) -> None:
+            super().__init__()
+            self.runtime = runtime
+            self.state_manager = StateManager(object)
+
+        def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+            runtime = self.runtime
+            runtime.context = self.state_manager._context
+            runtime.begin_call(args, kwargs)
+            try:
+                return self.fn_ref.original_forward(*args, **kwargs)
+            finally:
+                runtime.current = None
+
+        def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+            self.runtime.reset()
+            return module
+
+    return _ContextHook
+
+
+def _wrap_block(runtime: _Runtime, index: int, block: torch.nn.Module) -> None:
+    inner = [block.forward]  # a list so compile_blocks can swap in a compiled forward
+    before = torch.compiler.disable(runtime.before_block)
+    after = torch.compiler.disable(runtime.after_block)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        replacement = before(index, args, kwargs)
+        if replacement is not None:
+            return replacement
+        return after(index, args, kwargs, inner[0](*args, **kwargs))
+
+    had_own_forward = "forward" in block.__dict__
+    previous = block.__dict__.get("forward")
+    # Not traced by dynamo (its callee, the block's own forward, is): `block.compile()` compiles the block alone.
+    block.forward = torch.compiler.disable(forward, recursive=False)
+    block._adacache_inner = inner
+
+    def restore() -> None:
+        del block.forward
+        del block._adacache_inner
+        if had_own_forward:
+            block.forward = previous
+
+    runtime.restore.append(restore)
+
+
+def apply_adacache(target: Any, config: AdaCacheConfig | str | None = None, *, spec: ModelSpec | None = None) -> None:
+    """Enable AdaCache on a video transformer, or on every transformer of a diffusers pipeline.
+
+    `config` is an AdaCacheConfig, a preset name or a JSON file path (default: the 30-step fast preset). With a
+    pipeline, the scheduler's timesteps also tell the step index and count when the pipeline opens no
+    `cache_context` (Latte, Allegro). `spec` describes a model the registry does not know.
+    """
+    if config is None:
+        config = AdaCacheConfig()
+    elif not isinstance(config, AdaCacheConfig):
+        config = AdaCacheConfig.load(config)
+    if isinstance(target, torch.nn.Module):
+        _apply_to_model(target, config, spec)
+        return
+    transformers = [m for m in (getattr(target, "transformer", None), getattr(target, "transformer_2", None)) if m is not None]
+    if not transformers:
+        raise TypeError(
+            f"apply_adacache takes a torch.nn.Module (the transformer) or a pipeline with a .transformer, "
+            f"got {type(target).__name__}"
+        )
+    for model in transformers:
+        _apply_to_model(model, config, spec)
+    scheduler = getattr(target, "scheduler", None)
+    if scheduler is not None and hasattr(scheduler, "set_timesteps"):
+        _follow_scheduler(scheduler, [getattr(m, _RUNTIME_ATTRIBUTE) for m in transformers])
+
+
+def _apply_to_model(model: torch.nn.Module, config: AdaCacheConfig, spec: ModelSpec | None) -> None:
+    from diffusers.hooks import HookRegistry
+
+    if hasattr(model, _RUNTIME_ATTRIBUTE):
+        raise RuntimeError(
+            f"AdaCache is already applied to this {type(model).__name__}; call remove_adacache(model) first "
+            "to apply it again with another config"
+        )
+    if getattr(model, "is_cache_enabled", False):
+        raise RuntimeError(
+            f"another diffusers cache ({type(model._cache_config).__name__}) is enabled on this model; call "
+            "model.disable_cache() before apply_adacache"
+        )
+    runtime = _Runtime(model, config, spec_for(model, spec))
+    try:
+        for index in range(runtime.first, len(runtime.blocks)):
+            _wrap_block(runtime, index, runtime.blocks[index][1])
+        if runtime.probe_point != "block":
+            submodule = runtime.blocks[runtime.probe_index][1].get_submodule(runtime.probe_point)
+            slot = runtime.probe_slot
+
+            def keep_attention_output(module: torch.nn.Module, args: Any, output: Any) -> None:
+                slot[0] = output[0] if isinstance(output, (tuple, list)) else output
+
+            handle = submodule.register_forward_hook(keep_attention_output)
+            runtime.restore.append(handle.remove)
+        had_registry = hasattr(model, "_diffusers_hook")
+        registry = HookRegistry.check_if_exists_or_initialize(model)
+        registry.register_hook(_context_hook_class()(runtime), _HOOK_NAME)
+
+        def remove_context_hook() -> None:
+            registry.remove_hook(_HOOK_NAME, recurse=False)
+            if not had_registry and not registry.hooks:
+                del model._diffusers_hook
+
+        runtime.restore.append(remove_context_hook)
+    except BaseException:
+        for undo in reversed(runtime.restore):
+            undo()
+        raise
+    setattr(model, _RUNTIME_ATTRIBUTE, runtime)
+    logger.info(
+        "AdaCache on %s: %d blocks, cached span %s..%s, probe %s (%s)",
+        type(model).__name__, len(runtime.blocks), runtime.blocks[runtime.first][0],
+        runtime.blocks[runtime.last][0], runtime.blocks[runtime.probe_index][0], runtime.probe_point,
+    )
+
+
+def _follow_scheduler(scheduler: Any, runtimes: list[_Runtime]) -> None:
+    """Wrap this scheduler instance's set_timesteps so each runtime learns the steps of every new generation."""
+    original = scheduler.set_timesteps
+    had_own = "set_timesteps" in scheduler.__dict__
+
+    def set_timesteps(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        timesteps = [float(t) for t in scheduler.timesteps]
+        for runtime in runtimes:
+            runtime.scheduler_timesteps = timesteps
+        return result
+
+    scheduler.set_timesteps = set_timesteps
+
+    def restore() -> None:
+        del scheduler.set_timesteps
+        if had_own:
+            scheduler.set_timesteps = original
+
+    runtimes[0].restore.append(restore)
+
+
+def remove_adacache(target: Any) -> None:
+    """Undo apply_adacache: the model (or every transformer of the pipeline) is back to its exact uncached self."""
+    models = [target] if isinstance(target, torch.nn.Module) else [
+        m for m in (getattr(target, "transformer", None), getattr(target, "transformer_2", None)) if m is not None
+    ]
+    found = False
+    for model in models:
+        runtime = model.__dict__.get(_RUNTIME_ATTRIBUTE)
+        if runtime is None:
+            continue
+        found = True
+        for undo in reversed(runtime.restore):
+            undo()
+        delattr(model, _RUNTIME_ATTRIBUTE)
+    if not found:
+        raise RuntimeError("AdaCache is not applied to this model; nothing to remove")
+
+
+def get_stats(target: Any) -> list[GenerationStats]:
+    """Per generation and CFG branch (oldest first, the one in progress last): computed steps, distances, rates,
+    motion scores and the cache memory held."""
+    model = target if isinstance(target, torch.nn.Module) else getattr(target, "transformer", None)
+    runtime = getattr(model, _RUNTIME_ATTRIBUTE, None) if model is not None else None
+    if runtime is None:
+        raise RuntimeError("AdaCache is not applied to this model; call apply_adacache first")
+    return runtime.stats()
+
+
+def compile_blocks(model: torch.nn.Module, **compile_kwargs: Any) -> None:
+    """torch.compile each block's own forward (fullgraph works), keeping AdaCache's decisions eager between them.
+
+    Works with or without AdaCache applied; pass torch.compile's arguments (backend, mode, fullgraph, dynamic)."""
+    runtime = getattr(model, _RUNTIME_ATTRIBUTE, None)
+    blocks = runtime.blocks if runtime is not None else spec_for(model).blocks(model)
+    for _, block, _ in blocks:
+        inner = block.__dict__.get("_adacache_inner")
+        if inner is None:
+            block.compile(**compile_kwargs)
+        else:
+            inner[0] = torch.compile(inner[0], **compile_kwargs)
