@@ -110,7 +110,7 @@ def test_moreg_raises_compute_for_motion():
         config = AdaCacheConfig(codebook={0.02: 6, 0.05: 3, 1.0: 1}, moreg=True, moreg_window=(2, 29))
         schedule = Schedule(config, num_steps=30)
         base = torch.tensor(frame_values).view(1, -1, 1, 1)
-        for step in (1, 2):
+        for step in (1, 2, 3):
             schedule.update(step, base * (1 + 0.01 * step), frames=base.shape[1])
         return schedule.records[-1].rate
 
