@@ -153,13 +153,13 @@ class _Runtime:
         block_name, block, block_spec = self.blocks[self.probe_index]
         if point == "block":
             return "block"
-        if point in ("auto", "attention"):
-            if block_spec.attention is not None:
-                point = block_spec.attention
-            elif point == "auto":
-                return "block"
-            else:
+        if point == "auto":  # the spec's attention module where the block has it, else the block residual
+            has_attention = block_spec.attention is not None and _has_submodule(block, block_spec.attention)
+            return block_spec.attention if has_attention else "block"
+        if point == "attention":
+            if block_spec.attention is None:
                 raise ValueError(f"the model spec names no attention submodule for {block_name}; use probe_point='block'")
+            point = block_spec.attention
         try:
             block.get_submodule(point)
         except AttributeError:
@@ -335,6 +335,14 @@ class _Runtime:
         self.current = None
 
 
+def _has_submodule(module: torch.nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
 def _read_streams(spec: BlockSpec, args: tuple, kwargs: dict, parameters: list[str]) -> tuple:
     def get(name: str | None) -> torch.Tensor | None:
         if name is None:
@@ -415,8 +423,10 @@ def _context_hook_class():
     return _ContextHook
 
 
-def _wrap_block(runtime: _Runtime, index: int, block: torch.nn.Module) -> None:
-    inner = [block.forward]  # a list so compile_blocks can swap in a compiled forward
+def _wrap_block(runtime: _Runtime, index: int, block: torch.nn.Module, eager: bool = False) -> None:
+    # A list so compile_blocks can swap in a compiled forward. `eager` keeps the block out of torch.compile: dynamo
+    # does not guard on module hooks, so a compiled probe block could silently skip the attention probe's hook.
+    inner = [torch.compiler.disable(block.forward) if eager else block.forward]
     before = torch.compiler.disable(runtime.before_block)
     after = torch.compiler.disable(runtime.after_block)
 
@@ -430,7 +440,7 @@ def _wrap_block(runtime: _Runtime, index: int, block: torch.nn.Module) -> None:
     previous = block.__dict__.get("forward")
     # Not traced by dynamo (its callee, the block's own forward, is): `block.compile()` compiles the block alone.
     block.forward = torch.compiler.disable(forward, recursive=False)
-    block._adacache_inner = inner
+    block._adacache_inner = None if eager else inner
 
     def restore() -> None:
         del block.forward
@@ -484,7 +494,8 @@ def _apply_to_model(model: torch.nn.Module, config: AdaCacheConfig, spec: ModelS
     runtime = _Runtime(model, config, spec_for(model, spec))
     try:
         for index in range(runtime.first, len(runtime.blocks)):
-            _wrap_block(runtime, index, runtime.blocks[index][1])
+            eager = index == runtime.probe_index and runtime.probe_point != "block"
+            _wrap_block(runtime, index, runtime.blocks[index][1], eager)
         if runtime.probe_point != "block":
             submodule = runtime.blocks[runtime.probe_index][1].get_submodule(runtime.probe_point)
             slot = runtime.probe_slot
@@ -495,6 +506,7 @@ def _apply_to_model(model: torch.nn.Module, config: AdaCacheConfig, spec: ModelS
             handle = submodule.register_forward_hook(keep_attention_output)
             runtime.restore.append(handle.remove)
         had_registry = hasattr(model, "_diffusers_hook")
+        had_own_forward = "forward" in model.__dict__
         registry = HookRegistry.check_if_exists_or_initialize(model)
         registry.register_hook(_context_hook_class()(runtime), _HOOK_NAME)
 
@@ -502,6 +514,8 @@ def _apply_to_model(model: torch.nn.Module, config: AdaCacheConfig, spec: ModelS
             registry.remove_hook(_HOOK_NAME, recurse=False)
             if not had_registry and not registry.hooks:
                 del model._diffusers_hook
+                if not had_own_forward:
+                    del model.forward  # diffusers leaves the bound method as an instance attribute
 
         runtime.restore.append(remove_context_hook)
     except BaseException:
@@ -569,12 +583,12 @@ def get_stats(target: Any) -> list[GenerationStats]:
 def compile_blocks(model: torch.nn.Module, **compile_kwargs: Any) -> None:
     """torch.compile each block's own forward (fullgraph works), keeping AdaCache's decisions eager between them.
 
-    Works with or without AdaCache applied; pass torch.compile's arguments (backend, mode, fullgraph, dynamic)."""
+    Works with or without AdaCache applied; pass torch.compile's arguments (backend, mode, fullgraph, dynamic).
+    With an attention probe, the probe block stays eager (one block of the stack), so its probe is never lost."""
     runtime = getattr(model, _RUNTIME_ATTRIBUTE, None)
     blocks = runtime.blocks if runtime is not None else spec_for(model).blocks(model)
     for _, block, _ in blocks:
-        inner = block.__dict__.get("_adacache_inner")
-        if inner is None:
-            block.compile(**compile_kwargs)
-        else:
-            inner[0] = torch.compile(inner[0], **compile_kwargs)
+        if "_adacache_inner" not in block.__dict__:
+            block.compile(**compile_kwargs)  # outside the cached span, or no AdaCache
+        elif block._adacache_inner is not None:  # None: the probe block, kept eager (see _wrap_block)
+            block._adacache_inner[0] = torch.compile(block._adacache_inner[0], **compile_kwargs)

@@ -101,7 +101,6 @@ class TinyModel:
         kwargs: dict[str, Any] = {
             "hidden_states": torch.stack([s["hidden_states"] for s in per_sample]),
             "encoder_hidden_states": torch.stack([s["encoder_hidden_states"] for s in per_sample]),
-            self.timestep_key: torch.full((batch_size,), float(timestep)),
         }
         if self.pooled_dim is not None:
             kwargs["pooled_projections"] = torch.stack([s["pooled_projections"] for s in per_sample])
@@ -109,8 +108,11 @@ class TinyModel:
             # Sample i has its last 2 + (i % 2) text tokens padded out.
             valid = torch.tensor([self.text_len - 2 - (i % 2) for i in range(batch_size)])
             mask = torch.arange(self.text_len)[None, :] < valid[:, None]
-            kwargs["encoder_attention_mask"] = mask.to(dtype if self.mask_dtype == "model" else getattr(torch, self.mask_dtype))
+            mask_dtype = dtype if self.mask_dtype == "model" else getattr(torch, self.mask_dtype)
+            kwargs["encoder_attention_mask"] = mask.to(mask_dtype)
         kwargs = {k: (v.to(dtype) if v.is_floating_point() else v).to(device) for k, v in kwargs.items()}
+        # Timesteps stay float32 whatever the model dtype (the sinusoidal embeddings use float32).
+        kwargs[self.timestep_key] = torch.full((batch_size,), float(timestep), device=device)
         kwargs.update(_EXTRA_INPUTS.get(self.family, _no_extra)(self, model, batch_size, dtype, device))
         kwargs["return_dict"] = False
         return kwargs

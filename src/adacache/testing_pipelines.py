@@ -237,10 +237,17 @@ def load_tiny_pipeline(folder: str | os.PathLike) -> DiffusionPipeline:
     """Load a pipeline saved by :func:`save_tiny_pipeline` (local files only), on CPU in float32."""
     import torch
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
 
     folder = pathlib.Path(folder)
-    with _fp32_pinning_disabled_without_accelerate(folder):
-        pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # hide the "install accelerate" advice on every load
+    try:
+        # fork_rng: without accelerate, models are randomly initialised before the weights are loaded.
+        with torch.random.fork_rng(devices=[]), _fp32_pinning_disabled_without_accelerate(folder):
+            pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     pipe.to("cpu")
     pipe.set_progress_bar_config(disable=True)
     return pipe
