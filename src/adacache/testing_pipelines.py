@@ -25,7 +25,6 @@ caching machinery quickly and deterministically on a CPU.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pathlib
 from typing import TYPE_CHECKING, Any
@@ -201,38 +200,6 @@ def save_tiny_pipeline(kind: str, folder: str | os.PathLike, seed: int = 0) -> p
     return folder
 
 
-@contextlib.contextmanager
-def _fp32_pinning_disabled_without_accelerate(folder: pathlib.Path):
-    """Let diffusers load models that declare ``_keep_in_fp32_modules`` when accelerate is missing.
-
-    diffusers 0.42 refuses to ``from_pretrained`` such models (e.g. WanTransformer3DModel) without
-    ``accelerate``: "`low_cpu_mem_usage` cannot be False when `keep_in_fp32_modules` is True".
-    Everything here is loaded in float32 anyway, so the pinning is a no-op; it is switched off on
-    the classes for the duration of the load and restored afterwards.
-    """
-    import json
-
-    import diffusers
-    from diffusers.utils import is_accelerate_available
-
-    saved = []
-    if not is_accelerate_available():
-        index = json.loads((folder / "model_index.json").read_text())
-        for name, spec in index.items():
-            if name.startswith("_") or not isinstance(spec, list) or spec[0] != "diffusers":
-                continue
-            cls = getattr(diffusers, spec[1], None)
-            if cls is not None and "_keep_in_fp32_modules" in vars(cls) and cls._keep_in_fp32_modules:
-                saved.append((cls, cls._keep_in_fp32_modules))
-    try:
-        for cls, _ in saved:
-            cls._keep_in_fp32_modules = None
-        yield
-    finally:
-        for cls, value in saved:
-            cls._keep_in_fp32_modules = value
-
-
 def load_tiny_pipeline(folder: str | os.PathLike) -> DiffusionPipeline:
     """Load a pipeline saved by :func:`save_tiny_pipeline` (local files only), on CPU in float32."""
     import torch
@@ -241,10 +208,9 @@ def load_tiny_pipeline(folder: str | os.PathLike) -> DiffusionPipeline:
 
     folder = pathlib.Path(folder)
     verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # hide the "install accelerate" advice on every load
+    diffusers_logging.set_verbosity_error()
     try:
-        # fork_rng: without accelerate, models are randomly initialised before the weights are loaded.
-        with torch.random.fork_rng(devices=[]), _fp32_pinning_disabled_without_accelerate(folder):
+        with torch.random.fork_rng(devices=[]):  # loading must not move the caller's random stream
             pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
     finally:
         diffusers_logging.set_verbosity(verbosity)

@@ -110,9 +110,8 @@ class ModelSpec:
             return self.temporal_patch
         name, _, index = self.temporal_patch.partition("[")
         config = getattr(model, "config", None)
-        value = getattr(config, name, None) if config is not None else None
-        if value is None:
-            value = getattr(model, name, None)
+        source = config if config is not None and hasattr(config, name) else model
+        value = getattr(source, name, None)
         if index:
             value = value[int(index.rstrip("]"))] if value is not None else None
         return int(value) if value is not None else 1
