@@ -295,8 +295,22 @@ class _Runtime:
         return tuple(now + cached if cached is not None else now for now, cached in zip(inputs, residuals))
 
     def _store_cache(self, call: _Call, outputs: tuple) -> None:
-        """Computed step, after the last block: keep the stack residual and let the schedule choose the next rate."""
+        """Computed step, after the last block: let the schedule choose the next rate from the probe, then keep
+        the stack residual (output - input, per stream) if a later step will reuse it."""
         state, schedule = call.state, call.state.schedule
+        if call.probe is None:
+            raise RuntimeError(f"AdaCache: the probe at {self.blocks[self.probe_index][0]} produced nothing")
+        probe = _probe_frames(call.probe, self.blocks[self.probe_index][2], call.frames)
+        record = schedule.update(call.step, probe, call.frames)
+        if record.distance is not None and not math.isfinite(record.distance):
+            schedule.reset_after_bad_cache(call.step)
+        last_step = schedule.num_steps is not None and call.step >= schedule.num_steps
+        if last_step:
+            schedule.prev_probe = None  # the generation is over: hold nothing
+        state.residuals = None
+        if schedule.rate == 1 or last_step:
+            state.peak_bytes = max(state.peak_bytes, state.cache_bytes())
+            return  # the next step is computed: no residual needed
         residuals = tuple(
             out - first if out is not None and first is not None else None
             for out, first in zip(outputs, call.first_inputs)
@@ -308,20 +322,10 @@ class _Runtime:
                     f"{self.blocks[self.last][0]} at step {call.step} (branch {call.branch!r}); not caching it, "
                     "the next step is computed"
                 )
-                state.residuals = None
                 schedule.reset_after_bad_cache(call.step)
                 return
-        if call.probe is None:
-            raise RuntimeError(f"AdaCache: the probe at {self.blocks[self.probe_index][0]} produced nothing")
-        record = schedule.update(call.step, _probe_frames(call.probe, self.blocks[self.probe_index][2], call.frames), call.frames)
-        if record.distance is not None and not math.isfinite(record.distance):
-            schedule.reset_after_bad_cache(call.step)
-        last_step = schedule.num_steps is not None and call.step >= schedule.num_steps
-        state.residuals = None if last_step else residuals  # nothing to reuse after the last step: free it
-        state.peak_bytes = max(state.peak_bytes, sum(r.numel() * r.element_size() for r in residuals if r is not None)
-                               + call.probe.numel() * call.probe.element_size())
-        if last_step:
-            schedule.prev_probe = None
+        state.residuals = residuals
+        state.peak_bytes = max(state.peak_bytes, state.cache_bytes())
 
     # -- stats --
     def stats(self) -> list[GenerationStats]:
