@@ -95,3 +95,27 @@ def test_interrupted_generation_does_not_leak_into_the_next(pipeline):
     branches = len({s.branch for s in stats})
     assert [s.computed_steps for s in stats[-branches:]] == [s.computed_steps for s in fresh_stats[-branches:]]
     assert all(s.steps_seen == 3 for s in stats[branches:2 * branches])  # the interrupted one
+
+
+def test_wan22_two_experts_each_get_their_own_schedule(tmp_path):
+    import copy
+
+    from diffusers import WanPipeline
+
+    base = load_tiny_pipeline(save_tiny_pipeline("wan", tmp_path))
+    pipe = WanPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae,
+                       scheduler=base.scheduler, transformer=base.transformer,
+                       transformer_2=copy.deepcopy(base.transformer), boundary_ratio=0.9)
+    pipe.set_progress_bar_config(disable=True)
+    apply_adacache(pipe, SKIP_ALL)
+    try:
+        generate("wan", pipe, steps=8)
+        high, low = get_stats(pipe.transformer), get_stats(pipe.transformer_2)
+    finally:
+        remove_adacache(pipe)
+    # Timesteps (shift 7) are 1000, 977, 946, 904, 842, ...: with the boundary at 900 the high-noise expert runs
+    # steps 1-4 and the low-noise one steps 5-8. Each starts with no cache and forces what it must.
+    for stats in (high, low):
+        assert {s.branch for s in stats} == {"cond", "uncond"}
+    assert all(s.computed_steps == [1, 2] and s.skipped_steps == [3, 4] for s in high)
+    assert all(s.computed_steps == [5, 6, 7, 8] and s.steps_seen == 4 for s in low)

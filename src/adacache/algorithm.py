@@ -8,8 +8,7 @@ codebook lookup are pure functions, tested by hand.
 Paper mode reproduces the authors' code exactly (ADACACHE.md section 2). The default differs only where their
 code misbehaves: the distance is divided by the real gap since the last computed step (theirs divides by the
 stored rate, which is wrong after a forced step cut the gap short), and a step at or past the planned one is
-computed (theirs needs equality, so a transformer that sees only part of the steps, as each expert of Wan 2.2
-does, would never compute again).
+computed (theirs needs equality, so if the planned step's call never happens, nothing is computed until N-1).
 """
 
 from __future__ import annotations

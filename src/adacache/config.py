@@ -74,7 +74,7 @@ class AdaCacheConfig:
     probe_point: str = "auto"
     # True: the authors' exact decisions (distance divided by the stored rate even where a forced step cut the
     # gap short; the step must equal last computed + rate). False: divide by the real gap; a step at or past
-    # the planned one is computed (robust when a transformer sees only part of the steps, as in Wan 2.2).
+    # the planned one is computed (robust when the planned step's call never happens).
     paper_mode: bool = False
     # Only for pipelines that tell neither the step index nor the step count (no `cache_context`, no scheduler
     # known): the number of denoising steps, so the last two can be forced. Leave None otherwise.

@@ -87,7 +87,7 @@ class _BranchState:
             branch=branch,
             generation=self.generation,
             num_steps=s.num_steps,
-            steps_seen=s.last_step,
+            steps_seen=len(s.computed_steps) + len(s.skipped_steps),
             computed_steps=list(s.computed_steps),
             skipped_steps=list(s.skipped_steps),
             distances=[r.distance for r in s.records],
