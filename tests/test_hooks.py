@@ -216,3 +216,19 @@ def test_compiled_blocks_give_the_same_schedule_and_outputs(probe_point):
         assert get_stats(model)[-1].computed_steps == get_stats(eager)[-1].computed_steps
         assert counters["stats"]["unique_graphs"] >= 1, how  # the blocks' own forwards were compiled
         assert not counters["graph_break"], how
+
+
+@pytest.mark.parametrize("paper_mode, expected", [(True, [1, 2, 9, 10]), (False, [1, 2, 6, 9, 10])])
+def test_missed_planned_step(paper_mode, expected):
+    # Rate 3 after step 2 plans step 5; the loop never calls step 5. The authors' equality rule then reuses the
+    # cache until the forced step 9; ours computes the next step it sees (6), then 6 + 3 = 9 and 10.
+    model = ToyDiT()
+    apply_adacache(model, AdaCacheConfig(codebook={1e9: 3}, paper_mode=paper_mode), spec=TOY_SPEC)
+    x = toy_input()
+    for index, t in enumerate(timesteps(10)):
+        if index == 4:
+            continue
+        with adacache.cache_context(model, "cond", step_index=index, num_inference_steps=10):
+            x = x - 0.1 * model(x, torch.full((1,), t))
+    (stats,) = get_stats(model)
+    assert stats.branch == "cond" and stats.computed_steps == expected

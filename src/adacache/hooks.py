@@ -16,6 +16,7 @@ model, keyed by (CFG branch) and reset per generation; nothing is global, no cla
 from __future__ import annotations
 
 import collections
+import contextlib
 import inspect
 import math
 import logging
@@ -582,6 +583,22 @@ def get_stats(target: Any) -> list[GenerationStats]:
     if runtime is None:
         raise RuntimeError("AdaCache is not applied to this model; call apply_adacache first")
     return runtime.stats()
+
+
+@contextlib.contextmanager
+def cache_context(model: torch.nn.Module, name: str, step_index: int | None = None,
+                  num_inference_steps: int | None = None):
+    """Tell AdaCache which CFG branch and step a transformer call belongs to, for models without diffusers'
+    `model.cache_context` (custom DiTs). `step_index` is 0-based, as in diffusers' pipelines."""
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+    if not hasattr(model, _RUNTIME_ATTRIBUTE):
+        raise RuntimeError("AdaCache is not applied to this model; call apply_adacache first")
+    _set_cache_context(model, CacheContext(name, step_index=step_index, num_inference_steps=num_inference_steps))
+    try:
+        yield
+    finally:
+        _set_cache_context(model, None)
 
 
 def compile_blocks(model: torch.nn.Module, **compile_kwargs: Any) -> None:
