@@ -173,11 +173,12 @@ class _Runtime:
 
     # -- a transformer call begins: which branch, which step, compute or skip? --
     def begin_call(self, args: tuple, kwargs: dict) -> None:
-        t = self._timestep(args, kwargs)
         context = self.context
         branch, step_index, num_steps = None, None, None
         if context is not None:
             branch, step_index, num_steps = context.name, context.step_index, context.num_inference_steps
+        # The timestep is read (a device sync on GPU) only when the context does not say which step this is.
+        t = self._timestep(args, kwargs) if branch is None or step_index is None else None
         if branch is None:  # no cache_context: the k-th call at the same timestep is branch k
             self.calls_at_t = self.calls_at_t + 1 if t == self.last_call_t else 0
             branch = "default" if self.calls_at_t == 0 else f"default.{self.calls_at_t}"
@@ -248,6 +249,8 @@ class _Runtime:
         call = self.current
         if call is None:
             return None  # the block was called outside a transformer forward: leave it alone
+        if call.compute and index != self.first:
+            return None
         _, _, block_spec = self.blocks[index]
         inputs = _read_streams(block_spec, args, kwargs, self.block_parameters[index])
         if index == self.first:
