@@ -35,6 +35,97 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_pipeline(model: str | None):
+    import torch
+
+    if model is None:
+        from .embedded.pipeline import EmbeddedVideoPipeline
+
+        return EmbeddedVideoPipeline.from_embedded()
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(model, dtype=torch.float32)
+
+
+def _frames_of(output) -> "np.ndarray":
+    """The first video of a pipeline's output, as (T, H, W, 3)."""
+    import numpy as np
+
+    frames = output.frames if hasattr(output, "frames") else output[0]
+    video = frames[0]
+    video = video.detach().cpu().numpy() if hasattr(video, "detach") else np.asarray(video)
+    return video
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from .demo import psnr
+    from .hooks import apply_adacache, get_stats, remove_adacache
+    from .video import check_writable, side_by_side, to_uint8, upscale, write_video
+
+    if not args.prompt.strip():
+        raise ConfigError("the prompt is empty; describe a clip, e.g. 'a red circle moving right fast'")
+    output = check_writable(args.output)
+    gif = check_writable(output.with_suffix(".gif")) if args.gif else None
+    config = None if args.cache == "none" else _cache_config(args)
+    pipe = _load_pipeline(args.model)
+    pipe.set_progress_bar_config(disable=args.no_progress)
+    call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="np")
+
+    def run() -> tuple["np.ndarray", float]:
+        start = time.perf_counter()
+        video = _frames_of(pipe(args.prompt, generator=torch.Generator().manual_seed(args.seed), **call))
+        return to_uint8(video), time.perf_counter() - start
+
+    uncached = run() if args.compare or config is None else None
+    if config is not None:
+        apply_adacache(pipe, config)
+        try:
+            cached = run()
+            stats = get_stats(pipe)  # applied just before: only this generation's branches
+        finally:
+            remove_adacache(pipe)
+    video = cached[0] if config is not None else uncached[0]
+    scale = max(1, 128 // video.shape[1])
+    if args.compare and config is not None:
+        print(f"uncached {uncached[1]:.2f} s, AdaCache {cached[1]:.2f} s: speed-up {uncached[1] / cached[1]:.2f}x")
+        for s in stats:
+            print(f"  {s.branch}: computed {len(s.computed_steps)}/{s.steps_seen} steps {s.computed_steps}")
+        print(f"PSNR against the uncached video (same seed): {psnr(torch.from_numpy(uncached[0]).float(), torch.from_numpy(cached[0]).float()):.2f} dB")
+        video_to_write = side_by_side(upscale(uncached[0], scale), upscale(cached[0], scale))
+        write_video(video_to_write, output)
+        if gif:
+            write_video(video_to_write, gif)
+        print(f"wrote {output} (left: uncached, right: AdaCache)" + (f" and {gif}" if gif else ""))
+        return 0
+    if config is not None:
+        for s in stats:
+            print(f"{s.branch}: computed {len(s.computed_steps)}/{s.steps_seen} steps {s.computed_steps}")
+    seconds = cached[1] if config is not None else uncached[1]
+    write_video(video, output, scale=scale)
+    if gif:
+        write_video(video, gif, scale=scale)
+    print(f"wrote {output}" + (f" and {gif}" if gif else "") + f" ({seconds:.2f} s)")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .embedded.train import TrainConfig, export, train
+
+    if args.export:
+        folder = export(args.export_from or f"{args.out}/checkpoint.pt", args.export)
+        print(f"exported the EMA weights to {folder}")
+        return 0
+    config = TrainConfig(size=args.size, seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                         eval_every=args.eval_every, threads=args.threads)
+    path = train(args.out, config, progress=not args.no_progress)
+    print(f"checkpoint: {path}; export it with: adacache train --out {args.out} --export DIR")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adacache", description="Adaptive Caching (AdaCache) with Motion Regularization for video DiTs."
@@ -49,6 +140,36 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed (weights and noise)")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(run=_demo)
+
+    gen = commands.add_parser("generate", help="prompt -> video (the embedded model by default, or any diffusers pipeline)")
+    gen.add_argument("prompt", help='e.g. "a red circle moving right fast"')
+    gen.add_argument("-o", "--output", default="out.mp4", help="output .mp4 or .gif (default out.mp4)")
+    gen.add_argument("--model", default=None, help="diffusers pipeline id or local folder (default: the embedded model)")
+    gen.add_argument("--cache", default="opensora-30-fast",
+                     help=f"none, a preset ({', '.join(sorted(PRESETS))}) or a JSON config file (default opensora-30-fast)")
+    gen.add_argument("--moreg", action="store_true", help="enable motion regularization")
+    gen.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
+    gen.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4.0)")
+    gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    gen.add_argument("--compare", action="store_true",
+                     help="also run uncached with the same seed: print both times, the speed-up and PSNR, write side by side")
+    gen.add_argument("--gif", action="store_true", help="also write a GIF next to the output")
+    gen.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    gen.set_defaults(run=_generate)
+
+    tr = commands.add_parser("train", help="train (or resume) the embedded model on the procedural domain")
+    tr.add_argument("--out", default="runs/embedded", help="run folder: checkpoint.pt and log.jsonl (default runs/embedded)")
+    tr.add_argument("--size", default="small", help="model size: small (shipped) or tiny (smoke test)")
+    tr.add_argument("--steps", type=int, default=6000, help="total optimizer steps (default 6000)")
+    tr.add_argument("--batch-size", type=int, default=32)
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--eval-every", type=int, default=500, help="verifier check every N steps (0 = never)")
+    tr.add_argument("--threads", type=int, default=2)
+    tr.add_argument("--export", default=None, help="write the EMA weights of the checkpoint as a pipeline folder")
+    tr.add_argument("--export-from", default=None, help="checkpoint to export (default OUT/checkpoint.pt)")
+    tr.add_argument("--no-progress", action="store_true")
+    tr.set_defaults(run=_train)
     return parser
 
 
@@ -62,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--seed must be a non-negative integer, got {args.seed}")
     try:
         return args.run(args)
-    except ConfigError as error:
+    except (ConfigError, ValueError, FileNotFoundError) as error:
         print(f"adacache: error: {error}", file=sys.stderr)
         return 2
 

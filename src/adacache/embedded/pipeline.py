@@ -1,0 +1,110 @@
+"""Prompt -> video with the embedded model: rectified flow (flow-matching Euler) with classifier-free guidance.
+
+A diffusers `DiffusionPipeline` with three components, so it saves, loads (`from_pretrained`) and caches
+(`apply_adacache(pipe)`) like any real video pipeline: a tiny `LatteTransformer3DModel` working directly in pixel
+space, a `VocabTextEncoder`, and a `FlowMatchEulerDiscreteScheduler`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, LatteTransformer3DModel
+from diffusers.utils import BaseOutput
+
+from .text_encoder import VocabTextEncoder
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+@dataclass
+class EmbeddedVideoOutput(BaseOutput):
+    frames: torch.Tensor  # (B, T, 3, H, W) in [0, 1]
+
+
+class EmbeddedVideoPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "text_encoder->transformer"
+
+    def __init__(
+        self,
+        transformer: LatteTransformer3DModel,
+        text_encoder: VocabTextEncoder,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+    ) -> None:
+        super().__init__()
+        self.register_modules(transformer=transformer, text_encoder=text_encoder, scheduler=scheduler)
+
+    @classmethod
+    def from_embedded(cls, **kwargs) -> "EmbeddedVideoPipeline":
+        """The trained weights shipped inside the package."""
+        if not (WEIGHTS_DIR / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"no embedded weights in {WEIGHTS_DIR}; train them with `adacache train` (see README)"
+            )
+        return cls.from_pretrained(WEIGHTS_DIR, local_files_only=True, **kwargs)
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        for prompt in prompts:
+            unknown = self.text_encoder.unknown_words(prompt)
+            if unknown:
+                logger.warning(
+                    "words outside the embedded model's vocabulary are ignored: %s; it knows: %s",
+                    ", ".join(unknown), " ".join(self.text_encoder.words[2:]),
+                )
+        ids = self.text_encoder.tokenize(prompts).to(self.transformer.device)
+        return self.text_encoder(ids)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        num_inference_steps: int = 30,
+        guidance_scale: float = 4.0,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pt",
+        return_dict: bool = True,
+    ) -> EmbeddedVideoOutput | tuple:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or any(not p.strip() for p in prompts):
+            raise ValueError("the prompt is empty; describe a clip, e.g. 'a red circle moving right fast'")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps}")
+        config = self.transformer.config
+        batch = len(prompts)
+        # pixel space: Latte's sample_size is the frame size itself
+        shape = (batch, config.in_channels, config.video_length, config.sample_size, config.sample_size)  # (B,C,T,H,W)
+        device = self.transformer.device
+        if latents is None:
+            latents = torch.randn(shape, generator=generator, device="cpu").to(device)
+        use_cfg = guidance_scale > 1.0
+        text = self.encode(prompts)
+        if use_cfg:
+            text = torch.cat([self._null_text(batch), text])  # unconditional half first, as in diffusers
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_input = torch.cat([latents, latents]) if use_cfg else latents
+            velocity = self.transformer(
+                model_input, timestep=t.expand(model_input.shape[0]), encoder_hidden_states=text, return_dict=False
+            )[0]
+            if use_cfg:
+                uncond, cond = velocity.chunk(2)
+                velocity = uncond + guidance_scale * (cond - uncond)
+            latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+
+        frames = ((latents.clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4)  # (B, T, 3, H, W) in [0, 1]
+        if output_type == "np":
+            frames = (frames.permute(0, 1, 3, 4, 2) * 255).round().to(torch.uint8).cpu().numpy()
+        if not return_dict:
+            return (frames,)
+        return EmbeddedVideoOutput(frames=frames)
+
+    def _null_text(self, batch: int) -> torch.Tensor:
+        ids = torch.zeros(batch, self.text_encoder.config.max_length, dtype=torch.long, device=self.transformer.device)
+        return self.text_encoder(ids)

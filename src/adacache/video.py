@@ -1,0 +1,79 @@
+"""Writing videos: MP4 through imageio-ffmpeg, GIF through imageio; always atomic (a temporary file in the same
+folder, renamed into place), so an interrupted write never leaves half a file."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+VIDEO_SUFFIXES = (".mp4", ".gif")
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Fail before any work if `path` cannot be written: wrong suffix, missing or read-only folder."""
+    path = Path(path)
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise ValueError(f"output {str(path)!r} must end in {' or '.join(VIDEO_SUFFIXES)}")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise ValueError(f"output folder {str(folder)!r} does not exist; create it first")
+    if path.is_dir():
+        raise ValueError(f"output {str(path)!r} is a folder; give a file name")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".adacache-write-test-"):
+            pass
+    except OSError as error:
+        raise ValueError(f"cannot write to {str(folder)!r}: {error.strerror}") from None
+    return path
+
+
+def to_uint8(frames) -> np.ndarray:
+    """(T, H, W, 3) uint8 from a uint8 array or a float array/tensor in [0, 1] laid out (T, H, W, 3) or (T, 3, H, W)."""
+    array = frames.detach().cpu().numpy() if hasattr(frames, "detach") else np.asarray(frames)
+    if array.ndim != 4:
+        raise ValueError(f"expected frames of shape (T, H, W, 3) or (T, 3, H, W), got {array.shape}")
+    if array.shape[-1] != 3 and array.shape[1] == 3:
+        array = array.transpose(0, 2, 3, 1)
+    if array.dtype != np.uint8:
+        array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+    return array
+
+
+def upscale(frames: np.ndarray, factor: int) -> np.ndarray:
+    """Nearest-neighbour upscale (T, H, W, 3) by an integer factor, so tiny clips are visible."""
+    return frames.repeat(factor, axis=1).repeat(factor, axis=2) if factor > 1 else frames
+
+
+def side_by_side(*videos: np.ndarray, gap: int = 2) -> np.ndarray:
+    """Videos (T, H, W, 3) of equal T and H placed left to right with a white gap."""
+    frames, height = videos[0].shape[0], videos[0].shape[1]
+    spacer = np.full((frames, height, gap, 3), 255, dtype=np.uint8)
+    parts = [part for video in videos for part in (video, spacer)][:-1]
+    return np.concatenate(parts, axis=2)
+
+
+def write_video(frames, path: str | os.PathLike, fps: int = 8, scale: int = 1) -> Path:
+    """Write (T, H, W, 3) frames to .mp4 (H.264 via imageio-ffmpeg) or .gif, atomically."""
+    import imageio.v2 as imageio
+
+    path = check_writable(path)
+    array = upscale(to_uint8(frames), scale)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
+    os.close(fd)
+    try:
+        if path.suffix.lower() == ".gif":
+            imageio.mimsave(tmp, list(array), duration=1000 / fps, loop=0)
+        else:
+            pad_h, pad_w = (-array.shape[1]) % 16, (-array.shape[2]) % 16  # H.264 wants multiples of 16
+            array = np.pad(array, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+            imageio.mimsave(tmp, list(array), fps=fps, codec="libx264", quality=9, macro_block_size=16,
+                            ffmpeg_log_level="error")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
