@@ -108,8 +108,8 @@ class STDiT3Like(nn.Module):
 
 STDIT3_SPEC = ModelSpec(
     block_lists=(
-        BlockList("spatial_blocks", BlockSpec(hidden_states_argument="x", attention="attn")),
-        BlockList("temporal_blocks", BlockSpec(hidden_states_argument="x", attention="attn")),
+        BlockList("spatial_blocks", BlockSpec(hidden_states_argument="x", attention="attn", attention_layout="(bt)sc")),
+        BlockList("temporal_blocks", BlockSpec(hidden_states_argument="x", attention="attn", attention_layout="(bs)tc")),
     ),
     interleave=True,
     frames_argument="x",

@@ -8,7 +8,15 @@ Importing this package is light: torch only; diffusers is imported when a cache 
 
 from .algorithm import Schedule, lookup_rate, motion_score, relative_l1
 from .config import PRESETS, AdaCacheConfig, ConfigError
-from .hooks import GenerationStats, apply_adacache, cache_context, compile_blocks, get_stats, remove_adacache
+from .hooks import (
+    GenerationStats,
+    apply_adacache,
+    cache_context,
+    compile_blocks,
+    get_stats,
+    remove_adacache,
+    reset_state,
+)
 from .models.specs import MODEL_SPECS, BlockList, BlockSpec, ModelSpec, register_model
 
 __version__ = "0.1.0"
@@ -32,4 +40,5 @@ __all__ = [
     "register_model",
     "relative_l1",
     "remove_adacache",
+    "reset_state",
 ]

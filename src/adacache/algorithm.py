@@ -29,8 +29,8 @@ def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
     if current.shape != previous.shape:
         raise ValueError(
             f"probe shape changed from {tuple(previous.shape)} to {tuple(current.shape)} within one generation; "
-            "a generation must keep its batch size and resolution (open a new generation, or use a separate "
-            "cache_context name per differently shaped call)"
+            "a generation must keep its batch size and resolution (call adacache.reset_state(model) to start a "
+            "new one, or use a separate cache_context name per differently shaped call)"
         )
     diff = torch.linalg.vector_norm(current - previous, ord=1, dtype=torch.float32)
     return diff / torch.linalg.vector_norm(previous, ord=1, dtype=torch.float32)
@@ -93,6 +93,7 @@ class Schedule:
     skipped_steps: list[int] = field(default_factory=list)
     records: list[StepRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    _note_once_quietly: bool = False  # the next note goes to the stats only (the caller already warned)
 
     def is_computed(self, step: int, have_cache: bool) -> bool:
         """Whether `step` runs the blocks. Without a usable cache every step is computed."""
@@ -114,22 +115,24 @@ class Schedule:
             gap = self.rate if config.paper_mode else step - self.prev_compute
             raw = relative_l1(probe, self.prev_probe)
             motion = None
-            if config.moreg and self._in_moreg_window(step):
-                motion = motion_score(probe, config.moreg_strides) if frames is not None else None
+            use_moreg = config.moreg and frames is not None
+            if config.moreg and frames is None:
+                self._note_once("MoReg skipped: the probe's frame layout is unknown (see the model spec's token_layout)")
+            if use_moreg and self._in_moreg_window(step):
+                motion = motion_score(probe, config.moreg_strides)
                 if motion is None:
-                    self._note_once(
-                        "MoReg skipped: the probe has too few frames for strides "
-                        f"{config.moreg_strides} (or the model spec gives no frame layout)"
-                    )
+                    self._note_once(f"MoReg: the probe has too few frames for strides {config.moreg_strides}; m = 1")
             # One device sync for everything this step needs on the host.
             values = torch.stack([raw, motion if motion is not None else raw]).tolist()
             record.raw_distance = values[0]
             distance = values[0] / gap
-            if motion is not None:
-                m = (values[1] / config.moreg_norm) ** config.moreg_power / config.moreg_divisor
+            if use_moreg:
+                # As the authors: m = 1 outside the window, but the gradient against the last m still applies.
+                m = 1.0 if motion is None else (values[1] / config.moreg_norm) ** config.moreg_power / config.moreg_divisor
                 gradient = config.moreg_gradient_scale * (m - self.prev_motion) / gap
                 self.prev_motion = m
-                record.motion, record.motion_factor = m, m + abs(gradient)
+                record.motion = m if motion is not None else None
+                record.motion_factor = m + abs(gradient)
                 distance *= record.motion_factor
             record.distance = distance
             if not math.isfinite(distance):
@@ -159,4 +162,6 @@ class Schedule:
     def _note_once(self, message: str) -> None:
         if message not in self.notes:
             self.notes.append(message)
-            logger.warning("AdaCache: %s", message)
+            if not self._note_once_quietly:
+                logger.warning("AdaCache: %s", message)
+            self._note_once_quietly = False

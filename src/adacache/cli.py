@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", default="runs/embedded", help="run folder: checkpoint.pt and log.jsonl (default runs/embedded)")
     tr.add_argument("--size", default="small", help="model size: small (shipped) or tiny (smoke test)")
     tr.add_argument("--steps", type=int, default=6000, help="total optimizer steps (default 6000)")
-    tr.add_argument("--batch-size", type=int, default=32)
+    tr.add_argument("--batch-size", type=int, default=16)
     tr.add_argument("--lr", type=float, default=1e-3)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--eval-every", type=int, default=500, help="verifier check every N steps (0 = never)")

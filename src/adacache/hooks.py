@@ -21,7 +21,7 @@ import inspect
 import math
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -32,6 +32,7 @@ from .models.specs import BlockSpec, ModelSpec, spec_for
 logger = logging.getLogger(__name__)
 
 _HOOK_NAME = "adacache"
+_MAX_AUTO_BRANCHES = 8
 _RUNTIME_ATTRIBUTE = "_adacache"
 
 
@@ -51,6 +52,7 @@ class GenerationStats:
     motion: list[float | None]  # per computed step: the MoReg score (None outside the window or without MoReg)
     cache_bytes: int  # cached residuals + probe held between steps (peak over the generation)
     notes: list[str]
+    model: str = "transformer"  # which transformer of the pipeline (Wan 2.2 has two)
 
     @property
     def compute_fraction(self) -> float:
@@ -75,6 +77,8 @@ class _BranchState:
     schedule: Schedule
     generation: int
     last_t: float | None = None
+    direction: int | None = None  # +1 rising or -1 falling timesteps, once two calls have been seen
+    timesteps: Any = None  # the scheduler's timesteps object this generation started with
     residuals: tuple[torch.Tensor, torch.Tensor | None] | None = None  # cached (video, text) stack residuals
     peak_bytes: int = 0
 
@@ -109,7 +113,9 @@ class _Call:
     compute: bool
     frames: int | None
     first_inputs: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    first_versions: tuple[int | None, ...] = ()
     probe: torch.Tensor | None = None
+    reached_last: bool = False  # whether the last cached block ran (or was skipped) in this call
 
 
 # --- the runtime: one per patched transformer -------------------------------------------------------------------
@@ -123,6 +129,9 @@ class _Runtime:
         self.last = len(self.blocks) - 1
         self.probe_index = self._resolve_probe_index(config.probe_block)
         self.probe_point = self._resolve_probe_point(config.probe_point)
+        probe_spec = self.blocks[self.probe_index][2]
+        attention = self.probe_point != "block"
+        self.probe_layout = (probe_spec.attention_layout if attention else None) or probe_spec.token_layout
         self.temporal_patch = spec.temporal_patch_size(model)
         self.forward_parameters = list(inspect.signature(model.forward).parameters)
         self.block_parameters = [list(inspect.signature(b.forward).parameters) for _, b, _ in self.blocks]
@@ -131,8 +140,10 @@ class _Runtime:
         self.generations = 0
         self.current: _Call | None = None
         self.context = None  # receives diffusers' cache_context (see _ContextHook)
-        self.scheduler_timesteps: list[float] | None = None  # set when applied to a pipeline
+        self.scheduler: Any = None  # set when applied to a pipeline: its timesteps tell steps and generations
+        self._timesteps_cache: tuple[Any, list[float]] | None = None
         self.passthrough_checked = False
+        self.warned_unknown_steps = False  # log that warning once per model; every generation's stats still note it
         self.last_call_t: float | None = None
         self.calls_at_t = 0
         self.probe_slot: list[torch.Tensor | None] = [None]  # filled by the attention forward hook
@@ -173,6 +184,10 @@ class _Runtime:
 
     # -- a transformer call begins: which branch, which step, compute or skip? --
     def begin_call(self, args: tuple, kwargs: dict) -> None:
+        """Which CFG branch and step this call is, from the best source available: diffusers' cache_context
+        (name, step_index, num_inference_steps), else the scheduler's timesteps (pipeline-level apply), else the
+        timestep's own sequence. A new generation starts when the step index does not advance, when the scheduler
+        was set anew, or when the timestep turns back against its direction."""
         context = self.context
         branch, step_index, num_steps = None, None, None
         if context is not None:
@@ -181,28 +196,64 @@ class _Runtime:
         t = self._timestep(args, kwargs) if branch is None or step_index is None else None
         if branch is None:  # no cache_context: the k-th call at the same timestep is branch k
             self.calls_at_t = self.calls_at_t + 1 if t == self.last_call_t else 0
+            if self.calls_at_t >= _MAX_AUTO_BRANCHES:
+                raise RuntimeError(
+                    f"AdaCache: {self.calls_at_t + 1} calls in a row at timestep {t} and no cache_context: name each "
+                    "call's branch with `with model.cache_context(name):` (or adacache.cache_context for custom models)"
+                )
             branch = "default" if self.calls_at_t == 0 else f"default.{self.calls_at_t}"
         self.last_call_t = t
-        if step_index is None and self.scheduler_timesteps and t is not None:
-            step_index = min(range(len(self.scheduler_timesteps)), key=lambda i: abs(self.scheduler_timesteps[i] - t))
-        if num_steps is None:
-            num_steps = len(self.scheduler_timesteps) if self.scheduler_timesteps else self.config.num_inference_steps
-
         state = self.states.get(branch)
-        if step_index is not None:
-            new_generation = state is None or step_index + 1 <= state.schedule.last_step
+        timesteps = self._scheduler_timesteps()
+        if step_index is None and timesteps is not None and t is not None:
+            after = state.schedule.last_step if state is not None and state.timesteps is timesteps[0] else 0
+            step_index = _find_step(timesteps[1], t, after)
+            if step_index is not None and num_steps is None:
+                num_steps = len(timesteps[1])
+        if num_steps is None:
+            num_steps = self.config.num_inference_steps
+
+        if state is None:
+            new_generation = True
+        elif step_index is not None:
+            new_generation = step_index + 1 <= state.schedule.last_step
         else:
-            new_generation = state is None or t is None or state.last_t is None or t >= state.last_t
+            new_generation = _turns_back(state, t)
+        if timesteps is not None and state is not None and state.timesteps is not timesteps[0]:
+            new_generation = True  # the scheduler was set for a new run
         if state is not None and not new_generation and num_steps != state.schedule.num_steps:
             new_generation = True
         if new_generation:
             state = self._new_generation(branch, num_steps)
+            state.timesteps = timesteps[0] if timesteps is not None else None
         step = step_index + 1 if step_index is not None else state.schedule.last_step + 1
+        if state.last_t is not None and t is not None and t != state.last_t:
+            state.direction = 1 if t > state.last_t else -1
         state.schedule.last_step, state.last_t = step, t
 
         compute = state.schedule.is_computed(step, have_cache=state.residuals is not None)
         (state.schedule.computed_steps if compute else state.schedule.skipped_steps).append(step)
         self.current = _Call(branch, state, step, compute, self._frames(args, kwargs))
+
+    def _scheduler_timesteps(self) -> tuple[Any, list[float]] | None:
+        """(the scheduler's timesteps object, as floats), converted once per set_timesteps."""
+        timesteps = getattr(self.scheduler, "timesteps", None) if self.scheduler is not None else None
+        if timesteps is None:
+            return None
+        if self._timesteps_cache is None or self._timesteps_cache[0] is not timesteps:
+            self._timesteps_cache = (timesteps, [float(v) for v in timesteps])
+        return self._timesteps_cache
+
+    def end_call(self) -> None:
+        call = self.current
+        if call is not None and not call.reached_last:
+            call.state.schedule._note_once(
+                f"the cached blocks {self.blocks[self.first][0]}..{self.blocks[self.last][0]} were not all called "
+                "(a model option that bypasses them, such as Latte's enable_temporal_attentions=False): nothing is "
+                "cached, every step is computed"
+            )
+            if not call.compute:  # cannot happen without a cache, but never leave a skipped step half done
+                raise RuntimeError("AdaCache: a skipped step did not reach the last cached block")
 
     def _new_generation(self, branch: str, num_steps: int | None) -> _BranchState:
         old = self.states.get(branch)
@@ -211,6 +262,8 @@ class _Runtime:
         self.generations += 1
         state = _BranchState(Schedule(self.config, num_steps=num_steps), generation=self.generations)
         if num_steps is None:
+            state.schedule._note_once_quietly = self.warned_unknown_steps
+            self.warned_unknown_steps = True
             state.schedule._note_once(
                 "the number of inference steps is unknown (no cache_context with num_inference_steps, no scheduler): "
                 "the last two steps are not forced to compute. Apply to the pipeline (apply_adacache(pipe, ...)) "
@@ -233,15 +286,22 @@ class _Runtime:
         if value is None:
             return None
         if isinstance(value, torch.Tensor):
-            return float(value.detach().max())
+            # the mean: per-frame timesteps (diffusion forcing, Wan 2.2 TI2V) still fall step by step
+            return float(value.detach().float().mean())
         return float(value)
 
     def _frames(self, args: tuple, kwargs: dict) -> int | None:
         value = self._argument(self.spec.frames_argument, args, kwargs)
         if value is None:
             return None
-        frames = value.shape[self.spec.frames_dim] if self.spec.frames_dim is not None else int(value)
-        return max(1, frames // self.temporal_patch)
+        if self.spec.frames_dim is None:
+            return max(1, int(value) // self.temporal_patch)
+        if not isinstance(value, torch.Tensor) or not -value.dim() <= self.spec.frames_dim < value.dim():
+            raise ValueError(
+                f"AdaCache: the model spec reads frames from dimension {self.spec.frames_dim} of "
+                f"{self.spec.frames_argument!r}, which has shape {tuple(getattr(value, 'shape', ()))}; fix frames_dim"
+            )
+        return max(1, value.shape[self.spec.frames_dim] // self.temporal_patch)
 
     # -- around each block --
     def before_block(self, index: int, args: tuple, kwargs: dict) -> Any:
@@ -255,10 +315,12 @@ class _Runtime:
         inputs = _read_streams(block_spec, args, kwargs, self.block_parameters[index])
         if index == self.first:
             call.first_inputs = inputs
+            call.first_versions = tuple(t._version if t is not None else None for t in inputs)
         if call.compute:
             return None
         if index != self.last:
             return _make_output(block_spec, *inputs)
+        call.reached_last = True
         return _make_output(block_spec, *self._apply_cache(call, inputs))
 
     def after_block(self, index: int, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -273,6 +335,14 @@ class _Runtime:
             else:
                 call.probe, self.probe_slot[0] = self.probe_slot[0], None
         if index == self.last:
+            call.reached_last = True
+            versions = tuple(t._version if t is not None else None for t in call.first_inputs)
+            if versions != call.first_versions:
+                raise RuntimeError(
+                    f"AdaCache: a block of {self.blocks[self.first][0]}..{self.blocks[self.last][0]} modified its input "
+                    "hidden states in place, so the stack residual cannot be measured; make the block return a new "
+                    "tensor (x = x + f(x) rather than x += f(x))"
+                )
             self._store_cache(call, _read_output(block_spec, output))
         return output
 
@@ -284,8 +354,8 @@ class _Runtime:
                 raise ValueError(
                     f"AdaCache: the {name} tokens have shape {tuple(now.shape)} at step {call.step} (branch "
                     f"{call.branch!r}) but the cached residual has {tuple(cached.shape)}: the batch size or "
-                    "resolution changed within a generation. Start a new generation, or name each differently "
-                    "shaped call with its own cache_context."
+                    "resolution changed within a generation. Call adacache.reset_state(model) to start a new one, "
+                    "or name each differently shaped call with its own cache_context."
                 )
         if inputs[0] is not first[0] and not self.passthrough_checked:
             # Something ran between the blocks. It is only allowed to permute tokens in a way that round-trips.
@@ -304,8 +374,11 @@ class _Runtime:
         state, schedule = call.state, call.state.schedule
         if call.probe is None:
             raise RuntimeError(f"AdaCache: the probe at {self.blocks[self.probe_index][0]} produced nothing")
-        probe = _probe_frames(call.probe, self.blocks[self.probe_index][2], call.frames)
-        record = schedule.update(call.step, probe, call.frames)
+        framed = _probe_frames(call.probe, self.probe_layout, call.frames)
+        if framed is None:  # MoReg cannot read frames from this probe: the distance alone decides
+            record = schedule.update(call.step, call.probe, None)
+        else:
+            record = schedule.update(call.step, framed, framed.shape[1])
         if record.distance is not None and not math.isfinite(record.distance):
             schedule.reset_after_bad_cache(call.step)
         last_step = schedule.num_steps is not None and call.step >= schedule.num_steps
@@ -343,6 +416,25 @@ class _Runtime:
         self.current = None
 
 
+def _find_step(timesteps: list[float], t: float, after: int) -> int | None:
+    """Index of t in the scheduler's timesteps: the first match at or after `after` (schedulers such as Heun repeat
+    timesteps), else the first match; None when t is not there (a stale or unrelated scheduler)."""
+    tolerance = 1e-4 * max(1.0, abs(t))
+    matches = [i for i, value in enumerate(timesteps) if abs(value - t) <= tolerance]
+    if not matches:
+        return None
+    return next((i for i in matches if i >= after), matches[0])
+
+
+def _turns_back(state: "_BranchState", t: float | None) -> bool:
+    """Timestep-only fallback: a new generation when t repeats or moves against the run's direction (timesteps
+    fall in most schedulers and rise in some, such as Mochi's)."""
+    if t is None or state.last_t is None or t == state.last_t:
+        return True
+    direction = 1 if t > state.last_t else -1
+    return state.direction is not None and direction != state.direction
+
+
 def _has_submodule(module: torch.nn.Module, path: str) -> bool:
     try:
         module.get_submodule(path)
@@ -373,6 +465,11 @@ def _read_output(spec: BlockSpec, output: Any) -> tuple:
                 "output_hidden_states_index (and the text stream's) in the spec"
             )
         return output, None
+    if not isinstance(output, (tuple, list)):
+        raise TypeError(
+            f"AdaCache: the block returned a {type(output).__name__}, but its BlockSpec says a tuple (output indices "
+            f"{spec.output_hidden_states_index}, {spec.output_encoder_hidden_states_index}); fix the spec"
+        )
     hidden = output[spec.output_hidden_states_index]
     text = output[spec.output_encoder_hidden_states_index] if spec.output_encoder_hidden_states_index is not None else None
     return hidden, text
@@ -388,18 +485,18 @@ def _make_output(spec: BlockSpec, hidden: torch.Tensor, text: torch.Tensor | Non
     return tuple(result)
 
 
-def _probe_frames(probe: torch.Tensor, spec: BlockSpec, frames: int | None) -> torch.Tensor:
-    """The probe as (B, T, S, C) when the frame count fits its token layout, else as it is (MoReg then skips)."""
+def _probe_frames(probe: torch.Tensor, layout: str, frames: int | None) -> torch.Tensor | None:
+    """The probe as (B, T, S, C) frames for MoReg, or None when the frame count does not fit its token layout."""
     if frames is None or probe.dim() != 3:
-        return probe
+        return None
     a, b, c = probe.shape
-    if spec.token_layout == "b(ts)c" and b % frames == 0:
+    if layout == "b(ts)c" and b % frames == 0:
         return probe.view(a, frames, b // frames, c)
-    if spec.token_layout == "(bt)sc" and a % frames == 0:
+    if layout == "(bt)sc" and a % frames == 0:
         return probe.view(a // frames, frames, b, c)
-    if spec.token_layout == "(bs)tc" and b == frames:
+    if layout == "(bs)tc" and b == frames:
         return probe.transpose(0, 1).unsqueeze(0)  # (1, T, B*S, C): sums over batch and tokens alike
-    return probe
+    return None
 
 
 # --- installing and removing ------------------------------------------------------------------------------------
@@ -420,7 +517,9 @@ def _context_hook_class():
             runtime.context = self.state_manager._context
             runtime.begin_call(args, kwargs)
             try:
-                return self.fn_ref.original_forward(*args, **kwargs)
+                output = self.fn_ref.original_forward(*args, **kwargs)
+                runtime.end_call()
+                return output
             finally:
                 runtime.current = None
 
@@ -459,31 +558,51 @@ def _wrap_block(runtime: _Runtime, index: int, block: torch.nn.Module, eager: bo
     runtime.restore.append(restore)
 
 
-def apply_adacache(target: Any, config: AdaCacheConfig | str | None = None, *, spec: ModelSpec | None = None) -> None:
+def apply_adacache(
+    target: Any, config: AdaCacheConfig | Mapping[str, Any] | str | None = None, *, spec: ModelSpec | None = None
+) -> None:
     """Enable AdaCache on a video transformer, or on every transformer of a diffusers pipeline.
 
-    `config` is an AdaCacheConfig, a preset name or a JSON file path (default: the 30-step fast preset). With a
-    pipeline, the scheduler's timesteps also tell the step index and count when the pipeline opens no
-    `cache_context` (Latte, Allegro). `spec` describes a model the registry does not know.
+    `config` is an AdaCacheConfig, a dict of its fields, a preset name or a JSON file path (default: the 30-step
+    fast preset). With a pipeline, the scheduler's timesteps also tell the step index and count when the pipeline
+    opens no `cache_context` with them (Latte, Allegro, HunyuanVideo). `spec` describes a model the registry does
+    not know.
     """
     if config is None:
         config = AdaCacheConfig()
+    elif isinstance(config, Mapping):
+        config = AdaCacheConfig.from_dict(config)
     elif not isinstance(config, AdaCacheConfig):
         config = AdaCacheConfig.load(config)
+    models = _models_of(target)
+    done = []
+    try:
+        for model in models:
+            _apply_to_model(model, config, spec)
+            done.append(model)
+            if not isinstance(target, torch.nn.Module):
+                getattr(model, _RUNTIME_ATTRIBUTE).scheduler = getattr(target, "scheduler", None)
+    except BaseException:
+        for model in done:  # all or nothing
+            remove_adacache(model)
+        raise
+
+
+def _models_of(target: Any) -> list[torch.nn.Module]:
     if isinstance(target, torch.nn.Module):
-        _apply_to_model(target, config, spec)
-        return
-    transformers = [m for m in (getattr(target, "transformer", None), getattr(target, "transformer_2", None)) if m is not None]
-    if not transformers:
+        if type(target).__name__ == "OptimizedModule":
+            raise TypeError(
+                "this is a torch.compile'd model: apply AdaCache before compiling, or to model._orig_mod; to compile "
+                "with AdaCache, use adacache.compile_blocks(model) (or block.compile()) after apply_adacache"
+            )
+        return [target]
+    models = [m for m in (getattr(target, "transformer", None), getattr(target, "transformer_2", None)) if m is not None]
+    if not models:
         raise TypeError(
-            f"apply_adacache takes a torch.nn.Module (the transformer) or a pipeline with a .transformer, "
+            f"AdaCache takes a torch.nn.Module (the transformer) or a pipeline with a .transformer, "
             f"got {type(target).__name__}"
         )
-    for model in transformers:
-        _apply_to_model(model, config, spec)
-    scheduler = getattr(target, "scheduler", None)
-    if scheduler is not None and hasattr(scheduler, "set_timesteps"):
-        _follow_scheduler(scheduler, [getattr(m, _RUNTIME_ATTRIBUTE) for m in transformers])
+    return models
 
 
 def _apply_to_model(model: torch.nn.Module, config: AdaCacheConfig, spec: ModelSpec | None) -> None:
@@ -516,7 +635,8 @@ def _apply_to_model(model: torch.nn.Module, config: AdaCacheConfig, spec: ModelS
         had_registry = hasattr(model, "_diffusers_hook")
         had_own_forward = "forward" in model.__dict__
         registry = HookRegistry.check_if_exists_or_initialize(model)
-        registry.register_hook(_context_hook_class()(runtime), _HOOK_NAME)
+        runtime.context_hook = _context_hook_class()(runtime)
+        registry.register_hook(runtime.context_hook, _HOOK_NAME)
 
         def remove_context_hook() -> None:
             registry.remove_hook(_HOOK_NAME, recurse=False)
@@ -538,35 +658,11 @@ def _apply_to_model(model: torch.nn.Module, config: AdaCacheConfig, spec: ModelS
     )
 
 
-def _follow_scheduler(scheduler: Any, runtimes: list[_Runtime]) -> None:
-    """Wrap this scheduler instance's set_timesteps so each runtime learns the steps of every new generation."""
-    original = scheduler.set_timesteps
-    had_own = "set_timesteps" in scheduler.__dict__
-
-    def set_timesteps(*args: Any, **kwargs: Any) -> Any:
-        result = original(*args, **kwargs)
-        timesteps = [float(t) for t in scheduler.timesteps]
-        for runtime in runtimes:
-            runtime.scheduler_timesteps = timesteps
-        return result
-
-    scheduler.set_timesteps = set_timesteps
-
-    def restore() -> None:
-        del scheduler.set_timesteps
-        if had_own:
-            scheduler.set_timesteps = original
-
-    runtimes[0].restore.append(restore)
-
-
 def remove_adacache(target: Any) -> None:
-    """Undo apply_adacache: the model (or every transformer of the pipeline) is back to its exact uncached self."""
-    models = [target] if isinstance(target, torch.nn.Module) else [
-        m for m in (getattr(target, "transformer", None), getattr(target, "transformer_2", None)) if m is not None
-    ]
+    """Undo apply_adacache: the model (or every transformer of the pipeline) is back to its exact uncached self.
+    Blocks compiled with compile_blocks go back to their uncompiled forward."""
     found = False
-    for model in models:
+    for model in _models_of(target):
         runtime = model.__dict__.get(_RUNTIME_ATTRIBUTE)
         if runtime is None:
             continue
@@ -578,14 +674,29 @@ def remove_adacache(target: Any) -> None:
         raise RuntimeError("AdaCache is not applied to this model; nothing to remove")
 
 
+def reset_state(target: Any) -> None:
+    """Forget every generation in progress: the next call starts a new generation (its stats are kept)."""
+    for model in _models_of(target):
+        _runtime_of(model).reset()
+
+
 def get_stats(target: Any) -> list[GenerationStats]:
     """Per generation and CFG branch (oldest first, the one in progress last): computed steps, distances, rates,
-    motion scores and the cache memory held."""
-    model = target if isinstance(target, torch.nn.Module) else getattr(target, "transformer", None)
-    runtime = getattr(model, _RUNTIME_ATTRIBUTE, None) if model is not None else None
+    motion scores and the cache memory held. For a pipeline with two transformers (Wan 2.2), both, each
+    GenerationStats naming its `model`."""
+    stats = []
+    for name, model in zip(("transformer", "transformer_2"), _models_of(target)):
+        for entry in _runtime_of(model).stats():
+            entry.model = name
+            stats.append(entry)
+    return stats
+
+
+def _runtime_of(model: torch.nn.Module) -> _Runtime:
+    runtime = model.__dict__.get(_RUNTIME_ATTRIBUTE)
     if runtime is None:
         raise RuntimeError("AdaCache is not applied to this model; call apply_adacache first")
-    return runtime.stats()
+    return runtime
 
 
 @contextlib.contextmanager
@@ -595,13 +706,12 @@ def cache_context(model: torch.nn.Module, name: str, step_index: int | None = No
     `model.cache_context` (custom DiTs). `step_index` is 0-based, as in diffusers' pipelines."""
     from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
-    if not hasattr(model, _RUNTIME_ATTRIBUTE):
-        raise RuntimeError("AdaCache is not applied to this model; call apply_adacache first")
+    previous = _runtime_of(model).context_hook.state_manager._context
     _set_cache_context(model, CacheContext(name, step_index=step_index, num_inference_steps=num_inference_steps))
     try:
         yield
     finally:
-        _set_cache_context(model, None)
+        _set_cache_context(model, previous)
 
 
 def compile_blocks(model: torch.nn.Module, **compile_kwargs: Any) -> None:

@@ -35,28 +35,28 @@ from __future__ import annotations
 import functools
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
 
 __all__ = [
-    "FRAMES",
-    "SIZE",
     "COLOURS",
-    "SHAPES",
     "DIRECTIONS",
+    "FRAMES",
+    "SHAPES",
+    "SIZE",
     "SPEEDS",
-    "VOCABULARY",
     "SUPERSAMPLE",
+    "VOCABULARY",
     "ClipSpec",
-    "sample_clip_spec",
-    "render",
-    "render_batch",
     "clip_batches",
     "parse_caption",
     "prompt_set",
+    "render",
+    "render_batch",
+    "sample_clip_spec",
 ]
 
 FRAMES = 8
@@ -125,7 +125,7 @@ def _coverage(shape: str, cx: float, cy: float) -> np.ndarray:
 _Q = SIZE * SUPERSAMPLE  # centre coordinates on the 1/4-px grid: q / 4 for q in 0..64
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _table() -> torch.Tensor:
     """uint8 (len(SHAPES), 65, 65, SIZE, SIZE): sample points inside, for centre (qx/4, qy/4) at [s, qy, qx]."""
     n = SUPERSAMPLE
@@ -169,7 +169,9 @@ class ClipSpec:
             if self.direction is not None:
                 raise ValueError(f"a still clip has direction None, got {self.direction!r}")
         elif self.direction not in DIRECTIONS:
-            raise ValueError(f"unknown direction {self.direction!r} for a moving clip; directions: {tuple(DIRECTIONS)}")
+            raise ValueError(
+                f"unknown direction {self.direction!r} for a moving clip; directions: {tuple(DIRECTIONS)}"
+            )
         x, y = self.start
         object.__setattr__(self, "start", (float(x), float(y)))
 
@@ -200,7 +202,9 @@ def _start_range(shape: str, direction: str | None, speed: str) -> tuple[int, in
     tx, ty = dx * travel, dy * travel
     n, eps = SUPERSAMPLE, 1e-9
     bounds = []
-    for lo, hi in ((-xmin - min(0.0, tx), SIZE - xmax - max(0.0, tx)), (-ymin - min(0.0, ty), SIZE - ymax - max(0.0, ty))):
+    x_range = (-xmin - min(0.0, tx), SIZE - xmax - max(0.0, tx))
+    y_range = (-ymin - min(0.0, ty), SIZE - ymax - max(0.0, ty))
+    for lo, hi in (x_range, y_range):
         q_lo, q_hi = math.ceil(lo * n - eps), math.floor(hi * n + eps)
         if q_lo > q_hi:  # cannot happen with the sizes above; guards edits of the constants
             raise ValueError(f"a {shape} moving {direction} {speed} does not fit in a {SIZE}-px frame")

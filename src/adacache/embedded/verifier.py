@@ -41,7 +41,7 @@ import torch
 
 from .domain import COLOURS, SIZE, ClipSpec, parse_caption
 
-__all__ = ["ClipReport", "verify", "load_clip", "FOREGROUND_THRESHOLD"]
+__all__ = ["FOREGROUND_THRESHOLD", "ClipReport", "load_clip", "verify"]
 
 FOREGROUND_THRESHOLD = 0.3
 SLOW_THRESHOLD = 0.25  # px/frame: halfway between still (0) and slow (0.5)
@@ -158,7 +158,8 @@ def _read_video(path: str) -> np.ndarray:
     except (ImportError, ValueError) as e:
         if not os.path.exists(path):
             raise
-        raise (ImportError if isinstance(e, ImportError) else ValueError)(f"could not read {path!r} ({e}); for .mp4 files: pip install imageio imageio-ffmpeg") from e
+        kind = ImportError if isinstance(e, ImportError) else ValueError
+        raise kind(f"could not read {path!r} ({e}); for .mp4 files: pip install imageio imageio-ffmpeg") from e
 
 
 def _largest_components(fg: np.ndarray) -> np.ndarray:

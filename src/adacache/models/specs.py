@@ -34,10 +34,14 @@ class BlockSpec:
     # Token layout of the video stream, for MoReg: b(ts)c = (batch, frames*tokens, channels), frame-major;
     # (bt)sc = (batch*frames, tokens, channels); (bs)tc = (batch*tokens, frames, channels).
     token_layout: str = "b(ts)c"
+    # Layout of the attention module's output when it differs from the stream's (a block that reshapes tokens
+    # around its attention, as Open-Sora's STDiT3 does); None = token_layout.
+    attention_layout: str | None = None
 
     def __post_init__(self) -> None:
-        if self.token_layout not in TOKEN_LAYOUTS:
-            raise ValueError(f"token_layout must be one of {TOKEN_LAYOUTS}, got {self.token_layout!r}")
+        for layout in (self.token_layout, self.attention_layout or self.token_layout):
+            if layout not in TOKEN_LAYOUTS:
+                raise ValueError(f"token layouts must be one of {TOKEN_LAYOUTS}, got {layout!r}")
         two_streams = self.encoder_hidden_states_argument is not None
         if two_streams != (self.output_encoder_hidden_states_index is not None):
             raise ValueError(
