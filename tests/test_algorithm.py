@@ -116,3 +116,16 @@ def test_moreg_raises_compute_for_motion():
 
     assert rates([1.0, 1.0, 1.0, 1.0]) == 6
     assert rates([1.0, -1.0, 1.0, -1.0]) == 1
+
+
+def test_moreg_after_its_window_keeps_the_gradient_against_m_equal_1():
+    # The authors: outside the window m = 1, but g = 10 (1 - m_prev) / rate and the factor 1 + |g| still apply.
+    config = AdaCacheConfig(codebook={1e9: 1}, moreg=True, moreg_window=(2, 3))
+    schedule = Schedule(config, num_steps=10)
+    frames = lambda a, b: torch.tensor([a, b]).view(1, 2, 1, 1)  # noqa: E731
+    for step, probe in ((1, frames(1.0, 1.0)), (2, frames(1.0, 1.2)), (3, frames(1.0, 1.3))):
+        schedule.update(step, probe, frames=2)
+    m3 = schedule.records[-1].motion
+    record = schedule.update(4, frames(1.0, 1.4), frames=2)
+    assert record.motion is None and record.motion_factor == pytest.approx(1 + abs(10 * (1 - m3)))
+    assert record.distance == pytest.approx(record.raw_distance * (1 + abs(10 * (1 - m3))), rel=1e-6)

@@ -232,3 +232,116 @@ def test_missed_planned_step(paper_mode, expected):
             x = x - 0.1 * model(x, torch.full((1,), t))
     (stats,) = get_stats(model)
     assert stats.branch == "cond" and stats.computed_steps == expected
+
+
+@pytest.mark.parametrize("layout", ["b(ts)c", "(bt)sc", "(bs)tc"])
+def test_probe_frames_follow_the_token_layout(layout):
+    from adacache.hooks import _probe_frames
+
+    B, T, S, C = 2, 3, 4, 5
+    frames = torch.arange(T, dtype=torch.float32).view(1, T, 1, 1).expand(B, T, S, C)  # value = frame index
+    probe = {
+        "b(ts)c": frames.reshape(B, T * S, C),
+        "(bt)sc": frames.reshape(B * T, S, C),
+        "(bs)tc": frames.permute(0, 2, 1, 3).reshape(B * S, T, C),
+    }[layout]
+    framed = _probe_frames(probe, layout, T)
+    assert framed.shape[1] == T
+    for t in range(T):
+        assert (framed[:, t] == t).all()
+    assert _probe_frames(probe, layout, 7) is None  # a frame count that does not fit: no MoReg, not a wrong one
+
+
+def test_rising_timesteps_are_one_generation():
+    # Mochi's scheduler inverts sigmas: its transformer sees t rise. Without a context, that is still one run.
+    model = ToyDiT()
+    apply_adacache(model, SKIP_ALL, spec=TOY_SPEC)
+    x = toy_input()
+    for t in reversed(timesteps(6)):
+        model(x, torch.full((1,), t))
+    (stats,) = get_stats(model)
+    assert stats.computed_steps == [1, 2] and stats.skipped_steps == [3, 4, 5, 6]
+    model(x, torch.full((1,), 10.0))  # back to the start: a new generation
+    assert [s.steps_seen for s in get_stats(model)] == [6, 1]
+
+
+def test_pipeline_apply_uses_the_scheduler_and_ignores_a_stale_one():
+    from types import SimpleNamespace
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    pipe = SimpleNamespace(transformer=ToyDiT(), scheduler=scheduler)
+    apply_adacache(pipe, SKIP_ALL, spec=TOY_SPEC)
+    x = toy_input()
+    scheduler.set_timesteps(8)
+    for t in scheduler.timesteps:
+        pipe.transformer(x, t.expand(1))
+    scheduler.set_timesteps(8)  # a new run with the same timesteps
+    for t in scheduler.timesteps[:3]:
+        pipe.transformer(x, t.expand(1))
+    first, second = get_stats(pipe)
+    assert first.computed_steps == [1, 2, 7, 8] and first.num_steps == 8  # the scheduler told N
+    assert second.computed_steps == [1, 2] and second.steps_seen == 3
+    for t in timesteps(6):  # timesteps this scheduler never produced: fall back to the timestep sequence
+        pipe.transformer(x, torch.full((1,), t - 0.5))
+    assert get_stats(pipe)[-1].computed_steps == [1, 2] and get_stats(pipe)[-1].steps_seen == 6
+
+
+def test_too_many_calls_at_one_timestep_without_context():
+    model = ToyDiT()
+    apply_adacache(model, SKIP_ALL, spec=TOY_SPEC)
+    with pytest.raises(RuntimeError, match="cache_context"):
+        for _ in range(9):
+            model(toy_input(), torch.full((1,), 500.0))
+
+
+def test_in_place_block_is_an_error_not_a_wrong_cache():
+    class InPlace(torch.nn.Module):
+        def forward(self, hidden_states, temb):
+            hidden_states += temb
+            return hidden_states
+
+    model = ToyDiT()
+    model.blocks[0] = InPlace()  # the first cached block changes the stack input itself
+    apply_adacache(model, SKIP_ALL, spec=TOY_SPEC)
+    with pytest.raises(RuntimeError, match="in place"):
+        model(toy_input(), torch.full((1,), 500.0))
+
+
+def test_bypassed_blocks_are_noted():
+    class Bypass(ToyDiT):
+        def forward(self, hidden_states, timestep, num_frames=1):
+            return self.blocks[0](hidden_states, timestep.reshape(-1, 1, 1))  # the rest never runs
+
+    model = Bypass()
+    apply_adacache(model, SKIP_ALL, spec=TOY_SPEC)
+    outputs = denoise(model, toy_input())
+    stats = get_stats(model)[-1]
+    assert stats.computed_steps == [1, 2, 3, 4, 5, 6]
+    assert any("were not all called" in note for note in stats.notes)
+    assert all(torch.isfinite(o).all() for o in outputs)
+
+
+def test_config_as_dict_compiled_model_and_nested_context():
+    model = ToyDiT()
+    apply_adacache(model, {"codebook": {1.0: 1}}, spec=TOY_SPEC)
+    assert model._adacache.config.codebook == {1.0: 1}
+    with adacache.cache_context(model, "outer", step_index=0, num_inference_steps=4):
+        with adacache.cache_context(model, "inner", step_index=0, num_inference_steps=4):
+            model(toy_input(), torch.full((1,), 1000.0))
+        model(toy_input(), torch.full((1,), 1000.0))  # back in "outer" after the inner context ends
+    assert {s.branch for s in get_stats(model)} == {"outer", "inner"}
+    with pytest.raises(TypeError, match="apply AdaCache before compiling"):
+        apply_adacache(torch.compile(ToyDiT()), spec=TOY_SPEC)
+
+
+def test_reset_state_starts_a_new_generation():
+    model = ToyDiT()
+    apply_adacache(model, SKIP_ALL, spec=TOY_SPEC)
+    ts = timesteps(6)
+    for t in ts[:3]:
+        model(toy_input(), torch.full((1,), t))
+    adacache.reset_state(model)
+    model(toy_input(batch=2), torch.full((2,), ts[3]))  # a new batch size is fine in a new generation
+    assert [s.steps_seen for s in get_stats(model)] == [3, 1]

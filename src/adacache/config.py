@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,13 @@ class AdaCacheConfig:
 
     def __post_init__(self) -> None:
         self.codebook = validate_codebook(self.codebook)
+        for name in ("moreg", "paper_mode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("moreg_window", "moreg_strides"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (tuple, list)):
+                raise ConfigError(f"{name} must be a tuple (e.g. moreg_window=(4, 26), moreg_strides=(1,)), got {value!r}")
         if self.moreg_window is not None:
             window = tuple(self.moreg_window)
             if len(window) != 2 or not all(_is_int(v) for v in window) or not 1 <= window[0] <= window[1]:
@@ -98,9 +106,9 @@ class AdaCacheConfig:
         self.moreg_strides = tuple(int(s) for s in strides)
         for name in ("moreg_norm", "moreg_power", "moreg_divisor"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            if not _is_number(value) or not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
-        if not isinstance(self.moreg_gradient_scale, (int, float)) or not math.isfinite(self.moreg_gradient_scale):
+        if not _is_number(self.moreg_gradient_scale) or not math.isfinite(self.moreg_gradient_scale):
             raise ConfigError(f"moreg_gradient_scale must be a finite number, got {self.moreg_gradient_scale!r}")
         if self.probe_block is not None and (not _is_int(self.probe_block)):
             raise ConfigError(f"probe_block must be an int (a block index) or None for mid-stack, got {self.probe_block!r}")
@@ -207,4 +215,8 @@ def validate_codebook(codebook: Any) -> dict[float, int]:
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -221,7 +221,7 @@ class _Runtime:
             new_generation = _turns_back(state, t)
         if timesteps is not None and state is not None and state.timesteps is not timesteps[0]:
             new_generation = True  # the scheduler was set for a new run
-        if state is not None and not new_generation and num_steps != state.schedule.num_steps:
+        if state is not None and not new_generation and num_steps not in (None, state.schedule.num_steps):
             new_generation = True
         if new_generation:
             state = self._new_generation(branch, num_steps)
@@ -546,10 +546,16 @@ def _wrap_block(runtime: _Runtime, index: int, block: torch.nn.Module, eager: bo
     had_own_forward = "forward" in block.__dict__
     previous = block.__dict__.get("forward")
     # Not traced by dynamo (its callee, the block's own forward, is): `block.compile()` compiles the block alone.
-    block.forward = torch.compiler.disable(forward, recursive=False)
+    wrapped = torch.compiler.disable(forward, recursive=False)
+    block.forward = wrapped
     block._adacache_inner = None if eager else inner
 
     def restore() -> None:
+        if block.__dict__.get("forward") is not wrapped:
+            raise RuntimeError(
+                f"cannot remove AdaCache from {type(block).__name__}: something replaced its forward after "
+                "apply_adacache (another hook or wrapper); remove that first"
+            )
         del block.forward
         del block._adacache_inner
         if had_own_forward:
