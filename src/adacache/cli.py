@@ -36,12 +36,20 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _load_pipeline(model: str | None):
+    """The embedded model by default; a folder holding it (as `adacache train --export` writes); else any
+    diffusers pipeline id or folder."""
+    import json
+    from pathlib import Path
+
     import torch
 
-    if model is None:
-        from .embedded.pipeline import EmbeddedVideoPipeline
+    from .embedded.pipeline import EmbeddedVideoPipeline
 
+    if model is None:
         return EmbeddedVideoPipeline.from_embedded()
+    index = Path(model) / "model_index.json"
+    if index.is_file() and json.loads(index.read_text()).get("_class_name") == EmbeddedVideoPipeline.__name__:
+        return EmbeddedVideoPipeline.from_pretrained(model, local_files_only=True)
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.from_pretrained(model, dtype=torch.float32)
@@ -74,6 +82,8 @@ def _generate(args: argparse.Namespace) -> int:
     pipe = _load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=args.no_progress)
     call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="np")
+    sizes = {"height": args.height, "width": args.width, "num_frames": args.num_frames}
+    call.update({key: value for key, value in sizes.items() if value is not None})  # real pipelines only
 
     def run() -> tuple["np.ndarray", float]:
         start = time.perf_counter()
@@ -151,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
     gen.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4.0)")
     gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    gen.add_argument("--height", type=int, default=None, help="frame height, for --model pipelines")
+    gen.add_argument("--width", type=int, default=None, help="frame width, for --model pipelines")
+    gen.add_argument("--num-frames", type=int, default=None, help="number of frames, for --model pipelines")
     gen.add_argument("--compare", action="store_true",
                      help="also run uncached with the same seed: print both times, the speed-up and PSNR, write side by side")
     gen.add_argument("--gif", action="store_true", help="also write a GIF next to the output")

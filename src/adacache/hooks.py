@@ -151,7 +151,7 @@ class _Runtime:
 
     def _resolve_probe_index(self, probe_block: int | None) -> int:
         n = len(self.blocks)
-        index = (n - 1) // 2 if probe_block is None else probe_block
+        index = min(max((n - 1) // 2, self.first), self.last) if probe_block is None else probe_block
         if index < 0:
             index += n
         if not self.first <= index <= self.last:
