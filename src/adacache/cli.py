@@ -10,7 +10,13 @@ from .config import PRESETS, AdaCacheConfig, ConfigError
 
 
 def _cache_config(args: argparse.Namespace) -> AdaCacheConfig:
-    config = AdaCacheConfig.load(args.cache)
+    cache = args.cache
+    if cache == "auto":  # the embedded model's own codebook, tuned on its distance curve; else the 30-step fast preset
+        from .embedded.pipeline import WEIGHTS_DIR
+
+        tuned = WEIGHTS_DIR / "adacache.json"
+        cache = str(tuned) if getattr(args, "model", None) is None and tuned.is_file() else "opensora-30-fast"
+    config = AdaCacheConfig.load(cache)
     if args.moreg:
         config = AdaCacheConfig.from_dict({**config.to_dict(), "moreg": True})
     return config
@@ -155,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", help='e.g. "a red circle moving right fast"')
     gen.add_argument("-o", "--output", default="out.mp4", help="output .mp4 or .gif (default out.mp4)")
     gen.add_argument("--model", default=None, help="diffusers pipeline id or local folder (default: the embedded model)")
-    gen.add_argument("--cache", default="opensora-30-fast",
-                     help=f"none, a preset ({', '.join(sorted(PRESETS))}) or a JSON config file (default opensora-30-fast)")
+    gen.add_argument("--cache", default="auto",
+                     help=f"none, auto, a preset ({', '.join(sorted(PRESETS))}) or a JSON config file (default auto: "
+                          "the embedded model's tuned codebook, or opensora-30-fast for --model pipelines)")
     gen.add_argument("--moreg", action="store_true", help="enable motion regularization")
     gen.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
     gen.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4.0)")

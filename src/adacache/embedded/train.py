@@ -14,6 +14,8 @@ import json
 import math
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +150,13 @@ def train(out_dir: str | os.PathLike, config: TrainConfig, progress: bool = True
     start = time.time()
     pipe.transformer.train(), pipe.text_encoder.train()
     bar = tqdm(total=config.steps, initial=step, desc="training", disable=not progress)
+    previous_handler = None
+    if threading.current_thread() is threading.main_thread():  # SIGTERM (a job scheduler's stop) saves, as Ctrl-C
+
+        def stop(signum, frame):
+            raise KeyboardInterrupt
+
+        previous_handler = signal.signal(signal.SIGTERM, stop)
     try:
         while step < config.steps:
             clips, captions = next(batches)
@@ -181,6 +190,8 @@ def train(out_dir: str | os.PathLike, config: TrainConfig, progress: bool = True
             if step % config.checkpoint_every == 0 or step == config.steps:
                 save()
     finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
         bar.close()
         log.close()
         if step % config.checkpoint_every:
