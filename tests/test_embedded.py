@@ -85,6 +85,11 @@ def test_generate_cli_writes_videos_atomically(exported, tmp_path, capsys):
     assert frames.shape[0] == 8 and frames.shape[2] > frames.shape[1]  # side by side
     assert (tmp_path / "clip.gif").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.gif", "clip.mp4"]  # no temporary files left
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     assert main(["generate", "a blue square standing still", "-o", str(tmp_path / "plain.mp4"), "--model",
                  str(exported), "--steps", "2", "--cache", "none", "--no-progress"]) == 0
 

@@ -71,6 +71,9 @@ def write_video(frames, path: str | os.PathLike, fps: int = 8, scale: int = 1) -
             array = np.pad(array, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
             imageio.mimsave(tmp, list(array), fps=fps, codec="libx264", quality=9, macro_block_size=16,
                             ffmpeg_log_level="error")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a written video gets the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
