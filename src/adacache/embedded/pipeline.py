@@ -75,6 +75,8 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
             raise ValueError("the prompt is empty; describe a clip, e.g. 'a red circle moving right fast'")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps}")
+        if output_type not in ("pt", "np"):
+            raise ValueError(f"output_type must be 'pt' (float tensor in [0, 1]) or 'np' (uint8), got {output_type!r}")
         config = self.transformer.config
         batch = len(prompts)
         # pixel space: Latte's sample_size is the frame size itself
