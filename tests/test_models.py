@@ -52,7 +52,7 @@ def test_skipped_steps_are_input_plus_cached_residual(family):
     reference = denoise(model, tiny)
     apply_adacache(model, AdaCacheConfig(codebook={1e9: 100}, num_inference_steps=STEPS))
     runtime = model._adacache
-    (first_name, first, first_spec), (_, last, last_spec) = runtime.blocks[runtime.first], runtime.blocks[-1]
+    (_, first, first_spec), (_, last, last_spec) = runtime.blocks[runtime.first], runtime.blocks[-1]
     seen_in, seen_out, block_runs = [], [], []
     parameters = runtime.block_parameters[runtime.first]
     handles = [

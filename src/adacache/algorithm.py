@@ -93,7 +93,6 @@ class Schedule:
     skipped_steps: list[int] = field(default_factory=list)
     records: list[StepRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    _note_once_quietly: bool = False  # the next note goes to the stats only (the caller already warned)
 
     def is_computed(self, step: int, have_cache: bool) -> bool:
         """Whether `step` runs the blocks. Without a usable cache every step is computed."""
@@ -117,11 +116,11 @@ class Schedule:
             motion = None
             use_moreg = config.moreg and frames is not None
             if config.moreg and frames is None:
-                self._note_once("MoReg skipped: the probe's frame layout is unknown (see the model spec's token_layout)")
+                self.note("MoReg skipped: the probe's frame layout is unknown (see the model spec's token_layout)")
             if use_moreg and self._in_moreg_window(step):
                 motion = motion_score(probe, config.moreg_strides)
                 if motion is None:
-                    self._note_once(f"MoReg: the probe has too few frames for strides {config.moreg_strides}; m = 1")
+                    self.note(f"MoReg: the probe has too few frames for strides {config.moreg_strides}; m = 1")
             # One device sync for everything this step needs on the host.
             values = torch.stack([raw, motion if motion is not None else raw]).tolist()
             record.raw_distance = values[0]
@@ -135,13 +134,15 @@ class Schedule:
                 record.motion_factor = m + abs(gradient)
                 distance *= record.motion_factor
             record.distance = distance
-            if not math.isfinite(distance):
-                self._note_once(f"non-finite probe distance at step {step}: computing the next step")
-            self.rate = lookup_rate(config.codebook, distance)
+            self.rate = lookup_rate(config.codebook, distance)  # 1 for a non-finite distance
         else:
             self.rate = 1  # the first computed step has nothing to compare with: the next step is computed too
         record.rate = self.rate
-        self.prev_probe = probe.detach()
+        if record.distance is not None and not math.isfinite(record.distance):
+            self.note(f"non-finite probe distance at step {step}: computing the next step, forgetting this probe")
+            self.prev_probe = None  # the next computed step compares with nothing rather than with garbage
+        else:
+            self.prev_probe = probe.detach()
         self.prev_compute = step
         self.records.append(record)
         return record
@@ -159,9 +160,9 @@ class Schedule:
         first, last = self.config.resolve_moreg_window(self.num_steps or 0)
         return first <= step <= last
 
-    def _note_once(self, message: str) -> None:
+    def note(self, message: str, log: bool = True) -> None:
+        """Record a message in this generation's stats once, and log it unless `log` is False."""
         if message not in self.notes:
             self.notes.append(message)
-            if not self._note_once_quietly:
+            if log:
                 logger.warning("AdaCache: %s", message)
-            self._note_once_quietly = False

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 
+from typing import TYPE_CHECKING
+
 from .config import PRESETS, AdaCacheConfig, ConfigError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def _cache_config(args: argparse.Namespace) -> AdaCacheConfig:
@@ -18,7 +24,7 @@ def _cache_config(args: argparse.Namespace) -> AdaCacheConfig:
         cache = str(tuned) if getattr(args, "model", None) is None and tuned.is_file() else "opensora-30-fast"
     config = AdaCacheConfig.load(cache)
     if args.moreg:
-        config = AdaCacheConfig.from_dict({**config.to_dict(), "moreg": True})
+        config = dataclasses.replace(config, moreg=True)
     return config
 
 
@@ -104,27 +110,23 @@ def _generate(args: argparse.Namespace) -> int:
             stats = get_stats(pipe)  # applied just before: only this generation's branches
         finally:
             remove_adacache(pipe)
-    video = cached[0] if config is not None else uncached[0]
-    scale = max(1, 128 // video.shape[1])
+    prefix = "  " if args.compare and config is not None else ""
     if args.compare and config is not None:
         print(f"uncached {uncached[1]:.2f} s, AdaCache {cached[1]:.2f} s: speed-up {uncached[1] / cached[1]:.2f}x")
-        for s in stats:
-            print(f"  {s.branch}: computed {len(s.computed_steps)}/{s.steps_seen} steps {s.computed_steps}")
-        print(f"PSNR against the uncached video (same seed): {psnr(torch.from_numpy(uncached[0]).float(), torch.from_numpy(cached[0]).float()):.2f} dB")
-        video_to_write = side_by_side(upscale(uncached[0], scale), upscale(cached[0], scale))
-        write_video(video_to_write, output)
-        if gif:
-            write_video(video_to_write, gif)
-        print(f"wrote {output} (left: uncached, right: AdaCache)" + (f" and {gif}" if gif else ""))
-        return 0
-    if config is not None:
-        for s in stats:
-            print(f"{s.branch}: computed {len(s.computed_steps)}/{s.steps_seen} steps {s.computed_steps}")
-    seconds = cached[1] if config is not None else uncached[1]
-    write_video(video, output, scale=scale)
-    if gif:
-        write_video(video, gif, scale=scale)
-    print(f"wrote {output}" + (f" and {gif}" if gif else "") + f" ({seconds:.2f} s)")
+    for s in stats if config is not None else []:
+        print(f"{prefix}{s.branch}: computed {len(s.computed_steps)}/{s.steps_seen} steps {s.computed_steps}")
+    if args.compare and config is not None:
+        reference, other = (torch.from_numpy(v[0]).float() for v in (uncached, cached))
+        print(f"PSNR against the uncached video (same seed): {psnr(reference, other):.2f} dB")
+        factor = max(1, 128 // cached[0].shape[1])
+        video, scale = side_by_side(upscale(uncached[0], factor), upscale(cached[0], factor)), 1
+        what = " (left: uncached, right: AdaCache)"
+    else:
+        video, seconds = cached if config is not None else uncached
+        scale, what = max(1, 128 // video.shape[1]), f" ({seconds:.2f} s)"
+    for path in (output, gif) if gif else (output,):
+        write_video(video, path, scale=scale)
+    print(f"wrote {output}" + (f" and {gif}" if gif else "") + what)
     return 0
 
 

@@ -18,9 +18,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import inspect
-import math
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
@@ -143,7 +142,7 @@ class _Runtime:
         self.scheduler: Any = None  # set when applied to a pipeline: its timesteps tell steps and generations
         self._timesteps_cache: tuple[Any, list[float]] | None = None
         self.passthrough_checked = False
-        self.warned_unknown_steps = False  # log that warning once per model; every generation's stats still note it
+        self.warned_unknown_steps = False
         self.last_call_t: float | None = None
         self.calls_at_t = 0
         self.probe_slot: list[torch.Tensor | None] = [None]  # filled by the attention forward hook
@@ -247,13 +246,16 @@ class _Runtime:
     def end_call(self) -> None:
         call = self.current
         if call is not None and not call.reached_last:
-            call.state.schedule._note_once(
+            call.state.schedule.note(
                 f"the cached blocks {self.blocks[self.first][0]}..{self.blocks[self.last][0]} were not all called "
                 "(a model option that bypasses them, such as Latte's enable_temporal_attentions=False): nothing is "
                 "cached, every step is computed"
             )
-            if not call.compute:  # cannot happen without a cache, but never leave a skipped step half done
-                raise RuntimeError("AdaCache: a skipped step did not reach the last cached block")
+            if not call.compute:  # the blocks were bypassed after a cache was stored: the output lacks the residual
+                raise RuntimeError(
+                    "AdaCache: a skipped step did not reach the last cached block, so its output is incomplete; "
+                    "keep the model's block options fixed within a generation, or call adacache.reset_state(model)"
+                )
 
     def _new_generation(self, branch: str, num_steps: int | None) -> _BranchState:
         old = self.states.get(branch)
@@ -262,13 +264,13 @@ class _Runtime:
         self.generations += 1
         state = _BranchState(Schedule(self.config, num_steps=num_steps), generation=self.generations)
         if num_steps is None:
-            state.schedule._note_once_quietly = self.warned_unknown_steps
-            self.warned_unknown_steps = True
-            state.schedule._note_once(
+            state.schedule.note(
                 "the number of inference steps is unknown (no cache_context with num_inference_steps, no scheduler): "
                 "the last two steps are not forced to compute. Apply to the pipeline (apply_adacache(pipe, ...)) "
-                "or set AdaCacheConfig(num_inference_steps=N)"
+                "or set AdaCacheConfig(num_inference_steps=N)",
+                log=not self.warned_unknown_steps,  # logged once per model; every generation's stats keep it
             )
+            self.warned_unknown_steps = True
         self.states[branch] = state
         return state
 
@@ -376,11 +378,9 @@ class _Runtime:
             raise RuntimeError(f"AdaCache: the probe at {self.blocks[self.probe_index][0]} produced nothing")
         framed = _probe_frames(call.probe, self.probe_layout, call.frames)
         if framed is None:  # MoReg cannot read frames from this probe: the distance alone decides
-            record = schedule.update(call.step, call.probe, None)
+            schedule.update(call.step, call.probe, None)
         else:
-            record = schedule.update(call.step, framed, framed.shape[1])
-        if record.distance is not None and not math.isfinite(record.distance):
-            schedule.reset_after_bad_cache(call.step)
+            schedule.update(call.step, framed, framed.shape[1])
         last_step = schedule.num_steps is not None and call.step >= schedule.num_steps
         if last_step:
             schedule.prev_probe = None  # the generation is over: hold nothing
@@ -394,7 +394,7 @@ class _Runtime:
         )
         for name, residual in zip(("video", "text"), residuals):
             if residual is not None and not torch.isfinite(residual.sum(dtype=torch.float32)):
-                schedule._note_once(
+                schedule.note(
                     f"non-finite values in the {name} residual of blocks {self.blocks[self.first][0]}.."
                     f"{self.blocks[self.last][0]} at step {call.step} (branch {call.branch!r}); not caching it, "
                     "the next step is computed"
