@@ -127,7 +127,15 @@ def test_generate_cli_with_a_real_diffusers_pipeline(tmp_path, capsys):
     assert out.is_file() and "cond: computed" in capsys.readouterr().out
 
 
-def test_fresh_pipeline_has_the_domain_vocabulary():
-    pipe = build_pipeline("tiny")
+@pytest.mark.parametrize("architecture", ["wan", "latte"])
+def test_fresh_pipeline_of_either_architecture_generates_domain_clips(architecture):
+    pipe = build_pipeline("tiny", architecture=architecture)
     assert pipe.text_encoder.words[2:] == list(VOCABULARY)
-    assert pipe.transformer.config.video_length == 8 and pipe.transformer.config.sample_size == 16
+    pipe.set_progress_bar_config(disable=True)
+    frames = pipe(["a red circle moving left fast"], num_inference_steps=2).frames
+    assert frames.shape == (1, 8, 3, 16, 16) and frames.min() >= 0 and frames.max() <= 1
+
+
+def test_unknown_architecture_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown architecture 'dit'; known: wan, latte"):
+        build_pipeline("tiny", architecture="dit")

@@ -49,5 +49,5 @@ def test_generate_defaults_to_the_embedded_model_and_its_codebook(tmp_path, caps
     out = tmp_path / "clip.mp4"
     assert main(["generate", "a green square moving down fast", "-o", str(out), "--steps", "30", "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert out.is_file() and "default: computed" in printed and "/30 steps" in printed
+    assert out.is_file() and "cond_uncond: computed" in printed and "/30 steps" in printed
     assert verify(str(out)).colour == "green"

@@ -137,7 +137,7 @@ def _train(args: argparse.Namespace) -> int:
         folder = export(args.export_from or f"{args.out}/checkpoint.pt", args.export)
         print(f"exported the EMA weights to {folder}")
         return 0
-    config = TrainConfig(size=args.size, seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+    config = TrainConfig(size=args.size, architecture=args.architecture, seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          eval_every=args.eval_every, threads=args.threads)
     path = train(args.out, config, progress=not args.no_progress)
     print(f"checkpoint: {path}; export it with: adacache train --out {args.out} --export DIR")
@@ -182,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = commands.add_parser("train", help="train (or resume) the embedded model on the procedural domain")
     tr.add_argument("--out", default="runs/embedded", help="run folder: checkpoint.pt and log.jsonl (default runs/embedded)")
     tr.add_argument("--size", default="small", help="model size: small (shipped) or tiny (smoke test)")
+    tr.add_argument("--architecture", default="wan", choices=["wan", "latte"],
+                    help="diffusers transformer class: wan (3D attention, shipped) or latte (spatial/temporal blocks)")
     tr.add_argument("--steps", type=int, default=6000, help="total optimizer steps (default 6000)")
     tr.add_argument("--batch-size", type=int, default=16)
     tr.add_argument("--lr", type=float, default=1e-3)

@@ -1,18 +1,20 @@
 """Prompt -> video with the embedded model: rectified flow (flow-matching Euler) with classifier-free guidance.
 
 A diffusers `DiffusionPipeline` with three components, so it saves, loads (`from_pretrained`) and caches
-(`apply_adacache(pipe)`) like any real video pipeline: a tiny `LatteTransformer3DModel` working directly in pixel
-space, a `VocabTextEncoder`, and a `FlowMatchEulerDiscreteScheduler`.
+(`apply_adacache(pipe)`) like any real video pipeline: a tiny diffusers video transformer working directly in
+pixel space (`WanTransformer3DModel` shipped; `LatteTransformer3DModel` also works), a `VocabTextEncoder`, and a
+`FlowMatchEulerDiscreteScheduler`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, LatteTransformer3DModel
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.utils import BaseOutput
 
 from .text_encoder import VocabTextEncoder
@@ -32,7 +34,7 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
 
     def __init__(
         self,
-        transformer: LatteTransformer3DModel,
+        transformer: torch.nn.Module,  # WanTransformer3DModel or LatteTransformer3DModel, (B, C, T, H, W) in and out
         text_encoder: VocabTextEncoder,
         scheduler: FlowMatchEulerDiscreteScheduler,
     ) -> None:
@@ -77,10 +79,10 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps}")
         if output_type not in ("pt", "np"):
             raise ValueError(f"output_type must be 'pt' (float tensor in [0, 1]) or 'np' (uint8), got {output_type!r}")
-        config = self.transformer.config
+        from .domain import FRAMES, SIZE
+
         batch = len(prompts)
-        # pixel space: Latte's sample_size is the frame size itself
-        shape = (batch, config.in_channels, config.video_length, config.sample_size, config.sample_size)  # (B,C,T,H,W)
+        shape = (batch, self.transformer.config.in_channels, FRAMES, SIZE, SIZE)  # pixel space, (B, C, T, H, W)
         device = self.transformer.device
         if latents is None:
             latents = torch.randn(shape, generator=generator, device="cpu").to(device)
@@ -90,11 +92,16 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
             text = torch.cat([self._null_text(batch), text])  # unconditional half first, as in diffusers
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        for t in self.progress_bar(self.scheduler.timesteps):
+        timesteps = self.scheduler.timesteps
+        for i, t in enumerate(self.progress_bar(timesteps)):
             model_input = torch.cat([latents, latents]) if use_cfg else latents
-            velocity = self.transformer(
-                model_input, timestep=t.expand(model_input.shape[0]), encoder_hidden_states=text, return_dict=False
-            )[0]
+            # one batched call per step; the context tells cache hooks (AdaCache, diffusers' caches) where we are
+            context = {"step_index": i, "num_inference_steps": len(timesteps), "sigma": float(self.scheduler.sigmas[i])}
+            with self._cache_context("cond_uncond" if use_cfg else "cond", context):
+                velocity = self.transformer(
+                    model_input, timestep=t.expand(model_input.shape[0]), encoder_hidden_states=text,
+                    return_dict=False,
+                )[0]
             if use_cfg:
                 uncond, cond = velocity.chunk(2)
                 velocity = uncond + guidance_scale * (cond - uncond)
@@ -106,6 +113,11 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
         if not return_dict:
             return (frames,)
         return EmbeddedVideoOutput(frames=frames)
+
+    def _cache_context(self, name: str, context: dict):
+        if hasattr(self.transformer, "cache_context"):  # diffusers' CacheMixin models (Wan, Latte, ...)
+            return self.transformer.cache_context(name, **context)
+        return contextlib.nullcontext()
 
     def _null_text(self, batch: int) -> torch.Tensor:
         ids = torch.zeros(batch, self.text_encoder.config.max_length, dtype=torch.long, device=self.transformer.device)

@@ -29,11 +29,16 @@ MODEL_SIZES = {
     "tiny": dict(layers=1, heads=2, head_dim=16, text_dim=16),
     "small": dict(layers=6, heads=4, head_dim=32, text_dim=64),
 }
+# Transformer families the embedded model can be built from, both diffusers classes. "wan" (3D attention over all
+# frames, 3D RoPE, text cross-attention in every block) is shipped; "latte" (spatial and temporal blocks, text
+# only in the spatial ones) learned colour, shape and speed but not direction in 5,200 steps (README).
+ARCHITECTURES = ("wan", "latte")
 
 
 @dataclass
 class TrainConfig:
     size: str = "small"  # a key of MODEL_SIZES
+    architecture: str = "wan"  # one of ARCHITECTURES
     seed: int = 0
     steps: int = 6000  # total optimizer steps; more = better motion, linear in time
     batch_size: int = 16  # clips per step; larger = smoother gradients, slower steps (2x steps beat 2x batch here)
@@ -48,9 +53,9 @@ class TrainConfig:
     threads: int = 2
 
 
-def build_pipeline(size: str = "small", seed: int = 0):
-    """A fresh, randomly initialised embedded pipeline of a named size."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, LatteTransformer3DModel
+def build_pipeline(size: str = "small", seed: int = 0, architecture: str = "wan"):
+    """A fresh, randomly initialised embedded pipeline of a named size and architecture."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, LatteTransformer3DModel, WanTransformer3DModel
 
     from .domain import FRAMES, SIZE, VOCABULARY
     from .pipeline import EmbeddedVideoPipeline
@@ -58,16 +63,26 @@ def build_pipeline(size: str = "small", seed: int = 0):
 
     if size not in MODEL_SIZES:
         raise ValueError(f"unknown model size {size!r}; known: {', '.join(MODEL_SIZES)}")
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}")
     dims = MODEL_SIZES[size]
     inner = dims["heads"] * dims["head_dim"]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer = LatteTransformer3DModel(
-            num_attention_heads=dims["heads"], attention_head_dim=dims["head_dim"], in_channels=3, out_channels=3,
-            num_layers=dims["layers"], cross_attention_dim=inner, caption_channels=dims["text_dim"],
-            sample_size=SIZE, patch_size=2, video_length=FRAMES, norm_type="ada_norm_single",
-            activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
-        )
+        if architecture == "wan":
+            transformer = WanTransformer3DModel(
+                patch_size=(1, 2, 2), num_attention_heads=dims["heads"], attention_head_dim=dims["head_dim"],
+                in_channels=3, out_channels=3, text_dim=dims["text_dim"], freq_dim=64, ffn_dim=4 * inner,
+                num_layers=dims["layers"], cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                rope_max_seq_len=max(FRAMES, SIZE) * 2,
+            )
+        else:
+            transformer = LatteTransformer3DModel(
+                num_attention_heads=dims["heads"], attention_head_dim=dims["head_dim"], in_channels=3,
+                out_channels=3, num_layers=dims["layers"], cross_attention_dim=inner,
+                caption_channels=dims["text_dim"], sample_size=SIZE, patch_size=2, video_length=FRAMES,
+                norm_type="ada_norm_single", activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+            )
         text_encoder = VocabTextEncoder(vocabulary=list(VOCABULARY), dim=dims["text_dim"], max_length=8)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
     return EmbeddedVideoPipeline(transformer=transformer, text_encoder=text_encoder, scheduler=scheduler)
@@ -114,14 +129,19 @@ def train(out_dir: str | os.PathLike, config: TrainConfig, progress: bool = True
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(config.threads)
     checkpoint_path = out / "checkpoint.pt"
-    pipe = build_pipeline(config.size, config.seed)
-    ema = build_pipeline(config.size, config.seed)
+    pipe = build_pipeline(config.size, config.seed, config.architecture)
+    ema = build_pipeline(config.size, config.seed, config.architecture)
     params = [*pipe.transformer.parameters(), *pipe.text_encoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.99), weight_decay=0.0)
     step = 0
     if checkpoint_path.is_file():
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        saved = TrainConfig(**state["config"])
+        saved = TrainConfig(**{"architecture": "latte", **state["config"]})  # checkpoints from before the choice
+        if saved.architecture != config.architecture or saved.size != config.size:
+            raise ValueError(
+                f"{checkpoint_path} holds a {saved.size} {saved.architecture} model, not {config.size} "
+                f"{config.architecture}; pass matching --size/--architecture or another --out folder"
+            )
         if dataclasses.replace(saved, steps=config.steps) != dataclasses.replace(config, steps=config.steps):
             logger.warning("resuming with a config that differs from the checkpoint's: %s vs %s", config, saved)
         for module, key in ((pipe.transformer, "transformer"), (pipe.text_encoder, "text_encoder"),
@@ -202,8 +222,8 @@ def train(out_dir: str | os.PathLike, config: TrainConfig, progress: bool = True
 def export(checkpoint: str | os.PathLike, folder: str | os.PathLike) -> Path:
     """Write the checkpoint's EMA weights as a diffusers pipeline folder (safetensors + configs)."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    config = TrainConfig(**state["config"])
-    pipe = build_pipeline(config.size, config.seed)
+    config = TrainConfig(**{"architecture": "latte", **state["config"]})  # checkpoints from before the choice
+    pipe = build_pipeline(config.size, config.seed, config.architecture)
     pipe.transformer.load_state_dict(state["ema_transformer"])
     pipe.text_encoder.load_state_dict(state["ema_text_encoder"])
     folder = Path(folder)
