@@ -144,6 +144,130 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prompts(args: argparse.Namespace) -> list[str]:
+    """--prompts FILE, else (embedded model only) the domain's prompt set, thinned to --num-prompts."""
+    from .evaluation.bench import read_prompts
+
+    if args.prompts:
+        prompts = read_prompts(args.prompts)
+    elif args.model is None:
+        from .embedded.domain import prompt_set
+
+        prompts = prompt_set()
+    else:
+        raise ConfigError("--prompts FILE is needed with --model (one prompt per line)")
+    if args.num_prompts is not None:
+        if args.num_prompts < 1:
+            raise ConfigError(f"--num-prompts must be positive, got {args.num_prompts}")
+        prompts = prompts[:: max(1, len(prompts) // args.num_prompts)][: args.num_prompts]
+    return prompts
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds takes comma-separated non-negative integers, e.g. 0,1; got {text!r}") from None
+    return seeds
+
+
+def _tuned() -> str | None:
+    from .embedded.pipeline import WEIGHTS_DIR
+
+    tuned = WEIGHTS_DIR / "adacache.json"
+    return str(tuned) if tuned.is_file() else None
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .evaluation.bench import BenchSettings, prepare_folder, run_bench
+    from .evaluation.methods import default_methods, parse_methods
+
+    prompts = _prompts(args)
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else default_methods(args.steps)
+    tuned = _tuned() if args.model is None else None
+    parse_methods(methods, tuned)  # every name checked before the model loads
+    sizes = {"height": args.height, "width": args.width, "num_frames": args.num_frames}
+    settings = BenchSettings(
+        model=args.model or "embedded", prompts=prompts, methods=methods, seeds=_seeds(args.seeds), steps=args.steps,
+        guidance=args.guidance, repeats=args.repeats, warmup=args.warmup, flops=not args.no_flops,
+        call={k: v for k, v in sizes.items() if v is not None},
+    )
+    prepare_folder(args.out)
+    pipe = _load_pipeline(args.model)
+    _to_device(pipe)
+    command = "adacache " + " ".join(shlex.quote(a) for a in args.argv)
+    report = run_bench(pipe, settings, args.out, tuned=tuned, progress=not args.no_progress, command=command)
+    if report is not None:
+        from .evaluation.report import markdown
+
+        print(markdown(report))
+        print(f"wrote {args.out}/report.json, report.md, pareto.png and motion.png")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .evaluation.calibrate import Calibrator
+
+    if (args.speedup is None) == (args.psnr is None):
+        raise ConfigError("give one target: --speedup X (e.g. 2.0) or --psnr DB (e.g. 30)")
+    output = Path(args.output)
+    if output.suffix != ".json":
+        raise ConfigError(f"the output {args.output!r} must be a .json file")
+    if not output.parent.is_dir():
+        raise ConfigError(f"the output folder {str(output.parent)!r} does not exist; create it first")
+    prompts = _prompts(args)
+    held_out: list[str] = []
+    if args.check:
+        if args.model is None and not args.prompts:
+            from .embedded.domain import prompt_set
+
+            held_out = [p for p in prompt_set() if p not in prompts]
+            held_out = held_out[:: max(1, len(held_out) // args.check)][: args.check]
+        else:
+            raise ConfigError("--check N draws held-out prompts from the embedded prompt set; with --model or "
+                              "--prompts, calibrate on part of your prompts and bench the rest")
+    base = AdaCacheConfig.load(args.base) if args.base else AdaCacheConfig()
+    if args.moreg:
+        base = dataclasses.replace(base, moreg=True)
+    sizes = {"height": args.height, "width": args.width, "num_frames": args.num_frames}
+    pipe = _load_pipeline(args.model)
+    _to_device(pipe)
+    calibrator = Calibrator(pipe, prompts, seeds=_seeds(args.seeds), steps=args.steps, guidance=args.guidance,
+                            base=base, call={k: v for k, v in sizes.items() if v is not None}, progress=print)
+    result = calibrator.calibrate(speedup=args.speedup, target_psnr=args.psnr, wall_clock=not args.compute)
+    about = {"model": args.model or "embedded", **result.about}
+    if held_out:
+        about["held_out"] = {"prompts": held_out, "reached": calibrator.check(result.config, held_out)}
+    result.config.save(output, about=about)
+    reached = about["reached"]
+    print(f"codebook {result.config.codebook}")
+    print(f"calibration prompts: {reached['computed_steps']:.1f}/{args.steps} steps computed, speed-up "
+          f"{reached['compute_speedup']:.2f}x compute, {reached['wall_speedup']:.2f}x wall clock, PSNR {reached['psnr']:.1f} dB")
+    if held_out:
+        held = about["held_out"]["reached"]
+        print(f"{len(held_out)} held-out prompts: {held['computed_steps']:.1f}/{args.steps} steps computed, speed-up "
+              f"{held['compute_speedup']:.2f}x compute, {held['wall_speedup']:.2f}x wall clock, PSNR {held['psnr']:.1f} dB")
+    print(f"wrote {output}; use it with --cache {output} or AdaCacheConfig.load({json.dumps(str(output))})")
+    return 0
+
+
+def _to_device(pipe) -> None:
+    """CUDA when there is one (under torchrun, this process's GPU); else CPU as loaded."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        pipe.to(f"cuda:{local}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adacache", description="Adaptive Caching (AdaCache) with Motion Regularization for video DiTs."
@@ -179,6 +303,52 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-progress", action="store_true", help="hide progress bars")
     gen.set_defaults(run=_generate)
 
+    be = commands.add_parser("bench", help="AdaCache and its peers side by side: speed-up, FLOPs, memory, quality")
+    be.add_argument("--model", default=None, help="diffusers pipeline id or local folder (default: the embedded model)")
+    be.add_argument("--prompts", default=None, help="prompt file, one per line (default on the embedded model: its "
+                                                    "36-prompt set)")
+    be.add_argument("--num-prompts", type=int, default=None, help="use N prompts spread over the set")
+    be.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
+    be.add_argument("--methods", default=None,
+                    help="comma-separated: none, auto[+moreg], presets[+moreg], config .json files, static:<k>, "
+                         "fbc[:thr], pab[:range], magcache[:thr], taylorseer[:interval], fastercache[:range] "
+                         "(default: all of them at a few settings)")
+    be.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
+    be.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4.0)")
+    be.add_argument("--repeats", type=int, default=1, help="timed generations per video and method (median)")
+    be.add_argument("--warmup", type=int, default=1, help="untimed generations per method first (default 1)")
+    be.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting pass")
+    be.add_argument("--height", type=int, default=None, help="frame height, for --model pipelines")
+    be.add_argument("--width", type=int, default=None, help="frame width, for --model pipelines")
+    be.add_argument("--num-frames", type=int, default=None, help="number of frames, for --model pipelines")
+    be.add_argument("-o", "--out", default="bench", help="output folder; a run there resumes (default bench)")
+    be.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    be.set_defaults(run=_bench)
+
+    ca = commands.add_parser("calibrate", help="derive a codebook for this model and step count from a few prompts")
+    ca.add_argument("-o", "--output", required=True, help="the config file to write (.json)")
+    target = ca.add_mutually_exclusive_group()
+    target.add_argument("--speedup", type=float, default=None, help="target mean speed-up, e.g. 2.0")
+    target.add_argument("--psnr", type=float, default=None, help="or: the fastest codebook keeping this mean PSNR (dB)")
+    ca.add_argument("--compute", action="store_true",
+                    help="read --speedup as compute (steps / computed steps) instead of wall clock")
+    ca.add_argument("--model", default=None, help="diffusers pipeline id or local folder (default: the embedded model)")
+    ca.add_argument("--prompts", default=None, help="calibration prompt file (default on the embedded model: its set)")
+    ca.add_argument("--num-prompts", type=int, default=6, help="use N prompts spread over the set (default 6)")
+    ca.add_argument("--check", type=int, default=0, metavar="N",
+                    help="embedded model: then measure the codebook on N prompts it was not calibrated on")
+    ca.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    ca.add_argument("--steps", type=int, default=30, help="denoising steps: codebooks are step-count specific")
+    ca.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4.0)")
+    ca.add_argument("--base", default=None,
+                    help="preset or config file whose other settings (probe, MoReg window) the result keeps "
+                         "(default: AdaCacheConfig's defaults)")
+    ca.add_argument("--moreg", action="store_true", help="calibrate with motion regularization on")
+    ca.add_argument("--height", type=int, default=None, help="frame height, for --model pipelines")
+    ca.add_argument("--width", type=int, default=None, help="frame width, for --model pipelines")
+    ca.add_argument("--num-frames", type=int, default=None, help="number of frames, for --model pipelines")
+    ca.set_defaults(run=_calibrate)
+
     tr = commands.add_parser("train", help="train (or resume) the embedded model on the procedural domain")
     tr.add_argument("--out", default="runs/embedded", help="run folder: checkpoint.pt and log.jsonl (default runs/embedded)")
     tr.add_argument("--size", default="small", help="model size: small (shipped) or tiny (smoke test)")
@@ -200,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # reports quote the command that made them
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if getattr(args, "steps", 1) < 1:
         parser.error(f"--steps must be a positive integer, got {args.steps}")

@@ -156,19 +156,21 @@ class AdaCacheConfig:
             raise ConfigError(f"{path} is not valid JSON: {error}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a JSON object of AdaCacheConfig fields")
-        data.pop("_comment", None)
-        return cls.from_dict(data)
+        # keys starting with "_" describe the file (a comment, how a codebook was calibrated), not the config
+        return cls.from_dict({k: v for k, v in data.items() if not k.startswith("_")})
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["codebook"] = {repr(float(k)): int(v) for k, v in self.codebook.items()}
         return data
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write as JSON, atomically (a crash leaves the old file or the new one, never half of one)."""
+    def save(self, path: str | os.PathLike, about: Mapping[str, Any] | None = None) -> None:
+        """Write as JSON, atomically (a crash leaves the old file or the new one, never half of one). `about`
+        is stored under "_about" (how the config was made); `load` skips keys that start with "_"."""
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        data = {**({"_about": dict(about)} if about else {}), **self.to_dict()}
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
         os.replace(tmp, path)
 
     def resolve_moreg_window(self, num_steps: int) -> tuple[int, int]:

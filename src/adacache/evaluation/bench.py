@@ -1,0 +1,381 @@
+"""`adacache bench`: a prompt set x seeds, every method on the same model, steps and seeds, in one process.
+
+For each video (prompt, seed) the methods run one after the other (baseline first), so a machine that slows down
+or speeds up mid-run hits all of them alike. Per video and method it records the denoising loop's wall time
+(median of `repeats`, after one warm-up generation per method), the transformer FLOPs (a separate counted pass),
+the cache's memory, PSNR/SSIM (and LPIPS when available) against the baseline video of the same seed, and on the
+embedded model the verifier's reading. Records are appended to `records.rank<R>.jsonl` as they finish, and the
+baseline videos are kept in `videos/`, so an interrupted run resumes where it stopped. Under torchrun the videos
+shard over the processes; rank 0 merges every rank's records into the report (`report.json`, `report.md`,
+`pareto.png`, `motion.png`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import statistics
+import tempfile
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..hooks import _models_of, get_stats
+from .methods import Method, parse_methods
+from .metrics import LPIPS, TransformerMeter, frame_motion, held_tensor_bytes, psnr, ssim
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BenchSettings:
+    """What a run measures; saved as run.json, and a resumed run must match it."""
+
+    model: str  # "embedded" or the diffusers pipeline id / folder
+    prompts: list[str]
+    methods: list[str]
+    seeds: list[int] = field(default_factory=lambda: [0])
+    steps: int = 30
+    guidance: float = 4.0
+    repeats: int = 1  # timed generations per video and method; the median counts
+    warmup: int = 1  # untimed generations per method at the start of each process
+    flops: bool = True  # count the transformer FLOPs in an extra pass per video and method
+    call: dict[str, Any] = field(default_factory=dict)  # extra pipeline arguments (height, width, num_frames)
+
+    def __post_init__(self) -> None:
+        if not self.prompts or any(not isinstance(p, str) or not p.strip() for p in self.prompts):
+            raise ValueError("the prompt set is empty or holds an empty prompt; give one prompt per line")
+        if not self.seeds or any(not isinstance(s, int) or s < 0 for s in self.seeds):
+            raise ValueError(f"seeds must be non-negative integers, got {self.seeds}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds are listed twice: {self.seeds}")
+        if self.steps < 1 or self.repeats < 1 or self.warmup < 0:
+            raise ValueError("steps and repeats must be positive, warmup zero or more")
+
+    def videos(self) -> list[tuple[str, int, str, int]]:
+        """(video id, prompt index, prompt, seed) for every prompt x seed."""
+        return [(f"p{i:03d}-s{seed}", i, p, seed) for i, p in enumerate(self.prompts) for seed in self.seeds]
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """One prompt per line; blank lines and lines starting with # are skipped."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read the prompt file {str(path)!r}: {error}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"the prompt file {str(path)!r} holds no prompts; write one prompt per line")
+    return prompts
+
+
+def prepare_folder(out: str | os.PathLike) -> Path:
+    """Create the output folder and check it can be written, before any work."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".adacache-write-test-"):
+            pass
+    except OSError as error:
+        raise ValueError(f"cannot write to the output folder {str(out)!r}: {error.strerror or error}") from None
+    return out
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class Bench:
+    """Runs a `BenchSettings` on a pipeline into a folder; `run()` returns this process's records."""
+
+    def __init__(self, pipe: Any, settings: BenchSettings, out: str | os.PathLike, *, tuned: str | None = None,
+                 rank: int = 0, world: int = 1, progress: bool = True) -> None:
+        self.pipe, self.settings, self.rank, self.world, self.progress = pipe, settings, rank, world, progress
+        self.methods: list[Method] = parse_methods(settings.methods, tuned)
+        videos = settings.videos()
+        if world > len(videos):
+            raise ValueError(
+                f"{world} processes for {len(videos)} videos (prompts x seeds): use at most {len(videos)} processes"
+            )
+        self.videos = videos[rank::world]
+        self.out = prepare_folder(out)
+        (self.out / "videos").mkdir(exist_ok=True)
+        self.embedded = type(pipe).__name__ == "EmbeddedVideoPipeline"
+        self.lpips: LPIPS | None = None
+
+    # -- the run --
+    def check_settings(self) -> None:
+        """Save run.json, or check that the folder's run has the same settings (then it resumes)."""
+        path = self.out / "run.json"
+        mine = dataclasses.asdict(self.settings)
+        if path.is_file():
+            theirs = json.loads(path.read_text())
+            if theirs != json.loads(json.dumps(mine)):
+                changed = sorted(k for k in mine if json.loads(json.dumps(mine[k])) != theirs.get(k))
+                raise ValueError(
+                    f"{self.out} holds a run with other settings ({', '.join(changed)} differ); resume it with the "
+                    "same settings, or pass another --out folder"
+                )
+        elif self.rank == 0:
+            write_atomic(path, json.dumps(mine, indent=2) + "\n")
+
+    def run(self) -> list[dict[str, Any]]:
+        from tqdm.auto import tqdm
+
+        done = {(r["video"], r["method"]) for r in load_records(self.out)}
+        todo = [(v, m) for v in self.videos for m in self.methods if (v[0], m.name) not in done]
+        if not todo:
+            logger.info("every video and method of this shard is already measured")
+            return [r for r in load_records(self.out) if r["video"] in {v[0] for v in self.videos}]
+        self.lpips = LPIPS()
+        if not self.lpips.available:
+            logger.warning("LPIPS not computed: %s", self.lpips.reason)
+        self.pipe.set_progress_bar_config(disable=True)
+        records_path = self.out / f"records.rank{self.rank}.jsonl"
+        _drop_unfinished_line(records_path)
+        bar = tqdm(total=len(todo), desc=f"bench (rank {self.rank})" if self.world > 1 else "bench",
+                   disable=not self.progress)
+        with TransformerMeter(_models_of(self.pipe)) as meter, records_path.open("a") as sink:
+            self.meter = meter
+            self._warm_up(todo)
+            for video in self.videos:
+                pending = [m for m in self.methods if (video[0], m.name) not in done]
+                if not pending:
+                    continue
+                reference = self._reference(video, sink)
+                for method in pending:
+                    if method.kind != "none":  # the baseline's record is written by _reference
+                        bar.set_postfix_str(f"{video[0]} {method.name}")
+                        _append(sink, self._measure(video, method, reference))
+                    bar.update(1)
+        bar.close()
+        return [r for r in load_records(self.out) if r["video"] in {v[0] for v in self.videos}]
+
+    def _generate(self, prompt: str, seed: int) -> np.ndarray:
+        output = self.pipe(prompt, num_inference_steps=self.settings.steps, guidance_scale=self.settings.guidance,
+                           generator=torch.Generator().manual_seed(seed), **self.settings.call)
+        frames = output.frames if hasattr(output, "frames") else output[0]
+        video = frames[0]
+        video = video.detach().float().cpu().numpy() if isinstance(video, torch.Tensor) else np.asarray(video, np.float32)
+        if video.ndim == 4 and video.shape[-1] != 3 and video.shape[1] == 3:
+            video = video.transpose(0, 2, 3, 1)  # (T, 3, H, W) -> (T, H, W, 3)
+        if video.dtype == np.uint8:
+            video = video / 255.0
+        return video.astype(np.float16)  # what is stored and compared: both sides alike
+
+    def _warm_up(self, todo: list) -> None:
+        if not self.settings.warmup:
+            return
+        _, _, prompt, seed = todo[0][0]
+        for method in self.methods:
+            if method.unsupported(self.pipe):
+                continue
+            try:
+                self._with(method, lambda: [self._generate(prompt, seed) for _ in range(self.settings.warmup)])
+            except Exception:  # noqa: BLE001 - reported when the method is measured
+                pass
+
+    def _with(self, method: Method, work):
+        method.apply(self.pipe, self.settings.steps, run=lambda: self._generate(*self._first_video()))
+        try:
+            return work()
+        finally:
+            method.remove(self.pipe)
+
+    def _first_video(self) -> tuple[str, int]:
+        return self.videos[0][2], self.videos[0][3]
+
+    def _timed(self, prompt: str, seed: int) -> tuple[np.ndarray, list[float], list[Any]]:
+        """Generate `repeats` times; the frames of the first, every wall time, the AdaCache stats of the first."""
+        seconds, video, stats = [], None, []
+        for i in range(self.settings.repeats):
+            self.meter.reset()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            frames = self._generate(prompt, seed)
+            seconds.append(self.meter.seconds)
+            if video is None:
+                video = frames
+                stats = _adacache_stats(self.pipe)
+        return video, seconds, stats
+
+    def _flops(self, prompt: str, seed: int) -> int | None:
+        if not self.settings.flops:
+            return None
+        self.meter.reset(count_flops=True)
+        self._generate(prompt, seed)
+        flops = self.meter.flops
+        self.meter.reset()
+        return flops
+
+    def _reference(self, video: tuple, sink) -> dict[str, Any]:
+        """The baseline's frames and record for `video`: loaded if measured before, else measured now."""
+        vid, index, prompt, seed = video
+        path = self.out / "videos" / f"{vid}.npy"
+        previous = [r for r in load_records(self.out) if r["video"] == vid and r["method"] == "none"]
+        if previous and path.is_file():
+            return {"frames": np.load(path), "record": previous[-1]}
+        frames, seconds, _ = self._timed(prompt, seed)
+        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+        flops = self._flops(prompt, seed)
+        tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npy")
+        np.save(tmp, frames)
+        os.replace(tmp, path)
+        record = self._record(video, self.methods[0], frames, seconds, flops, [], peak, None, reference=None)
+        _append(sink, record)
+        return {"frames": frames, "record": record}
+
+    def _measure(self, video: tuple, method: Method, reference: dict[str, Any]) -> dict[str, Any]:
+        vid, index, prompt, seed = video
+        base = {"video": vid, "prompt_index": index, "prompt": prompt, "seed": seed, "method": method.name,
+                "family": method.family}
+        reason = method.unsupported(self.pipe)
+        if reason:
+            return {**base, "status": "skipped", "reason": reason}
+        try:
+            frames, seconds, stats = self._with(method, lambda: self._timed(prompt, seed))
+            peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+            cache_bytes = self._cache_bytes(method, stats)
+            flops = self._with(method, lambda: self._flops(prompt, seed))
+        except Exception as error:  # noqa: BLE001 - one method's failure must not end the whole run
+            logger.warning("%s failed on %s: %s", method.name, vid, error)
+            return {**base, "status": "failed", "reason": f"{type(error).__name__}: {error}",
+                    "traceback": traceback.format_exc(limit=6)}
+        return self._record(video, method, frames, seconds, flops, stats, peak, cache_bytes, reference)
+
+    def _cache_bytes(self, method: Method, stats: list[dict]) -> int | None:
+        if method.kind == "adacache":
+            return sum(s["cache_bytes"] for s in stats)
+        if method.kind == "diffusers":
+            return sum(held_tensor_bytes(m) for m in _models_of(self.pipe))
+        return None
+
+    def _record(self, video, method, frames, seconds, flops, stats, peak, cache_bytes, reference) -> dict[str, Any]:
+        vid, index, prompt, seed = video
+        record: dict[str, Any] = {
+            "video": vid, "prompt_index": index, "prompt": prompt, "seed": seed, "method": method.name,
+            "family": method.family, "status": "ok",
+            "seconds": statistics.median(seconds), "seconds_all": seconds, "flops": flops,
+            "peak_memory_bytes": peak, "cache_bytes": cache_bytes, "motion": frame_motion(frames),
+        }
+        if stats:
+            record["computed_steps"] = max(len(s["computed_steps"]) for s in stats)
+            record["steps"] = max(s["steps_seen"] for s in stats)
+            record["adacache"] = [{k: s[k] for k in ("branch", "model", "computed_steps", "rates", "distances", "motion")}
+                                  for s in stats]
+        if reference is not None:
+            ref = reference["record"]
+            a, b = reference["frames"].astype(np.float32), frames.astype(np.float32)
+            quality = psnr(a, b)
+            record.update(
+                psnr=quality if math.isfinite(quality) else None, identical=not math.isfinite(quality), ssim=ssim(a, b), lpips=self.lpips(a, b) if self.lpips else None,
+                speedup=ref["seconds"] / record["seconds"] if record["seconds"] > 0 else None,
+                flops_fraction=flops / ref["flops"] if flops is not None and ref.get("flops") else None,
+            )
+        if self.embedded:
+            record["verifier"] = _verify(frames, prompt)
+        return record
+
+
+def _drop_unfinished_line(path: Path) -> None:
+    """A crash mid-write leaves a last line without its newline: cut it, so the next record starts clean."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        logger.warning("dropping an unfinished record at the end of %s", path)
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def _append(sink, record: dict[str, Any]) -> None:
+    sink.write(json.dumps(record) + "\n")
+    sink.flush()
+    os.fsync(sink.fileno())
+
+
+def _adacache_stats(pipe: Any) -> list[dict[str, Any]]:
+    try:
+        stats = get_stats(pipe)
+    except (TypeError, RuntimeError, ValueError):  # not an AdaCache run
+        return []
+    return [s.to_dict() for s in stats]
+
+
+def _verify(frames: np.ndarray, prompt: str) -> dict[str, Any]:
+    from ..embedded.domain import parse_caption
+    from ..embedded.verifier import verify
+
+    report = verify(torch.from_numpy(frames.astype(np.float32)).permute(0, 3, 1, 2))
+    try:
+        agree = report.agrees_with(prompt)
+        speed_class = parse_caption(prompt)["speed"]
+    except ValueError:  # a prompt outside the domain: what was seen, without agreement
+        agree, speed_class = {}, None
+    vx, vy = report.velocity
+    return {**{k: bool(v) for k, v in agree.items()}, "consistency": report.consistency,
+            "speed_px": float((vx**2 + vy**2) ** 0.5), "speed_class": speed_class}
+
+
+def load_records(out: Path) -> list[dict[str, Any]]:
+    """Every finished record of every rank in `out`; a line cut short by a crash is ignored."""
+    records = []
+    for path in sorted(Path(out).glob("records.rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                logger.warning("ignoring an unfinished line in %s", path)
+    return records
+
+
+def run_bench(pipe: Any, settings: BenchSettings, out: str | os.PathLike, *, tuned: str | None = None,
+              progress: bool = True, command: str | None = None) -> dict[str, Any] | None:
+    """Run (or resume) a bench into `out` and write its report. Under torchrun (WORLD_SIZE > 1) each process takes
+    every WORLD_SIZE-th video; rank 0 waits for all, merges their records and writes the report (the others
+    return None)."""
+    from .report import write_report
+
+    rank, world = _distributed()
+    bench = Bench(pipe, settings, out, tuned=tuned, rank=rank, world=world, progress=progress)
+    if rank == 0:
+        bench.check_settings()
+    _barrier(world)
+    if rank != 0:
+        bench.check_settings()
+    bench.run()
+    _barrier(world)
+    if rank != 0:
+        return None
+    return write_report(settings, load_records(bench.out), bench.out, command)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment, joining the process group (gloo) on first use."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        import datetime
+
+        # gloo works on CPU and GPU for the few barriers needed; shards may finish hours apart
+        dist.init_process_group(backend="gloo", timeout=datetime.timedelta(hours=48))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()

@@ -1,0 +1,262 @@
+"""From a bench's records to its report: `report.json` (settings, environment, per-video records, per-method
+aggregates), `report.md` (a table shaped like the paper's Table 1) and two plots: quality against speed-up for
+every method (`pareto.png`) and computed steps per video against the video's measured motion (`motion.png`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+from pathlib import Path
+from typing import Any
+
+from .bench import BenchSettings, write_atomic
+
+PSNR_CAP = 100.0  # identical videos (infinite PSNR) count as this in means
+
+
+def environment() -> dict[str, Any]:
+    import diffusers
+    import numpy
+    import torch
+
+    from .. import __version__
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else (platform.processor() or platform.machine())
+    return {
+        "adacache": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "numpy": numpy.__version__, "python": platform.python_version(), "platform": platform.platform(),
+        "device": "cuda: " + device if torch.cuda.is_available() else "cpu: " + device,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(records: list[dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:
+    """Per method, in the given order: mean and spread of every measure over its videos."""
+    rows = []
+    for name in methods:
+        mine = [r for r in records if r["method"] == name]
+        ok = [r for r in mine if r.get("status") == "ok"]
+        row: dict[str, Any] = {"method": name, "family": mine[0]["family"] if mine else None,
+                               "videos": len(ok), "skipped": len(mine) - len(ok)}
+        if len(ok) < len(mine):
+            row["reasons"] = sorted({r.get("reason", "") for r in mine if r.get("status") != "ok"})
+        for key in ("speedup", "flops_fraction", "seconds", "ssim", "lpips", "computed_steps", "cache_bytes",
+                    "peak_memory_bytes"):
+            row[key], row[key + "_std"] = _mean_std([r.get(key) for r in ok])
+        row["psnr"], row["psnr_std"] = _mean_std([min(r["psnr"], PSNR_CAP) if r.get("psnr") is not None
+                                                  else (PSNR_CAP if r.get("identical") else None) for r in ok])
+        verified = [r["verifier"] for r in ok if r.get("verifier") and "colour" in r["verifier"]]
+        if verified:
+            moving = [v for v in verified if v["speed_class"] != "still"]
+            row["verifier"] = {
+                "colour": _share(v["colour"] for v in verified), "shape": _share(v["shape"] for v in verified),
+                "direction": _share(v["direction"] for v in moving), "speed": _share(v["speed"] for v in verified),
+                "consistency": statistics.fmean(v["consistency"] for v in verified),
+            }
+            by_speed = {}
+            for speed in ("still", "slow", "fast"):
+                steps = [r["computed_steps"] for r in ok if r.get("computed_steps") is not None
+                         and r["verifier"].get("speed_class") == speed]
+                if steps:
+                    by_speed[speed] = statistics.fmean(steps)
+            if by_speed:
+                row["computed_steps_by_speed"] = by_speed
+        rows.append(row)
+    _matched(rows)
+    return rows
+
+
+def _share(flags) -> float | None:
+    flags = list(flags)
+    return sum(flags) / len(flags) if flags else None
+
+
+def _matched(rows: list[dict[str, Any]]) -> None:
+    """For every method outside AdaCache: AdaCache's PSNR at the same speed-up, read off the upper frontier of the
+    AdaCache points (linear between them; None outside their range)."""
+    points = sorted((r["speedup"], r["psnr"]) for r in rows
+                    if r["family"] and r["family"].startswith("AdaCache") and r["speedup"] and r["psnr"] is not None)
+    frontier: list[tuple[float, float]] = []
+    for s, p in sorted(points, key=lambda sp: -sp[0]):  # from the fastest down, keep what a slower point improves
+        if not frontier or p > frontier[-1][1]:
+            frontier.append((s, p))
+    frontier.reverse()
+    for row in rows:
+        if row["family"] in (None, "baseline") or row["family"].startswith("AdaCache") or not row["speedup"]:
+            continue
+        row["adacache_psnr_at_speedup"] = _interpolate(frontier, row["speedup"])
+
+
+def _interpolate(frontier: list[tuple[float, float]], speedup: float) -> float | None:
+    if not frontier or not frontier[0][0] * 0.98 <= speedup <= frontier[-1][0] * 1.02:
+        return None
+    if speedup <= frontier[0][0]:
+        return frontier[0][1]
+    for (s0, p0), (s1, p1) in zip(frontier, frontier[1:]):
+        if s0 <= speedup <= s1:
+            return p0 + (p1 - p0) * (speedup - s0) / (s1 - s0) if s1 > s0 else max(p0, p1)
+    return frontier[-1][1]
+
+
+def build_report(settings: BenchSettings, records: list[dict[str, Any]], command: str | None = None) -> dict[str, Any]:
+    import dataclasses
+
+    records = sorted(records, key=lambda r: (r["video"], settings.methods.index(r["method"])
+                                             if r["method"] in settings.methods else -1))
+    names = ["none", *[m for m in settings.methods if m != "none"]]
+    return {"settings": dataclasses.asdict(settings), "command": command, "environment": environment(),
+            "methods": aggregate(records, names), "records": records}
+
+
+def _fmt(value: Any, spec: str, std: Any = None) -> str:
+    if value is None:
+        return "–"
+    text = format(value, spec)
+    return text + (f" ± {format(std, spec)}" if std else "")
+
+
+def markdown(report: dict[str, Any]) -> str:
+    s = report["settings"]
+    env = report["environment"]
+    lines = [
+        f"# adacache bench: {s['model']}",
+        "",
+        f"{len(s['prompts'])} prompts x {len(s['seeds'])} seeds, {s['steps']} steps, guidance {s['guidance']}, "
+        f"timing: median of {s['repeats']} after {s['warmup']} warm-up; {env['device']}, {env['threads']} threads, "
+        f"torch {env['torch']}, diffusers {env['diffusers']}, adacache {env['adacache']}.",
+        "Speed-up: the denoising loop's wall time against the baseline's on the same video (mean ± spread over "
+        "videos). FLOPs: the transformer's, counted by torch's FLOP counter, as a fraction of the baseline's. "
+        "PSNR/SSIM/LPIPS: against the uncached video of the same seed.",
+        "",
+    ]
+    if report.get("command"):
+        lines += [f"Command: `{report['command']}`", ""]
+    has_verifier = any("verifier" in m for m in report["methods"])
+    has_lpips = any(m.get("lpips") is not None for m in report["methods"])
+    head = ["Method", "Family"]
+    if has_verifier:
+        head += ["Colour", "Shape", "Direction", "Speed", "Consistency"]
+    head += ["PSNR ↑", "SSIM ↑"] + (["LPIPS ↓"] if has_lpips else []) + [
+        "FLOPs", "Latency (s)", "Speed-up ↑", "Computed steps", "Cache (MiB)", "AdaCache PSNR at same speed-up"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in report["methods"]:
+        if not m["videos"]:
+            lines.append(f"| {m['method']} | {m['family']} | not run: {'; '.join(m.get('reasons', []))} |")
+            continue
+        cells = [m["method"], m["family"]]
+        if has_verifier:
+            v = m.get("verifier", {})
+            cells += [_fmt(v.get(k) and 100 * v[k], ".0f") + ("%" if v.get(k) is not None else "")
+                      for k in ("colour", "shape", "direction", "speed")] + [_fmt(v.get("consistency"), ".3f")]
+        psnr = "identical" if m["psnr"] == PSNR_CAP else _fmt(m["psnr"], ".1f", m["psnr_std"])
+        cells += [psnr if m["family"] != "baseline" else "–", _fmt(m["ssim"], ".3f")]
+        if has_lpips:
+            cells.append(_fmt(m["lpips"], ".3f"))
+        cache = m["cache_bytes"] / 2**20 if m["cache_bytes"] is not None else None
+        matched = m.get("adacache_psnr_at_speedup")
+        cells += [_fmt(m["flops_fraction"], ".2f") if m["family"] != "baseline" else ("1.00" if m["seconds"] and
+                  report["settings"]["flops"] else "–"),
+                  _fmt(m["seconds"], ".3f"),
+                  _fmt(m["speedup"], ".2f", m["speedup_std"]) + "x" if m["family"] != "baseline" else "1.00x",
+                  _fmt(m["computed_steps"], ".1f"), _fmt(cache, ".2f"),
+                  ("–" if "adacache_psnr_at_speedup" not in m else
+                   "outside AdaCache's range" if matched is None else
+                   f"{matched:.1f} ({'AdaCache better' if matched > (m['psnr'] or 0) else 'peer better'})")]
+        lines.append("| " + " | ".join(cells) + " |")
+    steps = [m for m in report["methods"] if m.get("computed_steps_by_speed")]
+    if steps:
+        lines += ["", "Computed steps by the prompt's speed class (mean per video):", "",
+                  "| Method | still | slow | fast |", "|---|---|---|---|"]
+        for m in steps:
+            by = m["computed_steps_by_speed"]
+            lines.append(f"| {m['method']} | " + " | ".join(_fmt(by.get(k), ".1f") for k in ("still", "slow", "fast")) + " |")
+    skipped = [m for m in report["methods"] if m.get("reasons")]
+    if skipped:
+        lines += ["", "Skipped or failed:", ""] + [f"- {m['method']}: {'; '.join(m['reasons'])}" for m in skipped]
+    return "\n".join(lines) + "\n"
+
+
+def plots(report: dict[str, Any], folder: Path) -> list[Path]:
+    """pareto.png and motion.png; matplotlib's Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    rows = [m for m in report["methods"] if m["videos"] and m["family"] != "baseline" and m["speedup"]]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    families = list(dict.fromkeys(m["family"] for m in rows))
+    for i, family in enumerate(families):
+        mine = sorted((m for m in rows if m["family"] == family), key=lambda m: m["speedup"])
+        xs, ys = [m["speedup"] for m in mine], [m["psnr"] for m in mine]
+        style = "-o" if family.startswith("AdaCache") else "--s" if family == "static reuse" else ":^"
+        ax.errorbar(xs, ys, xerr=[m["speedup_std"] for m in mine], yerr=[m["psnr_std"] for m in mine], fmt=style,
+                    capsize=2, label=family, color=f"C{i}")
+        for m in mine:
+            ax.annotate(m["method"], (m["speedup"], m["psnr"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("speed-up of the denoising loop (wall clock, x)")
+    ax.set_ylabel("PSNR against the uncached video (dB)")
+    s = report["settings"]
+    ax.set_title(f"{s['model']}: {len(s['prompts'])} prompts x {len(s['seeds'])} seeds, {s['steps']} steps")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    written.append(_save(fig, folder / "pareto.png"))
+    plt.close(fig)
+
+    records = [r for r in report["records"] if r.get("status") == "ok"]
+    baseline = {r["video"]: r for r in records if r["method"] == "none"}
+    adaptive = [m["method"] for m in rows if m["family"].startswith("AdaCache")]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for i, name in enumerate(adaptive):
+        pts = [(_motion_of(baseline[r["video"]]), r["computed_steps"]) for r in records
+               if r["method"] == name and r["video"] in baseline and r.get("computed_steps") is not None]
+        if pts:
+            ax.scatter(*zip(*pts), label=name, s=14, alpha=0.7, color=f"C{i}")
+    embedded = any("verifier" in r for r in records)
+    ax.set_xlabel("measured motion of the uncached video (" + ("object speed, px/frame" if embedded
+                                                                else "mean |frame difference|") + ")")
+    ax.set_ylabel(f"computed steps (of {s['steps']})")
+    ax.set_title("Not all videos are created equal: computed steps per video")
+    ax.grid(alpha=0.3)
+    if adaptive:
+        ax.legend(fontsize=8)
+    written.append(_save(fig, folder / "motion.png"))
+    plt.close(fig)
+    return written
+
+
+def _motion_of(record: dict[str, Any]) -> float:
+    verifier = record.get("verifier")
+    return verifier["speed_px"] if verifier and "speed_px" in verifier else record["motion"]
+
+
+def _save(fig, path: Path) -> Path:
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    tmp.replace(path)
+    return path
+
+
+def write_report(settings: BenchSettings, records: list[dict[str, Any]], folder: Path,
+                 command: str | None = None) -> dict[str, Any]:
+    report = build_report(settings, records, command)
+    write_atomic(folder / "report.json", json.dumps(report, indent=1, allow_nan=False, default=_json_default) + "\n")
+    write_atomic(folder / "report.md", markdown(report))
+    plots(report, folder)
+    return report
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
