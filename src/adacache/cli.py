@@ -17,11 +17,9 @@ if TYPE_CHECKING:
 
 def _cache_config(args: argparse.Namespace) -> AdaCacheConfig:
     cache = args.cache
-    if cache == "auto":  # the embedded model's own codebook, tuned on its distance curve; else the 30-step fast preset
-        from .embedded.pipeline import WEIGHTS_DIR
-
-        tuned = WEIGHTS_DIR / "adacache.json"
-        cache = str(tuned) if getattr(args, "model", None) is None and tuned.is_file() else "opensora-30-fast"
+    if cache == "auto":  # the embedded model's own calibrated codebook for this step count; else the 30-step preset
+        tuned = _tuned(args.steps) if getattr(args, "model", None) is None else None
+        cache = tuned or "opensora-30-fast"
     config = AdaCacheConfig.load(cache)
     if args.moreg:
         config = dataclasses.replace(config, moreg=True)
@@ -171,11 +169,11 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
-def _tuned() -> str | None:
-    from .embedded.pipeline import WEIGHTS_DIR
+def _tuned(steps: int) -> str | None:
+    from .embedded.pipeline import tuned_config
 
-    tuned = WEIGHTS_DIR / "adacache.json"
-    return str(tuned) if tuned.is_file() else None
+    tuned = tuned_config(steps)
+    return str(tuned) if tuned is not None else None
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -186,7 +184,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     prompts = _prompts(args)
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else default_methods(args.steps)
-    tuned = _tuned() if args.model is None else None
+    tuned = _tuned(args.steps) if args.model is None else None
     parse_methods(methods, tuned)  # every name checked before the model loads
     sizes = {"height": args.height, "width": args.width, "num_frames": args.num_frames}
     settings = BenchSettings(
@@ -289,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default=None, help="diffusers pipeline id or local folder (default: the embedded model)")
     gen.add_argument("--cache", default="auto",
                      help=f"none, auto, a preset ({', '.join(sorted(PRESETS))}) or a JSON config file (default auto: "
-                          "the embedded model's tuned codebook, or opensora-30-fast for --model pipelines)")
+                          "the embedded model's calibrated codebook for the step count, or opensora-30-fast for --model "
+                          "pipelines)")
     gen.add_argument("--moreg", action="store_true", help="enable motion regularization")
     gen.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
     gen.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4.0)")

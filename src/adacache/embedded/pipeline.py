@@ -24,6 +24,16 @@ logger = logging.getLogger(__name__)
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 
+def tuned_config(steps: int = 30) -> Path | None:
+    """The embedded model's own AdaCache config (calibrated by `adacache calibrate`) for a step count:
+    weights/adacache-<steps>.json if there is one, else weights/adacache.json (calibrated at 30 steps); None
+    when neither ships."""
+    for name in (f"adacache-{steps}.json", "adacache.json"):
+        if (WEIGHTS_DIR / name).is_file():
+            return WEIGHTS_DIR / name
+    return None
+
+
 @dataclass
 class EmbeddedVideoOutput(BaseOutput):
     frames: torch.Tensor  # (B, T, 3, H, W) in [0, 1]
@@ -49,6 +59,12 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
                 f"no embedded weights in {WEIGHTS_DIR}; train them with `adacache train` (see README)"
             )
         return cls.from_pretrained(WEIGHTS_DIR, local_files_only=True, **kwargs)
+
+    @property
+    def current_timestep(self):
+        """The timestep being denoised (None outside a call), as diffusers' video pipelines expose it for the
+        caches that read it (PyramidAttentionBroadcast, FasterCache)."""
+        return getattr(self, "_current_timestep", None)
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         for prompt in prompts:
@@ -94,6 +110,7 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         for i, t in enumerate(self.progress_bar(timesteps)):
+            self._current_timestep = t
             model_input = torch.cat([latents, latents]) if use_cfg else latents
             # one batched call per step; the context tells cache hooks (AdaCache, diffusers' caches) where we are
             context = {"step_index": i, "num_inference_steps": len(timesteps), "sigma": float(self.scheduler.sigmas[i])}
@@ -107,6 +124,7 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
                 velocity = uncond + guidance_scale * (cond - uncond)
             latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
 
+        self._current_timestep = None
         frames = ((latents.clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4)  # (B, T, 3, H, W) in [0, 1]
         if output_type == "np":
             frames = (frames.permute(0, 1, 3, 4, 2) * 255).round().to(torch.uint8).cpu().numpy()

@@ -24,9 +24,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-# Named sizes (DiT-style). "small" is the shipped model; "tiny" is for smoke tests.
+# Named sizes (DiT-style). "small" is the shipped model; "tiny" is for tests and smoke runs.
 MODEL_SIZES = {
-    "tiny": dict(layers=1, heads=2, head_dim=16, text_dim=16),
+    "tiny": dict(layers=2, heads=2, head_dim=16, text_dim=16),  # two blocks: a first-block cache needs a rest
     "small": dict(layers=6, heads=4, head_dim=32, text_dim=64),
 }
 # Transformer families the embedded model can be built from, both diffusers classes. "wan" (3D attention over all

@@ -194,19 +194,24 @@ class Bench:
     def _first_video(self) -> tuple[str, int]:
         return self.videos[0][2], self.videos[0][3]
 
-    def _timed(self, prompt: str, seed: int) -> tuple[np.ndarray, list[float], list[Any]]:
-        """Generate `repeats` times; the frames of the first, every wall time, the AdaCache stats of the first."""
-        seconds, video, stats = [], None, []
+    def _timed(self, method: Method, prompt: str, seed: int) -> tuple[np.ndarray, list[float], list[Any], int | None]:
+        """Generate `repeats` times, the method applied afresh each time (some caches keep state across
+        generations): the frames, AdaCache stats and cache memory of the first, every wall time."""
+        seconds, video, stats, cache_bytes = [], None, [], None
         for i in range(self.settings.repeats):
-            self.meter.reset()
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-            frames = self._generate(prompt, seed)
+
+            def generate() -> tuple[np.ndarray, list[Any], int | None]:
+                self.meter.reset()  # here, so that a method's own set-up run (MagCache's calibration) is not timed
+                if torch.cuda.is_available():
+                    torch.cuda.reset_peak_memory_stats()
+                frames = self._generate(prompt, seed)
+                return frames, _adacache_stats(self.pipe), self._cache_bytes(method)
+
+            frames, first_stats, held = self._with(method, generate)
             seconds.append(self.meter.seconds)
             if video is None:
-                video = frames
-                stats = _adacache_stats(self.pipe)
-        return video, seconds, stats
+                video, stats, cache_bytes = frames, first_stats, held
+        return video, seconds, stats, cache_bytes
 
     def _flops(self, prompt: str, seed: int) -> int | None:
         if not self.settings.flops:
@@ -224,7 +229,7 @@ class Bench:
         previous = [r for r in load_records(self.out) if r["video"] == vid and r["method"] == "none"]
         if previous and path.is_file():
             return {"frames": np.load(path), "record": previous[-1]}
-        frames, seconds, _ = self._timed(prompt, seed)
+        frames, seconds, _, _ = self._timed(self.methods[0], prompt, seed)
         peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
         flops = self._flops(prompt, seed)
         tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npy")
@@ -242,9 +247,8 @@ class Bench:
         if reason:
             return {**base, "status": "skipped", "reason": reason}
         try:
-            frames, seconds, stats = self._with(method, lambda: self._timed(prompt, seed))
+            frames, seconds, stats, cache_bytes = self._timed(method, prompt, seed)
             peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-            cache_bytes = self._cache_bytes(method, stats)
             flops = self._with(method, lambda: self._flops(prompt, seed))
         except Exception as error:  # noqa: BLE001 - one method's failure must not end the whole run
             logger.warning("%s failed on %s: %s", method.name, vid, error)
@@ -252,9 +256,10 @@ class Bench:
                     "traceback": traceback.format_exc(limit=6)}
         return self._record(video, method, frames, seconds, flops, stats, peak, cache_bytes, reference)
 
-    def _cache_bytes(self, method: Method, stats: list[dict]) -> int | None:
+    def _cache_bytes(self, method: Method) -> int | None:
+        """What the cache holds after a generation (AdaCache: its peak, from its stats)."""
         if method.kind == "adacache":
-            return sum(s["cache_bytes"] for s in stats)
+            return sum(s.cache_bytes for s in get_stats(self.pipe))
         if method.kind == "diffusers":
             return sum(held_tensor_bytes(m) for m in _models_of(self.pipe))
         return None

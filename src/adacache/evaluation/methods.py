@@ -94,6 +94,8 @@ class Method:
             for model in _models_of(pipe):
                 if getattr(model, "is_cache_enabled", False):
                     model.disable_cache()
+            for handle in self.state.pop("handles", []):
+                handle.remove()
 
 
 def parse_method(name: str, tuned: str | os.PathLike | None = None) -> Method:
@@ -150,8 +152,21 @@ def parse_methods(names: list[str], tuned: str | os.PathLike | None = None) -> l
 
 
 # --- diffusers' own caches ----------------------------------------------------------------------------------------
-def _timestep_reader(pipe: Any) -> Callable[[], int]:
-    """The current timestep for PAB and FasterCache: read from the transformer's last call."""
+# Pipelines known to run the unconditional and conditional branches in one batched call: FasterCache's
+# unconditional-branch skipping needs that (on split-CFG pipelines such as Wan it would compute every attention).
+BATCHED_CFG_PIPELINES = ("EmbeddedVideoPipeline", "LattePipeline", "CogVideoXPipeline", "AllegroPipeline",
+                         "MochiPipeline", "LTXPipeline")
+
+
+TAYLORSEER_MODULES = r"(blocks|transformer_blocks|single_transformer_blocks|temporal_transformer_blocks)\.\d+\.(attn\d*|ff|ffn)"
+
+
+def _timestep_callback(method: Method, pipe: Any) -> Callable[[], int]:
+    """The current timestep for PAB and FasterCache: the pipeline's own `current_timestep` (diffusers' convention),
+    else read off the transformer's last call by a pre-hook that `Method.remove` takes away again."""
+    if hasattr(type(pipe), "current_timestep"):
+        return lambda: int(torch.as_tensor(pipe.current_timestep if pipe.current_timestep is not None else 1000)
+                           .float().flatten()[0])
     seen = {"t": 1000}
 
     def remember(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -159,22 +174,153 @@ def _timestep_reader(pipe: Any) -> Callable[[], int]:
         if t is not None:
             seen["t"] = int(torch.as_tensor(t).float().flatten()[0])
 
+    handles = method.state.setdefault("handles", [])
     for model in _models_of(pipe):
-        if not getattr(model, "_adacache_bench_timestep_hook", False):
-            model.register_forward_pre_hook(remember, with_kwargs=True)
-            model._adacache_bench_timestep_hook = True
+        handles.append(model.register_forward_pre_hook(remember, with_kwargs=True))
     return lambda: seen["t"]
+
+
+def _fbc(method: Method, pipe: Any, model: torch.nn.Module, steps: int, run: Callable | None) -> Any:
+    from diffusers import FirstBlockCacheConfig
+
+    return FirstBlockCacheConfig(threshold=float(method.value))
+
+
+def _pab(method: Method, pipe: Any, model: torch.nn.Module, steps: int, run: Callable | None) -> Any:
+    from diffusers import PyramidAttentionBroadcastConfig
+
+    # self-attention broadcast in the timestep range of the PAB paper's defaults; cross-attention left computed
+    return PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=int(method.value), spatial_attention_timestep_skip_range=(100, 800),
+        temporal_attention_block_skip_range=int(method.value) if _has_temporal_blocks(model) else None,
+        temporal_attention_timestep_skip_range=(100, 800),
+        current_timestep_callback=_timestep_callback(method, pipe),
+    )
+
+
+def _magcache(method: Method, pipe: Any, model: torch.nn.Module, steps: int, run: Callable | None) -> Any:
+    """MagCache with magnitude ratios from diffusers' own calibration mode, run once per model and step count
+    (the ratios are kept in `method.state`, so a bench calibrates once)."""
+    from diffusers import MagCacheConfig
+
+    key = (id(model), steps)
+    ratios = method.state.setdefault("mag_ratios", {})
+    if key not in ratios:
+        if run is None:
+            raise ValueError("MagCache needs a calibration run (its magnitude ratios are model-dependent)")
+        ratios[key] = _magcache_calibration(pipe, model, steps, run)
+    return MagCacheConfig(threshold=float(method.value), num_inference_steps=steps, mag_ratios=list(ratios[key]))
+
+
+def _magcache_calibration(pipe: Any, model: torch.nn.Module, steps: int, run: Callable) -> list[float]:
+    """Run once with MagCacheConfig(calibrate=True) and keep the ratios diffusers' tail hook computes (it prints
+    them and forgets them at the last step; we record each as it is appended)."""
+    import contextlib
+    import io
+
+    from diffusers import MagCacheConfig
+    from diffusers.hooks import HookRegistry
+
+    model.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=steps))
+    recorded: list[float] = []
+    try:
+        for module in model.modules():
+            registry = getattr(module, "_diffusers_hook", None)
+            for hook in (registry.hooks.values() if isinstance(registry, HookRegistry) else ()):
+                original = getattr(hook, "_perform_calibration_step", None)
+                if original is None:
+                    continue
+
+                def record(state, residual, original=original):
+                    original(state, residual)
+                    recorded.append(float(state.calibration_ratios[-1]))
+
+                hook._perform_calibration_step = record
+        with contextlib.redirect_stdout(io.StringIO()):  # diffusers prints the ratios for copy-and-paste
+            run()
+    finally:
+        model.disable_cache()
+    per_call = len(recorded) // steps if recorded else 0
+    if per_call < 1:
+        raise RuntimeError(f"MagCache calibration recorded {len(recorded)} ratios for {steps} steps")
+    # one ratio per transformer call; split CFG calls it per branch each step: average the branches of a step
+    return [sum(recorded[i * per_call:(i + 1) * per_call]) / per_call for i in range(steps)]
+
+
+def _taylorseer(method: Method, pipe: Any, model: torch.nn.Module, steps: int, run: Callable | None) -> Any:
+    from diffusers import TaylorSeerCacheConfig
+
+    # The attention and feed-forward outputs of every block are forecast, as in the TaylorSeer paper. diffusers'
+    # default patterns ("^blocks.*attn", matched in full) hook no module of a model whose attentions are named
+    # attn1/attn2 (Wan, Latte, CogVideoX...), which would silently make it the uncached model; full-precision
+    # factors (the bfloat16 default costs accuracy for nothing on CPU); the other settings are diffusers' defaults.
+    return TaylorSeerCacheConfig(cache_interval=int(method.value), taylor_factors_dtype=torch.float32,
+                                 cache_identifiers=[TAYLORSEER_MODULES])
+
+
+def _fastercache(method: Method, pipe: Any, model: torch.nn.Module, steps: int, run: Callable | None) -> Any:
+    from diffusers import FasterCacheConfig
+
+    # the FasterCache paper's defaults as diffusers documents them for CogVideoX, with attention weight 0.3
+    return FasterCacheConfig(
+        spatial_attention_block_skip_range=int(method.value), spatial_attention_timestep_skip_range=(-1, 681),
+        temporal_attention_block_skip_range=int(method.value) if _has_temporal_blocks(model) else None,
+        temporal_attention_timestep_skip_range=(-1, 681),
+        current_timestep_callback=_timestep_callback(method, pipe), attention_weight_callback=lambda _: 0.3,
+        low_frequency_weight_update_timestep_range=(99, 901), high_frequency_weight_update_timestep_range=(-1, 301),
+        unconditional_batch_skip_range=5, unconditional_batch_timestep_skip_range=(-1, 781),
+        tensor_format="BCFHW", is_guidance_distilled=False,
+    )
+
+
+def _has_temporal_blocks(model: torch.nn.Module) -> bool:
+    return hasattr(model, "temporal_transformer_blocks")
 
 
 def _no_check(pipe: Any, models: list[torch.nn.Module]) -> str | None:
     return None
 
 
+def _two_blocks(pipe: Any, models: list[torch.nn.Module]) -> str | None:
+    """FirstBlockCache runs the first block and caches the rest: it needs a block list of two or more."""
+    from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
+
+    for model in models:
+        blocks = sum(len(getattr(model, name)) for name in _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
+                     if isinstance(getattr(model, name, None), torch.nn.ModuleList))
+        if blocks < 2:
+            return f"{type(model).__name__} has {blocks} transformer block(s); FirstBlockCache needs at least 2"
+    return None
+
+
+def _taylorseer_modules(pipe: Any, models: list[torch.nn.Module]) -> str | None:
+    import re
+
+    for model in models:
+        if not any(re.fullmatch(TAYLORSEER_MODULES, name) for name, _ in model.named_modules()):
+            return f"{type(model).__name__} has no block attention or feed-forward named as TaylorSeer expects"
+    return None
+
+
+def _batched_cfg(pipe: Any, models: list[torch.nn.Module]) -> str | None:
+    name = type(pipe).__name__
+    if name in BATCHED_CFG_PIPELINES:
+        return None
+    return (f"FasterCache skips the unconditional branch inside a batched CFG call; {name} is not known to batch "
+            f"its CFG branches (known: {', '.join(BATCHED_CFG_PIPELINES)})")
+
+
 _PEER_SUPPORT: dict[str, Callable[[Any, list[torch.nn.Module]], str | None]] = {
-    "fbc": _no_check,
+    "fbc": _two_blocks,
     "pab": _no_check,
     "magcache": _no_check,
-    "taylorseer": _no_check,
-    "fastercache": _no_check,
+    "taylorseer": _taylorseer_modules,
+    "fastercache": _batched_cfg,
 }
-_PEER_CONFIG: dict[str, Callable[..., Any]] = {}
+_PEER_CONFIG: dict[str, Callable[..., Any]] = {
+    "fbc": _fbc,
+    "pab": _pab,
+    "magcache": _magcache,
+    "taylorseer": _taylorseer,
+    "fastercache": _fastercache,
+}

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Every embedded-model figure in README.md and BENCHMARKS.md, in order, from a finished training run.
+#   bash benchmarks/embedded_all.sh [RUN_FOLDER]      (default runs/embedded; outputs under runs/)
+# Each step resumes or overwrites its own output, so the script can be re-run after an interruption.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+run="${1:-runs/embedded}"
+weights=src/adacache/embedded/weights
+mkdir -p runs
+# 1. the EMA weights of the checkpoint become the shipped pipeline folder
+adacache train --out "$run" --export "$weights"
+# 2. quality of the model, uncached (README's quality table)
+python benchmarks/embedded_quality.py --json runs/quality-uncached.json | tee runs/quality-uncached.txt
+# 3. the shipped codebooks: calibrated for 2.5x wall clock at 30 and at 100 steps, checked on held-out prompts
+adacache calibrate --speedup 2.5 --num-prompts 6 --check 12 -o "$weights/adacache.json" | tee runs/calibrate-30.txt
+adacache calibrate --steps 100 --speedup 2.5 --num-prompts 4 --check 6 -o "$weights/adacache-100.json" \
+  | tee runs/calibrate-100.txt
+# 4. quality with the shipped codebook
+python benchmarks/embedded_quality.py --cache "$weights/adacache.json" | tee runs/quality-cached.txt
+# 5. AdaCache against every peer at 30 and at 100 steps (BENCHMARKS.md)
+adacache bench --num-prompts 12 --seeds 0 -o runs/bench-30 --no-progress | tee runs/bench-30.txt
+adacache bench --steps 100 --num-prompts 6 --seeds 0 -o runs/bench-100 --no-progress | tee runs/bench-100.txt
