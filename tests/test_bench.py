@@ -109,8 +109,10 @@ def test_a_peer_a_model_cannot_run_gets_a_reason(tiny_pipe):
                                       num_layers=1)
     assert "needs at least 2" in parse_method("fbc").unsupported(types_namespace(transformer=one_block))
     split_cfg = types_namespace(transformer=tiny_pipe.transformer)  # not a pipeline known to batch its CFG
-    assert "not known to batch" in parse_method("fastercache").unsupported(split_cfg)
-    assert parse_method("fastercache").unsupported(tiny_pipe) is None
+    for name in ("fastercache", "pab"):  # their state is per attention layer: split-CFG branches would share it
+        assert "not known to batch" in parse_method(name).unsupported(split_cfg)
+        assert parse_method(name).unsupported(tiny_pipe) is None
+    assert "guidance <= 1" in parse_method("fastercache").unsupported(tiny_pipe, guidance=1.0)
 
 
 def types_namespace(**components):
@@ -175,6 +177,52 @@ def test_a_method_that_fails_is_reported_and_the_run_goes_on(tiny_pipe, tmp_path
     assert "this cache cannot run here" in records["fbc:0.05"]["reason"]
     assert records["static:2"]["status"] == "ok"
     assert "this cache cannot run here" in (tmp_path / "report.md").read_text()
+
+
+def test_pipeline_outputs_of_every_type_become_the_same_video():
+    from PIL import Image
+
+    from adacache.evaluation.metrics import as_video
+
+    video = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    expected = video.astype(np.float32) / 255
+    as_pil = [Image.fromarray(frame) for frame in video]
+    as_tensor = torch.from_numpy(expected).permute(0, 3, 1, 2)  # (T, C, H, W) floats, as the embedded pipeline
+    for frames in (video, as_pil, as_tensor, expected):
+        np.testing.assert_allclose(as_video(frames), expected, atol=1e-6)
+
+
+def test_a_method_that_yields_nan_is_a_failure_and_the_report_is_strict_json(tiny_pipe, tmp_path):
+    def poison(module, args, output):  # a cache that breaks the model: NaN out while a diffusers cache is on
+        if module.is_cache_enabled and poisoning:
+            output[0][0, 0, 0, 0, 0] = float("nan")
+
+    poisoning = True
+    handle = tiny_pipe.transformer.register_forward_hook(poison)
+    report = run_bench(tiny_pipe, _settings(prompts=PROMPTS[:1], methods=["none", "static:2", "fbc:0.3"]), tmp_path,
+                       progress=False)
+    records = {r["method"]: r for r in load_records(tmp_path)}
+    assert records["fbc:0.3"]["status"] == "failed" and "non-finite" in records["fbc:0.3"]["reason"]
+    assert records["static:2"]["status"] == "ok" and not records["static:2"]["identical"]
+    json.loads((tmp_path / "report.json").read_text())  # strict JSON: no NaN anywhere
+    assert {m["method"]: m["videos"] for m in report["methods"]}["fbc:0.3"] == 0
+    # a resumed run retries what failed, and the retry replaces the failure in the report
+    poisoning = False
+    run_bench(tiny_pipe, _settings(prompts=PROMPTS[:1], methods=["none", "static:2", "fbc:0.3"]), tmp_path,
+              progress=False)
+    records = [r for r in load_records(tmp_path) if r["method"] == "fbc:0.3"]
+    assert len(records) == 1 and records[0]["status"] == "ok" and records[0]["cache_bytes"] > 0
+    handle.remove()
+
+
+def test_a_resume_with_a_changed_config_file_is_refused(tiny_pipe, tmp_path):
+    config = tmp_path / "mine.json"
+    AdaCacheConfig(codebook={0.1: 3, 1.0: 1}).save(config)
+    settings = _settings(prompts=PROMPTS[:1], methods=["none", str(config)], flops=False)
+    run_bench(tiny_pipe, settings, tmp_path / "run", progress=False)
+    AdaCacheConfig(codebook={0.2: 3, 1.0: 1}).save(config)
+    with pytest.raises(ValueError, match="resolved_methods differ"):
+        run_bench(tiny_pipe, settings, tmp_path / "run", progress=False)
 
 
 def test_an_interrupted_bench_resumes_without_measuring_again(tiny_pipe, tmp_path):

@@ -237,7 +237,10 @@ def _calibrate(args: argparse.Namespace) -> int:
     _to_device(pipe)
     calibrator = Calibrator(pipe, prompts, seeds=_seeds(args.seeds), steps=args.steps, guidance=args.guidance,
                             base=base, call={k: v for k, v in sizes.items() if v is not None}, progress=print)
-    result = calibrator.calibrate(speedup=args.speedup, target_psnr=args.psnr, wall_clock=not args.compute)
+    if args.iterations < 1:
+        raise ConfigError(f"--iterations must be positive, got {args.iterations}")
+    result = calibrator.calibrate(speedup=args.speedup, target_psnr=args.psnr, wall_clock=not args.compute,
+                                  iterations=args.iterations)
     about = {"model": args.model or "embedded", **result.about}
     if held_out:
         about["held_out"] = {"prompts": held_out, "reached": calibrator.check(result.config, held_out)}
@@ -343,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="preset or config file whose other settings (probe, MoReg window) the result keeps "
                          "(default: AdaCacheConfig's defaults)")
     ca.add_argument("--moreg", action="store_true", help="calibrate with motion regularization on")
+    ca.add_argument("--iterations", type=int, default=9,
+                    help="bisection steps on the threshold scale, each a cached run of every prompt (default 9)")
     ca.add_argument("--height", type=int, default=None, help="frame height, for --model pipelines")
     ca.add_argument("--width", type=int, default=None, help="frame width, for --model pipelines")
     ca.add_argument("--num-frames", type=int, default=None, help="number of frames, for --model pipelines")

@@ -29,7 +29,7 @@ import torch
 
 from ..hooks import _models_of, get_stats
 from .methods import Method, parse_methods
-from .metrics import LPIPS, TransformerMeter, frame_motion, held_tensor_bytes, psnr, ssim
+from .metrics import LPIPS, TransformerMeter, as_video, frame_motion, held_tensor_bytes, psnr, ssim
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,10 @@ class Bench:
     def check_settings(self) -> None:
         """Save run.json, or check that the folder's run has the same settings (then it resumes)."""
         path = self.out / "run.json"
-        mine = dataclasses.asdict(self.settings)
+        # what the names stood for (a config file or the shipped codebook may change between sittings) and which
+        # weights ran: a resumed run must compare like with like
+        mine = {**dataclasses.asdict(self.settings), "resolved_methods": [m.describe() for m in self.methods],
+                "weights_fingerprint": _fingerprint(self.pipe)}
         if path.is_file():
             theirs = json.loads(path.read_text())
             if theirs != json.loads(json.dumps(mine)):
@@ -131,7 +134,7 @@ class Bench:
     def run(self) -> list[dict[str, Any]]:
         from tqdm.auto import tqdm
 
-        done = {(r["video"], r["method"]) for r in load_records(self.out)}
+        done = {(r["video"], r["method"]) for r in load_records(self.out) if r.get("status") in ("ok", "skipped")}
         todo = [(v, m) for v in self.videos for m in self.methods if (v[0], m.name) not in done]
         if not todo:
             logger.info("every video and method of this shard is already measured")
@@ -164,12 +167,9 @@ class Bench:
         output = self.pipe(prompt, num_inference_steps=self.settings.steps, guidance_scale=self.settings.guidance,
                            generator=torch.Generator().manual_seed(seed), **self.settings.call)
         frames = output.frames if hasattr(output, "frames") else output[0]
-        video = frames[0]
-        video = video.detach().float().cpu().numpy() if isinstance(video, torch.Tensor) else np.asarray(video, np.float32)
-        if video.ndim == 4 and video.shape[-1] != 3 and video.shape[1] == 3:
-            video = video.transpose(0, 2, 3, 1)  # (T, 3, H, W) -> (T, H, W, 3)
-        if video.dtype == np.uint8:
-            video = video / 255.0
+        video = as_video(frames[0])
+        if not np.isfinite(video).all():
+            raise FloatingPointError("the video holds non-finite values (NaN or inf)")
         return video.astype(np.float16)  # what is stored and compared: both sides alike
 
     def _warm_up(self, todo: list) -> None:
@@ -177,7 +177,7 @@ class Bench:
             return
         _, _, prompt, seed = todo[0][0]
         for method in self.methods:
-            if method.unsupported(self.pipe):
+            if method.unsupported(self.pipe, self.settings.guidance):
                 continue
             try:
                 self._with(method, lambda: [self._generate(prompt, seed) for _ in range(self.settings.warmup)])
@@ -185,14 +185,17 @@ class Bench:
                 pass
 
     def _with(self, method: Method, work):
-        method.apply(self.pipe, self.settings.steps, run=lambda: self._generate(*self._first_video()))
-        try:
+        try:  # a method that fails to enable on a second transformer must not stay on the first
+            method.apply(self.pipe, self.settings.steps, run=lambda: self._generate(*self._first_video()))
             return work()
         finally:
             method.remove(self.pipe)
 
     def _first_video(self) -> tuple[str, int]:
-        return self.videos[0][2], self.videos[0][3]
+        """The whole run's first video (not this shard's): what set-up runs (MagCache's calibration) use, so
+        results do not depend on the number of processes."""
+        _, _, prompt, seed = self.settings.videos()[0]
+        return prompt, seed
 
     def _timed(self, method: Method, prompt: str, seed: int) -> tuple[np.ndarray, list[float], list[Any], int | None]:
         """Generate `repeats` times, the method applied afresh each time (some caches keep state across
@@ -205,7 +208,8 @@ class Bench:
                 if torch.cuda.is_available():
                     torch.cuda.reset_peak_memory_stats()
                 frames = self._generate(prompt, seed)
-                return frames, _adacache_stats(self.pipe), self._cache_bytes(method)
+                held = sum(s.cache_bytes for s in get_stats(self.pipe)) if method.kind == "adacache" else None
+                return frames, _adacache_stats(self.pipe), held  # AdaCache's stats hold its peak cache memory
 
             frames, first_stats, held = self._with(method, generate)
             seconds.append(self.meter.seconds)
@@ -213,14 +217,37 @@ class Bench:
                 video, stats, cache_bytes = frames, first_stats, held
         return video, seconds, stats, cache_bytes
 
-    def _flops(self, prompt: str, seed: int) -> int | None:
-        if not self.settings.flops:
-            return None
-        self.meter.reset(count_flops=True)
-        self._generate(prompt, seed)
-        flops = self.meter.flops
-        self.meter.reset()
-        return flops
+    def _counted(self, method: Method, prompt: str, seed: int) -> tuple[int | None, int | None]:
+        """An untimed pass with the method applied: the transformer FLOPs (when the settings ask for them) and, for
+        diffusers' caches, the most memory their hooks held after any transformer call (diffusers pipelines drop
+        hook state at the end of a call, so it is read during the generation, not after)."""
+        peak_held = None
+        if method.kind == "diffusers":
+            peak_held = 0
+            models = _models_of(self.pipe)
+
+            def watch(module, args, output):
+                nonlocal peak_held
+                peak_held = max(peak_held, sum(held_tensor_bytes(m) for m in models))
+
+            handles = [m.register_forward_hook(watch) for m in models]
+        elif not self.settings.flops:
+            return None, None
+
+        def work() -> int | None:
+            self.meter.reset(count_flops=self.settings.flops)
+            self._generate(prompt, seed)
+            flops = self.meter.flops if self.settings.flops else None
+            self.meter.reset()
+            return flops
+
+        try:
+            flops = self._with(method, work)
+        finally:
+            if method.kind == "diffusers":
+                for handle in handles:
+                    handle.remove()
+        return flops, peak_held
 
     def _reference(self, video: tuple, sink) -> dict[str, Any]:
         """The baseline's frames and record for `video`: loaded if measured before, else measured now."""
@@ -231,7 +258,7 @@ class Bench:
             return {"frames": np.load(path), "record": previous[-1]}
         frames, seconds, _, _ = self._timed(self.methods[0], prompt, seed)
         peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-        flops = self._flops(prompt, seed)
+        flops, _ = self._counted(self.methods[0], prompt, seed)
         tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npy")
         np.save(tmp, frames)
         os.replace(tmp, path)
@@ -243,26 +270,19 @@ class Bench:
         vid, index, prompt, seed = video
         base = {"video": vid, "prompt_index": index, "prompt": prompt, "seed": seed, "method": method.name,
                 "family": method.family}
-        reason = method.unsupported(self.pipe)
+        reason = method.unsupported(self.pipe, self.settings.guidance)
         if reason:
             return {**base, "status": "skipped", "reason": reason}
         try:
             frames, seconds, stats, cache_bytes = self._timed(method, prompt, seed)
             peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-            flops = self._with(method, lambda: self._flops(prompt, seed))
+            flops, held = self._counted(method, prompt, seed)
+            cache_bytes = held if held is not None else cache_bytes
         except Exception as error:  # noqa: BLE001 - one method's failure must not end the whole run
             logger.warning("%s failed on %s: %s", method.name, vid, error)
             return {**base, "status": "failed", "reason": f"{type(error).__name__}: {error}",
                     "traceback": traceback.format_exc(limit=6)}
         return self._record(video, method, frames, seconds, flops, stats, peak, cache_bytes, reference)
-
-    def _cache_bytes(self, method: Method) -> int | None:
-        """What the cache holds after a generation (AdaCache: its peak, from its stats)."""
-        if method.kind == "adacache":
-            return sum(s.cache_bytes for s in get_stats(self.pipe))
-        if method.kind == "diffusers":
-            return sum(held_tensor_bytes(m) for m in _models_of(self.pipe))
-        return None
 
     def _record(self, video, method, frames, seconds, flops, stats, peak, cache_bytes, reference) -> dict[str, Any]:
         vid, index, prompt, seed = video
@@ -282,13 +302,27 @@ class Bench:
             a, b = reference["frames"].astype(np.float32), frames.astype(np.float32)
             quality = psnr(a, b)
             record.update(
-                psnr=quality if math.isfinite(quality) else None, identical=not math.isfinite(quality), ssim=ssim(a, b), lpips=self.lpips(a, b) if self.lpips else None,
+                psnr=quality if math.isfinite(quality) else None, identical=quality == math.inf, ssim=ssim(a, b),
+                lpips=self.lpips(a, b) if self.lpips else None,
                 speedup=ref["seconds"] / record["seconds"] if record["seconds"] > 0 else None,
                 flops_fraction=flops / ref["flops"] if flops is not None and ref.get("flops") else None,
             )
         if self.embedded:
             record["verifier"] = _verify(frames, prompt)
         return record
+
+
+def _fingerprint(pipe: Any) -> str:
+    """A short hash of the transformers' weights (their values, not their names)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for model in _models_of(pipe):
+        for name, tensor in sorted(model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes()[:4096])
+            digest.update(repr(float(tensor.detach().double().sum())).encode())
+    return digest.hexdigest()[:16]
 
 
 def _drop_unfinished_line(path: Path) -> None:
@@ -302,8 +336,19 @@ def _drop_unfinished_line(path: Path) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
+def finite(value: Any) -> Any:
+    """The value with every non-finite float (NaN, inf) replaced by None: records and reports are strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
 def _append(sink, record: dict[str, Any]) -> None:
-    sink.write(json.dumps(record) + "\n")
+    sink.write(json.dumps(finite(record), allow_nan=False) + "\n")
     sink.flush()
     os.fsync(sink.fileno())
 
@@ -332,15 +377,19 @@ def _verify(frames: np.ndarray, prompt: str) -> dict[str, Any]:
 
 
 def load_records(out: Path) -> list[dict[str, Any]]:
-    """Every finished record of every rank in `out`; a line cut short by a crash is ignored."""
-    records = []
+    """Every finished record of every rank in `out`, the last one of each (video, method) where a failed
+    measurement was retried; a line cut short by a crash is ignored."""
+    records: dict[tuple[str, str], dict[str, Any]] = {}
     for path in sorted(Path(out).glob("records.rank*.jsonl")):
         for line in path.read_text().splitlines():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 logger.warning("ignoring an unfinished line in %s", path)
-    return records
+                continue
+            records.pop((record["video"], record["method"]), None)  # a retry goes where it was written
+            records[(record["video"], record["method"])] = record
+    return list(records.values())
 
 
 def run_bench(pipe: Any, settings: BenchSettings, out: str | os.PathLike, *, tuned: str | None = None,
@@ -352,13 +401,15 @@ def run_bench(pipe: Any, settings: BenchSettings, out: str | os.PathLike, *, tun
 
     rank, world = _distributed()
     bench = Bench(pipe, settings, out, tuned=tuned, rank=rank, world=world, progress=progress)
-    if rank == 0:
-        bench.check_settings()
-    _barrier(world)
-    if rank != 0:
-        bench.check_settings()
-    bench.run()
-    _barrier(world)
+    # Each phase ends with every rank saying whether it failed, so one rank's error stops all (no rank is left
+    # waiting at a barrier for a peer that is gone).
+    with _together(world):
+        if rank == 0:
+            bench.check_settings()
+    with _together(world):
+        if rank != 0:
+            bench.check_settings()
+        bench.run()
     if rank != 0:
         return None
     return write_report(settings, load_records(bench.out), bench.out, command)
@@ -379,8 +430,22 @@ def _distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
+class _together:
+    """Run a block on every rank, then agree: if any rank raised, every rank raises (the one that failed with its
+    own error, the others with a RuntimeError naming how many failed)."""
 
-        dist.barrier()
+    def __init__(self, world: int) -> None:
+        self.world = world
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, trace) -> bool:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            failed = torch.tensor([1 if error is not None else 0])
+            dist.all_reduce(failed)
+            if error is None and int(failed):
+                raise RuntimeError(f"{int(failed)} of {self.world} bench processes failed; see their errors above")
+        return False

@@ -27,7 +27,7 @@ import torch
 
 from ..config import AdaCacheConfig
 from ..hooks import _models_of, apply_adacache, get_stats, remove_adacache
-from .metrics import TransformerMeter, psnr
+from .metrics import TransformerMeter, as_video, psnr
 
 logger = logging.getLogger(__name__)
 
@@ -95,22 +95,27 @@ class Calibrator:
             if config is not None:
                 remove_adacache(self.pipe)
         frames = output.frames if hasattr(output, "frames") else output[0]
-        video = frames[0]
-        video = video.detach().float().cpu().numpy() if isinstance(video, torch.Tensor) else np.asarray(video)
         computed = max((len(s.computed_steps) for s in stats), default=self.steps)
         self._last_stats = stats
-        return Run(video.astype(np.float32), seconds, computed, self.steps)
+        return Run(as_video(frames[0]), seconds, computed, self.steps)
+
+    def references(self) -> list[Run]:
+        """The uncached videos and times of every calibration video, after one untimed warm-up generation (the
+        first generation in a process carries one-time costs that would flatter every speed-up)."""
+        self.generate(None, self.prompts[0], self.seeds[0])
+        return [self.generate(None, prompt, seed) for prompt in self.prompts for seed in self.seeds]
 
     def curves(self) -> tuple[list[list[float]], list[Run]]:
-        """Per calibration video, the probe distance at every step, from runs identical to uncached ones."""
+        """Per calibration video, the probe distance at every step (from AdaCache with a rate-1 codebook, which
+        computes what the uncached model does), and the uncached reference runs."""
         recorder = dataclasses.replace(self.base, codebook={1.0: 1}, moreg=False)
-        curves, runs = [], []
+        curves = []
         for prompt in self.prompts:
             for seed in self.seeds:
-                runs.append(self.generate(recorder, prompt, seed))
+                self.generate(recorder, prompt, seed)
                 curves.append([d for s in self._last_stats for d in s.distances if d is not None])
         self.say(f"recorded {len(curves)} distance curves over {self.steps} steps")
-        return curves, runs
+        return curves, self.references()
 
     def measure(self, config: AdaCacheConfig, references: list[Run]) -> dict[str, float]:
         runs = [self.generate(config, p, s) for p in self.prompts for s in self.seeds]
@@ -126,7 +131,7 @@ class Calibrator:
         }
 
     def calibrate(self, *, speedup: float | None = None, target_psnr: float | None = None,
-                  wall_clock: bool = True, iterations: int = 12) -> Calibration:
+                  wall_clock: bool = True, iterations: int = 9) -> Calibration:
         """A config reaching `speedup` (mean over the calibration videos; wall clock by way of the measured cost
         of a skipped step, or compute when `wall_clock` is False) or the fastest one keeping `target_psnr`."""
         if (speedup is None) == (target_psnr is None):
@@ -143,7 +148,7 @@ class Calibrator:
 
         cost = 0.0
         goal = speedup
-        lo, hi = math.log(1e-3), math.log(1e3)
+        lo, hi = math.log(1 / 30), math.log(30)  # every step computed .. every distance under the first threshold
         best: tuple[float, dict[str, float]] | None = None
         tried: list[dict[str, float]] = []
         for _ in range(iterations):
@@ -187,8 +192,7 @@ class Calibrator:
         """The config's speed-up and PSNR on other prompts (held out from calibration)."""
         held = Calibrator(self.pipe, prompts, seeds=self.seeds, steps=self.steps, guidance=self.guidance,
                           base=self.base, call=self.call)
-        references = [held.generate(None, p, s) for p in prompts for s in self.seeds]
-        return held.measure(config, references)
+        return held.measure(config, held.references())
 
 
 def _skip_cost(reference: Run, run: Run) -> float | None:

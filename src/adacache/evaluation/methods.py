@@ -70,13 +70,15 @@ class Method:
             data["peer"], data["value"] = PEER_NAMES[self.peer], self.value
         return data
 
-    def unsupported(self, pipe: Any) -> str | None:
-        """Why this method cannot run on `pipe`, or None."""
+    def unsupported(self, pipe: Any, guidance: float | None = None) -> str | None:
+        """Why this method cannot run on `pipe` (at this guidance scale, when given), or None."""
         if self.kind != "diffusers":
             return None
         models = _models_of(pipe)
         if not all(hasattr(m, "enable_cache") for m in models):
             return f"{type(models[0]).__name__} has no diffusers cache support (no CacheMixin.enable_cache)"
+        if self.peer == "fastercache" and guidance is not None and guidance <= 1.0:
+            return "FasterCache splits a batched CFG call into its two branches; guidance <= 1 runs no CFG"
         return _PEER_SUPPORT[self.peer](pipe, models)
 
     def apply(self, pipe: Any, steps: int, run: Callable[[], Any] | None = None) -> None:
@@ -152,8 +154,9 @@ def parse_methods(names: list[str], tuned: str | os.PathLike | None = None) -> l
 
 
 # --- diffusers' own caches ----------------------------------------------------------------------------------------
-# Pipelines known to run the unconditional and conditional branches in one batched call: FasterCache's
-# unconditional-branch skipping needs that (on split-CFG pipelines such as Wan it would compute every attention).
+# Pipelines known to run the unconditional and conditional branches in one batched call. PAB and FasterCache keep
+# their state per attention module, not per cache_context, so on split-CFG pipelines (Wan, HunyuanVideo) the
+# unconditional call would reuse the conditional call's attention; FasterCache's branch skipping also needs the batch.
 BATCHED_CFG_PIPELINES = ("EmbeddedVideoPipeline", "LattePipeline", "CogVideoXPipeline", "AllegroPipeline",
                          "MochiPipeline", "LTXPipeline")
 
@@ -281,6 +284,13 @@ def _no_check(pipe: Any, models: list[torch.nn.Module]) -> str | None:
     return None
 
 
+def _one_transformer(pipe: Any, models: list[torch.nn.Module]) -> str | None:
+    if len(models) > 1:
+        return ("MagCache's ratios are calibrated per transformer over every step; with two experts (Wan 2.2) each "
+                "sees only part of the steps, which this bench does not calibrate")
+    return None
+
+
 def _two_blocks(pipe: Any, models: list[torch.nn.Module]) -> str | None:
     """FirstBlockCache runs the first block and caches the rest: it needs a block list of two or more."""
     from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
@@ -306,14 +316,14 @@ def _batched_cfg(pipe: Any, models: list[torch.nn.Module]) -> str | None:
     name = type(pipe).__name__
     if name in BATCHED_CFG_PIPELINES:
         return None
-    return (f"FasterCache skips the unconditional branch inside a batched CFG call; {name} is not known to batch "
-            f"its CFG branches (known: {', '.join(BATCHED_CFG_PIPELINES)})")
+    return (f"{name} is not known to batch its CFG branches in one call (known: {', '.join(BATCHED_CFG_PIPELINES)}); "
+            "this cache keeps one state per attention layer, not per branch, so split CFG calls would share it")
 
 
 _PEER_SUPPORT: dict[str, Callable[[Any, list[torch.nn.Module]], str | None]] = {
     "fbc": _two_blocks,
-    "pab": _no_check,
-    "magcache": _no_check,
+    "pab": _batched_cfg,  # PAB's state is per attention module: split-CFG branches would reuse each other's
+    "magcache": _one_transformer,
     "taylorseer": _taylorseer_modules,
     "fastercache": _batched_cfg,
 }

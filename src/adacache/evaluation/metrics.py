@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 # --- quality ------------------------------------------------------------------------------------------------------
 def psnr(reference: np.ndarray, other: np.ndarray) -> float:
-    """Peak signal-to-noise ratio in dB for values in [0, 1]; inf for identical videos."""
+    """Peak signal-to-noise ratio in dB for values in [0, 1]; inf for identical videos (NaN if either has NaN)."""
     mse = float(np.mean((np.asarray(reference, np.float64) - np.asarray(other, np.float64)) ** 2))
     return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
@@ -50,6 +50,21 @@ def ssim(reference: np.ndarray, other: np.ndarray, window: int = 11, sigma: floa
     cov = blur(a * b) - mu_a * mu_b
     index = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
     return float(index.mean())
+
+
+def as_video(frames: Any) -> np.ndarray:
+    """One video from a pipeline's output, whatever its output_type: a float tensor (T, C, H, W) or (T, H, W, C) in
+    [0, 1], a float or uint8 array, or a list of PIL images (0..255). Returns float32 (T, H, W, 3) in [0, 1]."""
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().float().cpu().numpy()
+    elif isinstance(frames, (list, tuple)):
+        frames = np.stack([np.asarray(frame) for frame in frames])
+    frames = np.asarray(frames)
+    integer = np.issubdtype(frames.dtype, np.integer)  # before any cast: uint8 and PIL frames are 0..255
+    video = frames.astype(np.float32) / 255.0 if integer else frames.astype(np.float32)
+    if video.ndim == 4 and video.shape[-1] not in (1, 3) and video.shape[1] in (1, 3):
+        video = video.transpose(0, 2, 3, 1)  # (T, C, H, W) -> (T, H, W, C)
+    return video
 
 
 def frame_motion(video: np.ndarray) -> float:

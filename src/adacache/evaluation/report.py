@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .bench import BenchSettings, write_atomic
+from .bench import BenchSettings, finite, write_atomic
 
 PSNR_CAP = 100.0  # identical videos (infinite PSNR) count as this in means
 
@@ -193,14 +193,16 @@ def plots(report: dict[str, Any], folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    rows = [m for m in report["methods"] if m["videos"] and m["family"] != "baseline" and m["speedup"]]
+    rows = [m for m in report["methods"] if m["videos"] and m["family"] != "baseline" and m["speedup"]
+            and m["psnr"] is not None]
     fig, ax = plt.subplots(figsize=(7, 5))
     families = list(dict.fromkeys(m["family"] for m in rows))
     for i, family in enumerate(families):
         mine = sorted((m for m in rows if m["family"] == family), key=lambda m: m["speedup"])
         xs, ys = [m["speedup"] for m in mine], [m["psnr"] for m in mine]
         style = "-o" if family.startswith("AdaCache") else "--s" if family == "static reuse" else ":^"
-        ax.errorbar(xs, ys, xerr=[m["speedup_std"] for m in mine], yerr=[m["psnr_std"] for m in mine], fmt=style,
+        spread = lambda key: [math.nan if m[key] is None else m[key] for m in mine]  # noqa: E731
+        ax.errorbar(xs, ys, xerr=spread("speedup_std"), yerr=spread("psnr_std"), fmt=style,
                     capsize=2, label=family, color=f"C{i}")
         for m in mine:
             ax.annotate(m["method"], (m["speedup"], m["psnr"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
@@ -250,13 +252,7 @@ def _save(fig, path: Path) -> Path:
 def write_report(settings: BenchSettings, records: list[dict[str, Any]], folder: Path,
                  command: str | None = None) -> dict[str, Any]:
     report = build_report(settings, records, command)
-    write_atomic(folder / "report.json", json.dumps(report, indent=1, allow_nan=False, default=_json_default) + "\n")
+    write_atomic(folder / "report.json", json.dumps(finite(report), indent=1, allow_nan=False) + "\n")
     write_atomic(folder / "report.md", markdown(report))
     plots(report, folder)
     return report
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
