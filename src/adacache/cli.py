@@ -358,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--size", default="small", help="model size: small (shipped) or tiny (smoke test)")
     tr.add_argument("--architecture", default="wan", choices=["wan", "latte"],
                     help="diffusers transformer class: wan (3D attention, shipped) or latte (spatial/temporal blocks)")
-    tr.add_argument("--steps", type=int, default=6000, help="total optimizer steps (default 6000)")
+    tr.add_argument("--steps", type=int, default=4000, help="total optimizer steps (default 4000, as shipped)")
     tr.add_argument("--batch-size", type=int, default=16)
     tr.add_argument("--lr", type=float, default=1e-3)
     tr.add_argument("--seed", type=int, default=0)

@@ -40,7 +40,7 @@ class TrainConfig:
     size: str = "small"  # a key of MODEL_SIZES
     architecture: str = "wan"  # one of ARCHITECTURES
     seed: int = 0
-    steps: int = 6000  # total optimizer steps; more = better motion, linear in time
+    steps: int = 4000  # total optimizer steps (the shipped model: 4000); more = better motion, linear in time
     batch_size: int = 16  # clips per step; larger = smoother gradients, slower steps (2x steps beat 2x batch here)
     lr: float = 1e-3  # AdamW peak learning rate (tiny models take a high one): linear warm-up, cosine to lr/10
     warmup: int = 200

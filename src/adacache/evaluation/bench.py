@@ -403,16 +403,24 @@ def run_bench(pipe: Any, settings: BenchSettings, out: str | os.PathLike, *, tun
     bench = Bench(pipe, settings, out, tuned=tuned, rank=rank, world=world, progress=progress)
     # Each phase ends with every rank saying whether it failed, so one rank's error stops all (no rank is left
     # waiting at a barrier for a peer that is gone).
-    with _together(world):
-        if rank == 0:
-            bench.check_settings()
-    with _together(world):
-        if rank != 0:
-            bench.check_settings()
-        bench.run()
-    if rank != 0:
-        return None
-    return write_report(settings, load_records(bench.out), bench.out, command)
+    report = None
+    try:
+        with _together(world):
+            if rank == 0:
+                bench.check_settings()
+        with _together(world):
+            if rank != 0:
+                bench.check_settings()
+            bench.run()
+        with _together(world):
+            if rank == 0:
+                report = write_report(settings, load_records(bench.out), bench.out, command)
+    finally:
+        if world > 1:  # leave the group cleanly: a process exiting with gloo's threads alive aborts
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return report
 
 
 def _distributed() -> tuple[int, int]:
