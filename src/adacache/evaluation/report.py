@@ -195,6 +195,8 @@ def plots(report: dict[str, Any], folder: Path) -> list[Path]:
     written = []
     rows = [m for m in report["methods"] if m["videos"] and m["family"] != "baseline" and m["speedup"]
             and m["psnr"] is not None]
+    identical = [m["method"] for m in rows if m["psnr"] == PSNR_CAP]  # no finite PSNR to plot: named instead
+    rows = [m for m in rows if m["psnr"] != PSNR_CAP]
     fig, ax = plt.subplots(figsize=(7, 5))
     families = list(dict.fromkeys(m["family"] for m in rows))
     for i, family in enumerate(families):
@@ -206,6 +208,9 @@ def plots(report: dict[str, Any], folder: Path) -> list[Path]:
                     capsize=2, label=family, color=f"C{i}")
         for m in mine:
             ax.annotate(m["method"], (m["speedup"], m["psnr"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if identical:
+        ax.text(0.01, 0.01, "identical to uncached (not drawn): " + ", ".join(identical), transform=ax.transAxes,
+                fontsize=7, va="bottom")
     ax.set_xlabel("speed-up of the denoising loop (wall clock, x)")
     ax.set_ylabel("PSNR against the uncached video (dB)")
     s = report["settings"]
@@ -217,7 +222,7 @@ def plots(report: dict[str, Any], folder: Path) -> list[Path]:
 
     records = [r for r in report["records"] if r.get("status") == "ok"]
     baseline = {r["video"]: r for r in records if r["method"] == "none"}
-    adaptive = [m["method"] for m in rows if m["family"].startswith("AdaCache")]
+    adaptive = [m["method"] for m in report["methods"] if m["videos"] and (m["family"] or "").startswith("AdaCache")]
     fig, ax = plt.subplots(figsize=(7, 5))
     for i, name in enumerate(adaptive):
         pts = [(_motion_of(baseline[r["video"]]), r["computed_steps"]) for r in records
