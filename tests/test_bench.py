@@ -323,3 +323,15 @@ def test_calibrate_reaches_a_compute_target_and_saves_a_loadable_config(tiny_pip
         calibrator.calibrate()
     with pytest.raises(ValueError, match="at most 4.0"):
         calibrator.calibrate(speedup=5.0)
+
+
+def test_calibrate_with_moreg_fits_its_normalisation_to_the_model(tiny_pipe):
+    """The authors' 0.385 is Open-Sora's scale; calibration sets moreg_norm to the median raw motion it measures,
+    and the codebook is derived from distances with MoReg's factor applied."""
+    base = AdaCacheConfig(codebook={1.0: 1}, moreg=True)
+    calibrator = Calibrator(tiny_pipe, PROMPTS[:1], steps=12, guidance=4.0, base=base)
+    norm = calibrator.moreg_norm()
+    assert norm is not None and 0 < norm != base.moreg_norm
+    result = calibrator.calibrate(speedup=2.0, wall_clock=False, iterations=3)
+    assert result.config.moreg and result.config.moreg_norm == pytest.approx(norm)
+    assert result.about["moreg_norm"] == pytest.approx(norm)

@@ -105,10 +105,28 @@ class Calibrator:
         self.generate(None, self.prompts[0], self.seeds[0])
         return [self.generate(None, prompt, seed) for prompt in self.prompts for seed in self.seeds]
 
+    def moreg_norm(self) -> float | None:
+        """MoReg's normalisation for this model: the median raw motion of the probe over the calibration videos
+        and MoReg's steps, so that a video moving as much as the median one gets the factor 1, one moving more a
+        larger factor (more computed steps) and one moving less a smaller one. The authors' 0.385 is this
+        number for Open-Sora's latents; it does not carry over to other models and resolutions."""
+        recorder = dataclasses.replace(self.base, codebook={1.0: 1}, moreg=True)
+        raw = []
+        for prompt in self.prompts:
+            for seed in self.seeds:
+                self.generate(recorder, prompt, seed)
+                for m in (m for s in self._last_stats for m in s.motion if m is not None and m > 0):
+                    # undo m = (raw / norm) ** power / divisor
+                    raw.append(recorder.moreg_norm * (m * recorder.moreg_divisor) ** (1 / recorder.moreg_power))
+        if not raw:
+            return None
+        return float(np.median(raw))
+
     def curves(self) -> tuple[list[list[float]], list[Run]]:
         """Per calibration video, the probe distance at every step (from AdaCache with a rate-1 codebook, which
-        computes what the uncached model does), and the uncached reference runs."""
-        recorder = dataclasses.replace(self.base, codebook={1.0: 1}, moreg=False)
+        computes what the uncached model does; with MoReg's factor applied when the base config has MoReg), and
+        the uncached reference runs."""
+        recorder = dataclasses.replace(self.base, codebook={1.0: 1})
         curves = []
         for prompt in self.prompts:
             for seed in self.seeds:
@@ -139,6 +157,14 @@ class Calibrator:
         if speedup is not None and not 1.0 < speedup <= self.steps / 3:
             raise ValueError(f"a speed-up target must be above 1 and at most {self.steps / 3:.1f} "
                              f"(the first step and the last two are always computed), got {speedup}")
+        norm = None
+        if self.base.moreg:
+            norm = self.moreg_norm()
+            if norm is None:
+                logger.warning("MoReg recorded no motion (no frame layout for this model?); moreg_norm left as is")
+            else:
+                self.base = dataclasses.replace(self.base, moreg_norm=norm)
+                self.say(f"MoReg normalisation: median raw motion {norm:.4g} (the authors' Open-Sora value: 0.385)")
         curves, references = self.curves()
         pooled = [d for curve in curves for d in curve]
         # long enough reuse to reach the target with room to spare, but every third step at most
@@ -181,7 +207,7 @@ class Calibrator:
             "calibrated_by": "adacache calibrate", "prompts": self.prompts, "seeds": self.seeds, "steps": self.steps,
             "guidance": self.guidance, "target": {"speedup": speedup, "psnr": target_psnr,
                                                   "clock": "wall" if wall_clock else "compute"},
-            "max_rate": rate, "scale": scale, "skip_cost": cost, "reached": measured,
+            "max_rate": rate, "scale": scale, "skip_cost": cost, "reached": measured, "moreg_norm": norm,
             "distance_quantiles": {str(q): float(np.quantile(pooled, q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)},
             "mean_distance_curve": [statistics.fmean(c[i] for c in curves if len(c) > i)
                                     for i in range(max(len(c) for c in curves))],
