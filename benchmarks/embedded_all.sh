@@ -15,8 +15,15 @@ python benchmarks/embedded_quality.py --json runs/quality-uncached.json | tee ru
 adacache calibrate --speedup 2.5 --num-prompts 6 --check 12 -o "$weights/adacache.json" | tee runs/calibrate-30.txt
 adacache calibrate --steps 100 --speedup 2.5 --num-prompts 4 --check 6 -o "$weights/adacache-100.json" \
   | tee runs/calibrate-100.txt
+# the same for a compute target, and MoReg with its normalisation calibrated (BENCHMARKS.md)
+adacache calibrate --compute --speedup 2.5 --num-prompts 6 --check 12 \
+  -o benchmarks/codebooks/embedded-30-compute-2.5x.json | tee runs/calibrate-30-compute.txt
+adacache calibrate --moreg --speedup 2.5 --num-prompts 6 --check 12 \
+  -o benchmarks/codebooks/embedded-30-moreg.json | tee runs/calibrate-30-moreg.txt
 # 4. quality with the shipped codebook
 python benchmarks/embedded_quality.py --cache "$weights/adacache.json" | tee runs/quality-cached.txt
 # 5. AdaCache against every peer at 30 and at 100 steps (BENCHMARKS.md)
 adacache bench --num-prompts 12 --seeds 0 -o runs/bench-30 --no-progress | tee runs/bench-30.txt
 adacache bench --steps 100 --num-prompts 6 --seeds 0 -o runs/bench-100 --no-progress | tee runs/bench-100.txt
+adacache bench --num-prompts 12 --seeds 0 --methods none,auto,benchmarks/codebooks/embedded-30-moreg.json \
+  --no-flops -o runs/bench-moreg --no-progress | tee runs/bench-moreg.txt
