@@ -111,27 +111,29 @@ class Calibrator:
         larger factor (more computed steps) and one moving less a smaller one. The authors' 0.385 is this
         number for Open-Sora's latents; it does not carry over to other models and resolutions."""
         recorder = dataclasses.replace(self.base, codebook={1.0: 1}, moreg=True)
-        raw = []
+        scores = [m for stats in self._rate_one(recorder) for s in stats for m in s.motion if m is not None and m > 0]
+        if not scores:
+            return None
+        # undo m = (raw / norm) ** power / divisor
+        raw = [recorder.moreg_norm * (m * recorder.moreg_divisor) ** (1 / recorder.moreg_power) for m in scores]
+        return float(np.median(raw))
+
+    def _rate_one(self, recorder: AdaCacheConfig) -> list[list[Any]]:
+        """AdaCache's stats of every calibration video under a rate-1 codebook (every step computed, so the videos
+        are the uncached ones) that records the probe's distances and motion."""
+        runs = []
         for prompt in self.prompts:
             for seed in self.seeds:
                 self.generate(recorder, prompt, seed)
-                for m in (m for s in self._last_stats for m in s.motion if m is not None and m > 0):
-                    # undo m = (raw / norm) ** power / divisor
-                    raw.append(recorder.moreg_norm * (m * recorder.moreg_divisor) ** (1 / recorder.moreg_power))
-        if not raw:
-            return None
-        return float(np.median(raw))
+                runs.append(self._last_stats)
+        return runs
 
     def curves(self) -> tuple[list[list[float]], list[Run]]:
         """Per calibration video, the probe distance at every step (from AdaCache with a rate-1 codebook, which
         computes what the uncached model does; with MoReg's factor applied when the base config has MoReg), and
         the uncached reference runs."""
         recorder = dataclasses.replace(self.base, codebook={1.0: 1})
-        curves = []
-        for prompt in self.prompts:
-            for seed in self.seeds:
-                self.generate(recorder, prompt, seed)
-                curves.append([d for s in self._last_stats for d in s.distances if d is not None])
+        curves = [[d for s in stats for d in s.distances if d is not None] for stats in self._rate_one(recorder)]
         self.say(f"recorded {len(curves)} distance curves over {self.steps} steps")
         return curves, self.references()
 

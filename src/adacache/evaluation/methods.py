@@ -280,10 +280,6 @@ def _has_temporal_blocks(model: torch.nn.Module) -> bool:
     return hasattr(model, "temporal_transformer_blocks")
 
 
-def _no_check(pipe: Any, models: list[torch.nn.Module]) -> str | None:
-    return None
-
-
 def _one_transformer(pipe: Any, models: list[torch.nn.Module]) -> str | None:
     if len(models) > 1:
         return ("MagCache's ratios are calibrated per transformer over every step; with two experts (Wan 2.2) each "
