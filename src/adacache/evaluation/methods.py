@@ -77,9 +77,7 @@ class Method:
         models = _models_of(pipe)
         if not all(hasattr(m, "enable_cache") for m in models):
             return f"{type(models[0]).__name__} has no diffusers cache support (no CacheMixin.enable_cache)"
-        if self.peer == "fastercache" and guidance is not None and guidance <= 1.0:
-            return "FasterCache splits a batched CFG call into its two branches; guidance <= 1 runs no CFG"
-        return _PEER_SUPPORT[self.peer](pipe, models)
+        return _PEER_SUPPORT[self.peer](pipe, models, guidance)
 
     def apply(self, pipe: Any, steps: int, run: Callable[[], Any] | None = None) -> None:
         """Enable on every transformer of `pipe`. `run` generates once uncached (MagCache's calibration)."""
@@ -280,14 +278,14 @@ def _has_temporal_blocks(model: torch.nn.Module) -> bool:
     return hasattr(model, "temporal_transformer_blocks")
 
 
-def _one_transformer(pipe: Any, models: list[torch.nn.Module]) -> str | None:
+def _one_transformer(pipe: Any, models: list[torch.nn.Module], guidance: float | None = None) -> str | None:
     if len(models) > 1:
         return ("MagCache's ratios are calibrated per transformer over every step; with two experts (Wan 2.2) each "
                 "sees only part of the steps, which this bench does not calibrate")
     return None
 
 
-def _two_blocks(pipe: Any, models: list[torch.nn.Module]) -> str | None:
+def _two_blocks(pipe: Any, models: list[torch.nn.Module], guidance: float | None = None) -> str | None:
     """FirstBlockCache runs the first block and caches the rest: it needs a block list of two or more."""
     from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
 
@@ -299,7 +297,7 @@ def _two_blocks(pipe: Any, models: list[torch.nn.Module]) -> str | None:
     return None
 
 
-def _taylorseer_modules(pipe: Any, models: list[torch.nn.Module]) -> str | None:
+def _taylorseer_modules(pipe: Any, models: list[torch.nn.Module], guidance: float | None = None) -> str | None:
     import re
 
     for model in models:
@@ -308,7 +306,7 @@ def _taylorseer_modules(pipe: Any, models: list[torch.nn.Module]) -> str | None:
     return None
 
 
-def _batched_cfg(pipe: Any, models: list[torch.nn.Module]) -> str | None:
+def _batched_cfg(pipe: Any, models: list[torch.nn.Module], guidance: float | None = None) -> str | None:
     name = type(pipe).__name__
     if name in BATCHED_CFG_PIPELINES:
         return None
@@ -316,12 +314,18 @@ def _batched_cfg(pipe: Any, models: list[torch.nn.Module]) -> str | None:
             "this cache keeps one state per attention layer, not per branch, so split CFG calls would share it")
 
 
-_PEER_SUPPORT: dict[str, Callable[[Any, list[torch.nn.Module]], str | None]] = {
+def _batched_cfg_with_guidance(pipe: Any, models: list[torch.nn.Module], guidance: float | None = None) -> str | None:
+    if guidance is not None and guidance <= 1.0:
+        return "FasterCache splits a batched CFG call into its two branches; guidance <= 1 runs no CFG"
+    return _batched_cfg(pipe, models)
+
+
+_PEER_SUPPORT: dict[str, Callable[[Any, list[torch.nn.Module], float | None], str | None]] = {
     "fbc": _two_blocks,
     "pab": _batched_cfg,  # PAB's state is per attention module: split-CFG branches would reuse each other's
     "magcache": _one_transformer,
     "taylorseer": _taylorseer_modules,
-    "fastercache": _batched_cfg,
+    "fastercache": _batched_cfg_with_guidance,
 }
 _PEER_CONFIG: dict[str, Callable[..., Any]] = {
     "fbc": _fbc,
