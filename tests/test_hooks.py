@@ -32,7 +32,7 @@ def test_rate_one_is_bit_identical_and_remove_restores():
     assert not hasattr(model, "_adacache") and not hasattr(model, "_diffusers_hook")
     assert "forward" not in model.__dict__
     for block in model.blocks:
-        assert "forward" not in block.__dict__ and not hasattr(block, "_adacache_inner")
+        assert "forward" not in block.__dict__ and not hasattr(block, "_adacache_block")
         assert not block.attn1._forward_hooks
     with pytest.raises(RuntimeError, match="not applied"):
         remove_adacache(model)

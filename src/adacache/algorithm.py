@@ -24,16 +24,23 @@ from .config import AdaCacheConfig
 logger = logging.getLogger(__name__)
 
 
+def l1(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of absolute values, accumulated in at least float32 (half and bfloat16 widen; float64 stays float64)."""
+    return torch.linalg.vector_norm(tensor, ord=1, dtype=torch.promote_types(tensor.dtype, torch.float32))
+
+
 def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-    """L1(current - previous) / L1(previous), summed over every element (all of the batch): a 0-d float32 tensor."""
+    """L1(current - previous) / L1(previous), summed over every element (all of the batch): a 0-d tensor of at
+    least float32. `previous` follows `current` to its device (a model moved within a generation)."""
     if current.shape != previous.shape:
         raise ValueError(
             f"probe shape changed from {tuple(previous.shape)} to {tuple(current.shape)} within one generation; "
             "a generation must keep its batch size and resolution (call adacache.reset_state(model) to start a "
             "new one, or use a separate cache_context name per differently shaped call)"
         )
-    diff = torch.linalg.vector_norm(current - previous, ord=1, dtype=torch.float32)
-    return diff / torch.linalg.vector_norm(previous, ord=1, dtype=torch.float32)
+    if previous.device != current.device:
+        previous = previous.to(current.device)
+    return l1(current - previous) / l1(previous)
 
 
 def motion_score(frames: torch.Tensor, strides: tuple[int, ...]) -> torch.Tensor | None:
@@ -44,7 +51,6 @@ def motion_score(frames: torch.Tensor, strides: tuple[int, ...]) -> torch.Tensor
         if stride >= frames.shape[1]:
             continue
         later, earlier = frames[:, stride:], frames[:, :-stride]
-        l1 = lambda t: torch.linalg.vector_norm(t, ord=1, dtype=torch.float32)  # noqa: E731
         scores.append(l1(later - earlier) / (l1(later) + l1(earlier)))
     if not scores:
         return None

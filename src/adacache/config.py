@@ -11,6 +11,7 @@ import json
 import math
 import numbers
 import os
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -83,8 +84,23 @@ class AdaCacheConfig:
     # Finished generations kept for `get_stats` (per transformer).
     stats_history: int = 8
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Checked once, when made: a field changed afterwards would bypass the checks, or change the schedule of a
+        # generation in progress on every model the config was applied to.
+        if self.__dict__.get("_checked"):
+            raise ConfigError(
+                f"an AdaCacheConfig cannot be changed after it is made (setting {name!r}); make a new one with "
+                f"dataclasses.replace(config, {name}=...) and apply that"
+            )
+        object.__setattr__(self, name, value)
+
+    def __reduce__(self) -> tuple:
+        # copies and pickles are made through __init__, so they are checked and read-only too
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return _rebuild, (type(self), {**fields, "codebook": dict(self.codebook)})
+
     def __post_init__(self) -> None:
-        self.codebook = validate_codebook(self.codebook)
+        self.codebook = types.MappingProxyType(validate_codebook(self.codebook))  # read-only: see __setattr__
         for name in ("moreg", "paper_mode"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -118,6 +134,7 @@ class AdaCacheConfig:
             raise ConfigError(f"num_inference_steps must be a positive int or None, got {self.num_inference_steps!r}")
         if not _is_int(self.stats_history) or self.stats_history < 1:
             raise ConfigError(f"stats_history must be a positive int, got {self.stats_history!r}")
+        object.__setattr__(self, "_checked", True)
 
     # --- construction from names and files -------------------------------------------------------------------
     @classmethod
@@ -160,7 +177,7 @@ class AdaCacheConfig:
         return cls.from_dict({k: v for k, v in data.items() if not k.startswith("_")})
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["codebook"] = {repr(float(k)): int(v) for k, v in self.codebook.items()}
         return data
 
@@ -178,6 +195,10 @@ class AdaCacheConfig:
             return self.moreg_window
         margin = round(num_steps / 10)
         return max(2, margin), num_steps - margin
+
+
+def _rebuild(cls: type, fields: dict[str, Any]) -> AdaCacheConfig:
+    return cls(**fields)
 
 
 def validate_codebook(codebook: Any) -> dict[float, int]:

@@ -11,6 +11,11 @@ to, and whether the step is computed (`algorithm.Schedule`). The blocks of the c
 The decision is plain Python between block calls; each block's own forward is called unchanged, so blocks can be
 compiled (`block.compile()`, or `compile_blocks` for fullgraph). State lives in one `_Runtime` object on the
 model, keyed by (CFG branch) and reset per generation; nothing is global, no class is patched.
+
+A patched model serves one generation at a time: calls from two threads at once, or a thread continuing another
+thread's generation, are refused (diffusers' `cache_context` is one per model, so concurrent callers would read
+each other's branch). A patched model cannot be deep-copied or pickled (its hooks are bound to this instance);
+`remove_adacache` first, then copy.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import collections
 import contextlib
 import inspect
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -80,6 +86,8 @@ class _BranchState:
     timesteps: Any = None  # the scheduler's timesteps object this generation started with
     residuals: tuple[torch.Tensor, torch.Tensor | None] | None = None  # cached (video, text) stack residuals
     peak_bytes: int = 0
+    thread: int | None = None  # the thread that made this generation's last call
+    layout: Any = None  # the shape of the model's frames argument: fixed within a generation
 
     def cache_bytes(self) -> int:
         tensors = [*(self.residuals or ()), self.schedule.prev_probe]
@@ -117,10 +125,30 @@ class _Call:
     reached_last: bool = False  # whether the last cached block ran (or was skipped) in this call
 
 
+_NOT_COPYABLE = (
+    "a model with AdaCache applied cannot be copied or pickled (copy.deepcopy, pickle, torch.save of the module): "
+    "its hooks are bound to this instance, so a copy would run the original's blocks and state. Call "
+    "adacache.remove_adacache(model) first, copy or save, then apply_adacache to each copy. Saving the weights "
+    "needs no removal: model.state_dict() and save_pretrained work as they are."
+)
+
+
+class _Bound:
+    """What AdaCache leaves in a module's __dict__: refuses deep copies and pickling with a message that says what
+    to do, instead of copying closures that would still point at the original model."""
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        raise TypeError(_NOT_COPYABLE)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(_NOT_COPYABLE)
+
+
 # --- the runtime: one per patched transformer -------------------------------------------------------------------
-class _Runtime:
+class _Runtime(_Bound):
     def __init__(self, model: torch.nn.Module, config: AdaCacheConfig, spec: ModelSpec) -> None:
         self.config, self.spec = config, spec
+        self.model_name = type(model).__name__
         self.blocks = spec.blocks(model)
         if len(self.blocks) <= spec.cache_start:
             raise ValueError(f"{type(model).__name__} has {len(self.blocks)} blocks: nothing to cache after cache_start={spec.cache_start}")
@@ -137,7 +165,9 @@ class _Runtime:
         self.states: dict[str, _BranchState] = {}
         self.history: collections.deque[GenerationStats] = collections.deque(maxlen=config.stats_history)
         self.generations = 0
-        self.current: _Call | None = None
+        self.local = threading.local()  # the call in progress, per thread: see `current`
+        self.busy = threading.Lock()  # held for the length of a transformer call
+        self.busy_thread: int | None = None
         self.context = None  # receives diffusers' cache_context (see _ContextHook)
         self.scheduler: Any = None  # set when applied to a pipeline: its timesteps tell steps and generations
         self._timesteps_cache: tuple[Any, list[float]] | None = None
@@ -147,6 +177,33 @@ class _Runtime:
         self.calls_at_t = 0
         self.probe_slot: list[torch.Tensor | None] = [None]  # filled by the attention forward hook
         self.restore: list[Callable[[], None]] = []
+
+    @property
+    def current(self) -> _Call | None:
+        """This thread's transformer call in progress, or None (a block called on its own is left alone)."""
+        return getattr(self.local, "call", None)
+
+    @current.setter
+    def current(self, call: _Call | None) -> None:
+        self.local.call = call
+
+    def enter(self) -> None:
+        """A transformer call begins: refuse a second one while one is in progress (another thread's, or a nested
+        call), since both would share the model's single cache_context and this runtime's branch states."""
+        if not self.busy.acquire(blocking=False):
+            who = "this thread (a nested call)" if self.busy_thread == threading.get_ident() else "another thread"
+            raise RuntimeError(
+                f"AdaCache: this {self.model_name} is already running a call from {who}. A model with AdaCache "
+                "serves one generation at a time (diffusers' cache_context and AdaCache's per-branch state are one "
+                "per model). Give each thread its own model (apply_adacache to each copy made before applying), or "
+                "serialise the calls with a lock."
+            )
+        self.busy_thread = threading.get_ident()
+
+    def leave(self) -> None:
+        self.current = None
+        self.busy_thread = None
+        self.busy.release()
 
     def _resolve_probe_index(self, probe_block: int | None) -> int:
         n = len(self.blocks)
@@ -222,9 +279,28 @@ class _Runtime:
             new_generation = True  # the scheduler was set for a new run
         if state is not None and not new_generation and num_steps not in (None, state.schedule.num_steps):
             new_generation = True
+        frames_value = self._argument(self.spec.frames_argument, args, kwargs)
+        layout = tuple(frames_value.shape) if isinstance(frames_value, torch.Tensor) else frames_value
+        thread = threading.get_ident()
+        if not new_generation and state.thread != thread:
+            raise RuntimeError(
+                f"AdaCache: a call from another thread continues generation {state.generation} (branch {branch!r}) "
+                f"of this {self.model_name}, which an earlier call from a different thread began. Threads must not "
+                "share a model with AdaCache while generating: give each thread its own model, or let one thread "
+                "finish (or call adacache.reset_state(model)) before another starts."
+            )
+        if not new_generation and layout != state.layout:
+            raise ValueError(
+                f"AdaCache: the model's {self.spec.frames_argument!r} changed from {state.layout} to {layout} within "
+                f"generation {state.generation} (branch {branch!r}): the cached residual belongs to the old shape. "
+                "Call adacache.reset_state(model) to start a new generation, or name each differently shaped call "
+                "with its own cache_context."
+            )
         if new_generation:
             state = self._new_generation(branch, num_steps)
             state.timesteps = timesteps[0] if timesteps is not None else None
+            state.layout = layout
+        state.thread = thread
         step = step_index + 1 if step_index is not None else state.schedule.last_step + 1
         if state.last_t is not None and t is not None and t != state.last_t:
             state.direction = 1 if t > state.last_t else -1
@@ -232,7 +308,7 @@ class _Runtime:
 
         compute = state.schedule.is_computed(step, have_cache=state.residuals is not None)
         (state.schedule.computed_steps if compute else state.schedule.skipped_steps).append(step)
-        self.current = _Call(branch, state, step, compute, self._frames(args, kwargs))
+        self.current = _Call(branch, state, step, compute, self._frames(frames_value))
 
     def _scheduler_timesteps(self) -> tuple[Any, list[float]] | None:
         """(the scheduler's timesteps object, as floats), converted once per set_timesteps."""
@@ -292,8 +368,8 @@ class _Runtime:
             return float(value.detach().float().mean())
         return float(value)
 
-    def _frames(self, args: tuple, kwargs: dict) -> int | None:
-        value = self._argument(self.spec.frames_argument, args, kwargs)
+    def _frames(self, value: Any) -> int | None:
+        """Latent frames after patching, from the model's frames argument (a tensor, or a frame count)."""
         if value is None:
             return None
         if self.spec.frames_dim is None:
@@ -368,7 +444,7 @@ class _Runtime:
                     "the cached span after that point with ModelSpec(cache_start=...)."
                 )
             self.passthrough_checked = True
-        return tuple(now + cached if cached is not None else now for now, cached in zip(inputs, residuals))
+        return tuple(now + _like(cached, now, call) if cached is not None else now for now, cached in zip(inputs, residuals))
 
     def _store_cache(self, call: _Call, outputs: tuple) -> None:
         """Computed step, after the last block: let the schedule choose the next rate from the probe, then keep
@@ -388,12 +464,12 @@ class _Runtime:
         if schedule.rate == 1 or last_step:
             state.peak_bytes = max(state.peak_bytes, state.cache_bytes())
             return  # the next step is computed: no residual needed
-        residuals = tuple(
-            out - first if out is not None and first is not None else None
+        residuals = tuple(  # detached: a grad-enabled call must not keep its graph alive in the cache
+            (out - first).detach() if out is not None and first is not None else None
             for out, first in zip(outputs, call.first_inputs)
         )
         for name, residual in zip(("video", "text"), residuals):
-            if residual is not None and not torch.isfinite(residual.sum(dtype=torch.float32)):
+            if residual is not None and not torch.isfinite(residual.sum(dtype=torch.promote_types(residual.dtype, torch.float32))):
                 schedule.note(
                     f"non-finite values in the {name} residual of blocks {self.blocks[self.first][0]}.."
                     f"{self.blocks[self.last][0]} at step {call.step} (branch {call.branch!r}); not caching it, "
@@ -414,6 +490,18 @@ class _Runtime:
             self.history.append(state.stats(branch))
         self.states.clear()
         self.current = None
+
+
+def _like(cached: torch.Tensor, now: torch.Tensor, call: _Call) -> torch.Tensor:
+    """The cached residual on the device and in the dtype of this step's tokens (the model was moved or cast
+    within the generation: the residual is still the best estimate of what the skipped blocks would add)."""
+    if cached.dtype == now.dtype and cached.device == now.device:
+        return cached
+    call.state.schedule.note(
+        f"the cached residual ({cached.dtype}, {cached.device}) was converted to the tokens' {now.dtype} on "
+        f"{now.device}: the model's dtype or device changed within a generation"
+    )
+    return cached.to(device=now.device, dtype=now.dtype)
 
 
 def _find_step(timesteps: list[float], t: float, after: int) -> int | None:
@@ -514,20 +602,39 @@ def _context_hook_class():
 
         def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
             runtime = self.runtime
-            runtime.context = self.state_manager._context
-            runtime.begin_call(args, kwargs)
+            runtime.enter()
             try:
+                runtime.context = self.state_manager._context
+                runtime.begin_call(args, kwargs)
                 output = self.fn_ref.original_forward(*args, **kwargs)
                 runtime.end_call()
                 return output
             finally:
-                runtime.current = None
+                runtime.leave()
 
         def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
             self.runtime.reset()
             return module
 
     return _ContextHook
+
+
+class _CachedBlock(_Bound):
+    """A cached block's link to the runtime; `inner[0]` is the block's own forward (compile_blocks may swap in a
+    compiled one; None for the probe block, kept eager)."""
+
+    def __init__(self, inner: list[Callable] | None) -> None:
+        self.inner = inner
+
+
+class _ProbeRecorder(_Bound):
+    """Forward hook on the probe block's attention module: keeps its output for the runtime."""
+
+    def __init__(self, slot: list[torch.Tensor | None]) -> None:
+        self.slot = slot
+
+    def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        self.slot[0] = output[0] if isinstance(output, (tuple, list)) else output
 
 
 def _wrap_block(runtime: _Runtime, index: int, block: torch.nn.Module, eager: bool = False) -> None:
@@ -547,8 +654,8 @@ def _wrap_block(runtime: _Runtime, index: int, block: torch.nn.Module, eager: bo
     previous = block.__dict__.get("forward")
     # Not traced by dynamo (its callee, the block's own forward, is): `block.compile()` compiles the block alone.
     wrapped = torch.compiler.disable(forward, recursive=False)
+    block._adacache_block = _CachedBlock(None if eager else inner)  # before `forward`: copies meet it first
     block.forward = wrapped
-    block._adacache_inner = None if eager else inner
 
     def restore() -> None:
         if block.__dict__.get("forward") is not wrapped:
@@ -557,7 +664,7 @@ def _wrap_block(runtime: _Runtime, index: int, block: torch.nn.Module, eager: bo
                 "apply_adacache (another hook or wrapper); remove that first"
             )
         del block.forward
-        del block._adacache_inner
+        del block._adacache_block
         if had_own_forward:
             block.forward = previous
 
@@ -626,17 +733,13 @@ def _apply_to_model(model: torch.nn.Module, config: AdaCacheConfig, spec: ModelS
         )
     runtime = _Runtime(model, config, spec_for(model, spec))
     try:
+        setattr(model, _RUNTIME_ATTRIBUTE, runtime)  # before the hooks: a copy or pickle of the model meets it first
         for index in range(runtime.first, len(runtime.blocks)):
             eager = index == runtime.probe_index and runtime.probe_point != "block"
             _wrap_block(runtime, index, runtime.blocks[index][1], eager)
         if runtime.probe_point != "block":
             submodule = runtime.blocks[runtime.probe_index][1].get_submodule(runtime.probe_point)
-            slot = runtime.probe_slot
-
-            def keep_attention_output(module: torch.nn.Module, args: Any, output: Any) -> None:
-                slot[0] = output[0] if isinstance(output, (tuple, list)) else output
-
-            handle = submodule.register_forward_hook(keep_attention_output)
+            handle = submodule.register_forward_hook(_ProbeRecorder(runtime.probe_slot))
             runtime.restore.append(handle.remove)
         had_registry = hasattr(model, "_diffusers_hook")
         had_own_forward = "forward" in model.__dict__
@@ -655,8 +758,8 @@ def _apply_to_model(model: torch.nn.Module, config: AdaCacheConfig, spec: ModelS
     except BaseException:
         for undo in reversed(runtime.restore):
             undo()
+        model.__dict__.pop(_RUNTIME_ATTRIBUTE, None)
         raise
-    setattr(model, _RUNTIME_ATTRIBUTE, runtime)
     logger.info(
         "AdaCache on %s: %d blocks, cached span %s..%s, probe %s (%s)",
         type(model).__name__, len(runtime.blocks), runtime.blocks[runtime.first][0],
@@ -728,7 +831,8 @@ def compile_blocks(model: torch.nn.Module, **compile_kwargs: Any) -> None:
     runtime = getattr(model, _RUNTIME_ATTRIBUTE, None)
     blocks = runtime.blocks if runtime is not None else spec_for(model).blocks(model)
     for _, block, _ in blocks:
-        if "_adacache_inner" not in block.__dict__:
+        cached = block.__dict__.get("_adacache_block")
+        if cached is None:
             block.compile(**compile_kwargs)  # outside the cached span, or no AdaCache
-        elif block._adacache_inner is not None:  # None: the probe block, kept eager (see _wrap_block)
-            block._adacache_inner[0] = torch.compile(block._adacache_inner[0], **compile_kwargs)
+        elif cached.inner is not None:  # None: the probe block, kept eager (see _wrap_block)
+            cached.inner[0] = torch.compile(cached.inner[0], **compile_kwargs)
