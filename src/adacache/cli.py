@@ -1,18 +1,102 @@
-"""The `adacache` command line. The CLI owns the terminal; the library only logs."""
+"""The `adacache` command line. The CLI owns the terminal; the library only logs.
+
+Exit status: 0 done; 2 a usage or input error (one `adacache: error: ...` line on stderr; argparse's usage error
+for a malformed option); 1 the system failed (an I/O error); 130 after Ctrl-C and 143 after SIGTERM, each with
+one line and no traceback, after the `finally` blocks ran (atomic writers remove their temporary files).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import difflib
+import gc
 import logging
+import math
+import re
 import sys
-
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from .config import PRESETS, AdaCacheConfig, ConfigError
+from .interrupts import Terminated, sigterm_as_interrupt
 
 if TYPE_CHECKING:
     import numpy as np
+
+# Bounds of the numeric options, checked while the command line is parsed, so a typo fails before a model loads.
+MAX_STEPS = 1000  # denoising steps: schedules in use are 20-100 (the paper: 30 and 100); more is most likely a typo
+MAX_GUIDANCE = 100.0  # CFG scale: real models use 1-15; far above, the guided velocity overflows into inf/nan.
+#                       At most 1 turns guidance off (diffusers' convention), so 0-1 all mean "no CFG".
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
+MAX_TRAIN_SEED = 2**32 - 1  # training derives its stream seeds as seed * 1,000,003 + step, which must stay in 64 bits
+# A hub id as huggingface_hub spells one: "name" or "owner/name"
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def _integer(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high]."""
+    span = f"from {low} to {high}" if high is not None else f">= {low}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes an integer {span}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be an integer {span}, got {value}")
+        return value
+
+    return parse
+
+
+def _number(low: float, high: float | None = None, *, above: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in [low, high] (or above `low`, when `above`). float() alone would take
+    inf and nan."""
+    span = (f"above {low:g}" if above else f"from {low:g}") + (f" to {high:g}" if high is not None else "")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes a number {span}, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (above and value == low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be a finite number {span}, got {text}")
+        return value
+
+    return parse
+
+
+_STEPS, _GUIDANCE, _SEED = _integer(1, MAX_STEPS), _number(0.0, MAX_GUIDANCE), _integer(0, MAX_SEED)
+GUIDANCE_HELP = f"classifier-free guidance scale, 0 to {MAX_GUIDANCE:g}; at most 1 turns guidance off (default 4.0)"
+_POSITIVE, _NON_NEGATIVE = _integer(1), _integer(0)
+
+
+def _load_config(spec: str | Path, option: str) -> AdaCacheConfig:
+    """`AdaCacheConfig.load`, with errors that name the option and the file, and a preset typo's likely preset."""
+    spec = str(spec)
+    if spec in PRESETS:
+        return AdaCacheConfig.from_preset(spec)
+    path = Path(spec)
+    presets = ", ".join(sorted(PRESETS))
+    if not path.exists():
+        if path.suffix.lower() == ".json" or "/" in spec or "\\" in spec:
+            raise ConfigError(f"{option} {spec!r}: the config file does not exist (presets: {presets})")
+        close = difflib.get_close_matches(spec, PRESETS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{option} {spec!r} is neither a preset ({presets}) nor a JSON config file{hint}")
+    if path.is_dir():
+        raise ConfigError(f"{option} {spec!r} is a folder; give a preset ({presets}) or a JSON config file")
+    try:
+        return AdaCacheConfig.load(path)
+    except (OSError, UnicodeDecodeError) as error:  # config.py lets these through without the file's name
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        raise ConfigError(f"cannot read the config file {spec!r} ({option}): {reason}") from None
+    except ConfigError as error:
+        if spec in str(error) or str(path) in str(error):  # config.py's JSON checks name the file already
+            raise
+        raise ConfigError(f"the config file {spec!r} ({option}): {error}") from None
 
 
 def _cache_config(args: argparse.Namespace) -> AdaCacheConfig:
@@ -20,7 +104,7 @@ def _cache_config(args: argparse.Namespace) -> AdaCacheConfig:
     if cache == "auto":  # the embedded model's own calibrated codebook for this step count; else the 30-step preset
         tuned = _tuned(args.steps) if getattr(args, "model", None) is None else None
         cache = tuned or "opensora-30-fast"
-    config = AdaCacheConfig.load(cache)
+    config = _load_config(cache, "--cache")
     if args.moreg:
         config = dataclasses.replace(config, moreg=True)
     return config
@@ -45,24 +129,130 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_pipeline(model: str | None):
-    """The embedded model by default; a folder holding it (as `adacache train --export` writes); else any
-    diffusers pipeline id or folder."""
+def _model_kind(model: str | None) -> str:
+    """"embedded" (no --model, or a folder `adacache train --export` wrote) or "diffusers"; a --model that cannot
+    be a pipeline is refused here, before any work."""
     import json
-    from pathlib import Path
 
+    if model is None:
+        return "embedded"
+    if not model.strip():
+        raise ConfigError("--model is empty; give a pipeline folder or hub id, or leave it out for the embedded model")
+    path = Path(model).expanduser()
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise ConfigError(f"--model {model!r} is a folder without model_index.json, so not a diffusers pipeline; "
+                              "give the folder that save_pretrained (or `adacache train --export DIR`) wrote")
+        try:
+            data = json.loads(index.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+            raise ConfigError(f"cannot read {str(index)!r}: {reason}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{str(index)!r} must hold a JSON object naming the pipeline's class and components")
+        return "embedded" if data.get("_class_name") == "EmbeddedVideoPipeline" else "diffusers"
+    if path.exists():
+        raise ConfigError(f"--model {model!r} is a file; give a pipeline folder (holding model_index.json) or a hub "
+                          "id such as Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+    if not _HUB_ID.fullmatch(model):
+        raise ConfigError(f"--model {model!r}: no such folder, and not a hub id (owner/name)")
+    return "diffusers"
+
+
+def _check_sizes(args: argparse.Namespace, kind: str) -> dict:
+    """The --height/--width/--num-frames given, as pipeline call arguments; refused for the embedded model."""
+    from .embedded.domain import FRAMES, SIZE
+
+    sizes = {"height": args.height, "width": args.width, "num_frames": args.num_frames}
+    given = {key: value for key, value in sizes.items() if value is not None}
+    if given and kind == "embedded":
+        flags = ", ".join("--" + key.replace("_", "-") for key in given)
+        raise ConfigError(f"{flags}: the embedded model makes {SIZE}x{SIZE} clips of {FRAMES} frames only; these "
+                          "options are for --model pipelines, leave them out")
+    return given
+
+
+def _load_pipeline(model: str | None, progress: bool = True):
+    """The embedded model by default; a folder holding it (as `adacache train --export` writes); else any
+    diffusers pipeline id or folder. Load failures become a ConfigError naming the model."""
     import torch
 
     from .embedded.pipeline import EmbeddedVideoPipeline
 
-    if model is None:
-        return EmbeddedVideoPipeline.from_embedded()
-    index = Path(model) / "model_index.json"
-    if index.is_file() and json.loads(index.read_text()).get("_class_name") == EmbeddedVideoPipeline.__name__:
-        return EmbeddedVideoPipeline.from_pretrained(model, local_files_only=True)
-    from diffusers import DiffusionPipeline
+    kind = _model_kind(model)
+    with _loading_bars(progress):
+        if model is None:
+            return EmbeddedVideoPipeline.from_embedded()
+        folder = Path(model).expanduser()
+        source = str(folder) if folder.is_dir() else model  # a quoted "~/..." too
+        try:
+            if kind == "embedded":
+                return EmbeddedVideoPipeline.from_pretrained(source, local_files_only=True)
+            from diffusers import DiffusionPipeline
 
-    return DiffusionPipeline.from_pretrained(model, dtype=torch.float32)
+            return DiffusionPipeline.from_pretrained(source, dtype=torch.float32)
+        except (OSError, ValueError) as error:
+            reason = " ".join(str(error).split())  # diffusers' messages run long: the start says what failed
+            reason = reason if len(reason) <= 160 else reason[:160] + "..."
+            if folder.is_dir():
+                raise ConfigError(f"cannot load the pipeline folder {model!r}: {reason}") from None
+            raise ConfigError(
+                f"cannot load --model {model!r}: no local folder has that name, and the hub id is neither cached "
+                f"nor downloadable; give a folder holding model_index.json, or check the id and the network "
+                f"(diffusers: {reason})") from None
+
+
+@contextlib.contextmanager
+def _loading_bars(show: bool):
+    """The loading bars of diffusers ("Loading pipeline components") and transformers ("Loading weights", a text
+    encoder's), hidden with --no-progress and restored after."""
+    import importlib
+
+    switches = []
+    for name in ("diffusers.utils.logging", "transformers.utils.logging"):
+        try:
+            switches.append(importlib.import_module(name))
+        except ImportError:  # transformers is optional
+            continue
+    shown = [module for module in switches if module.is_progress_bar_enabled()]
+    if not show:
+        for module in shown:
+            module.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module in shown:
+            module.enable_progress_bar()
+
+
+def _check_prompts(pipe, prompts: list[str]) -> None:
+    """Refuse, before any generation, a prompt the embedded model cannot read (no word of its vocabulary, too
+    many words); other pipelines read any text."""
+    encoder = getattr(pipe, "text_encoder", None)
+    if hasattr(encoder, "check_prompt"):
+        for prompt in prompts:
+            encoder.check_prompt(prompt)
+
+
+def _finite_step_check(pipe, steps: int) -> dict:
+    """Call arguments for a diffusers pipeline that takes `callback_on_step_end`: stop at the first step whose
+    latents hold inf or nan, naming it (the decoded frames are checked again in any case)."""
+    import inspect
+
+    import torch
+
+    if ("callback_on_step_end" not in inspect.signature(pipe.__call__).parameters
+            or "latents" not in getattr(pipe, "_callback_tensor_inputs", ())):
+        return {}
+
+    def check(pipe, step: int, timestep, tensors: dict) -> dict:
+        if not torch.isfinite(tensors["latents"]).all():
+            raise FloatingPointError(f"the latents became non-finite (inf or nan) at step {step + 1} of {steps}; "
+                                     "lower --guidance, or check the model's weights")
+        return {}
+
+    return {"callback_on_step_end": check, "callback_on_step_end_tensor_inputs": ["latents"]}
 
 
 def _frames_of(output) -> "np.ndarray":
@@ -86,14 +276,26 @@ def _generate(args: argparse.Namespace) -> int:
 
     if not args.prompt.strip():
         raise ConfigError("the prompt is empty; describe a clip, e.g. 'a red circle moving right fast'")
+    kind = _model_kind(args.model)
+    sizes = _check_sizes(args, kind)
     output = check_writable(args.output)
-    gif = check_writable(output.with_suffix(".gif")) if args.gif else None
+    gif = None
+    if args.gif and output.suffix.lower() == ".gif":
+        print(f"adacache: note: the output {str(output)!r} is already a GIF; --gif writes nothing more",
+              file=sys.stderr)
+    elif args.gif:
+        gif = check_writable(output.with_suffix(".gif"))
+    if args.compare and args.cache == "none":
+        raise ConfigError("--compare runs the model uncached and cached; with --cache none there is nothing to "
+                          "compare (leave out one of them)")
     config = None if args.cache == "none" else _cache_config(args)
-    pipe = _load_pipeline(args.model)
+    pipe = _load_pipeline(args.model, progress=not args.no_progress)
     pipe.set_progress_bar_config(disable=args.no_progress)
-    call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="np")
-    sizes = {"height": args.height, "width": args.width, "num_frames": args.num_frames}
-    call.update({key: value for key, value in sizes.items() if value is not None})  # real pipelines only
+    # output_type "np": uint8 from the embedded model (its loop checks every step for inf/nan), floats in [0, 1]
+    # from diffusers pipelines, which to_uint8 refuses when they hold inf/nan
+    call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="np", **sizes)
+    if kind == "diffusers":
+        call.update(_finite_step_check(pipe, args.steps))
 
     def run() -> tuple["np.ndarray", float]:
         start = time.perf_counter()
@@ -154,18 +356,19 @@ def _prompts(args: argparse.Namespace) -> list[str]:
         prompts = prompt_set()
     else:
         raise ConfigError("--prompts FILE is needed with --model (one prompt per line)")
-    if args.num_prompts is not None:
-        if args.num_prompts < 1:
-            raise ConfigError(f"--num-prompts must be positive, got {args.num_prompts}")
+    if args.num_prompts is not None:  # positive: checked by the parser
         prompts = prompts[:: max(1, len(prompts) // args.num_prompts)][: args.num_prompts]
     return prompts
 
 
 def _seeds(text: str) -> list[int]:
+    problem = ConfigError(f"--seeds takes comma-separated integers from 0 to {MAX_SEED}, e.g. 0,1; got {text!r}")
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise ConfigError(f"--seeds takes comma-separated non-negative integers, e.g. 0,1; got {text!r}") from None
+        raise problem from None
+    if not seeds or any(not 0 <= seed <= MAX_SEED for seed in seeds):
+        raise problem
     return seeds
 
 
@@ -182,18 +385,27 @@ def _bench(args: argparse.Namespace) -> int:
     from .evaluation.bench import BenchSettings, prepare_folder, run_bench
     from .evaluation.methods import default_methods, parse_methods
 
+    sizes = _check_sizes(args, _model_kind(args.model))
+    seeds = _seeds(args.seeds)
     prompts = _prompts(args)
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else default_methods(args.steps)
     tuned = _tuned(args.steps) if args.model is None else None
     parse_methods(methods, tuned)  # every name checked before the model loads
-    sizes = {"height": args.height, "width": args.width, "num_frames": args.num_frames}
     settings = BenchSettings(
-        model=args.model or "embedded", prompts=prompts, methods=methods, seeds=_seeds(args.seeds), steps=args.steps,
-        guidance=args.guidance, repeats=args.repeats, warmup=args.warmup, flops=not args.no_flops,
-        call={k: v for k, v in sizes.items() if v is not None},
+        model=args.model or "embedded", prompts=prompts, methods=methods, seeds=seeds, steps=args.steps,
+        guidance=args.guidance, repeats=args.repeats, warmup=args.warmup, flops=not args.no_flops, call=sizes,
     )
-    prepare_folder(args.out)
-    pipe = _load_pipeline(args.model)
+    out = Path(args.out)
+    made = not out.exists()
+    prepare_folder(out)
+    try:
+        pipe = _load_pipeline(args.model, progress=not args.no_progress)
+        _check_prompts(pipe, prompts)
+    except BaseException:
+        if made:  # a model that does not load leaves no empty output folder behind
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
     _to_device(pipe)
     command = "adacache " + " ".join(shlex.quote(a) for a in args.argv)
     report = run_bench(pipe, settings, args.out, tuned=tuned, progress=not args.no_progress, command=command)
@@ -213,11 +425,21 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     if (args.speedup is None) == (args.psnr is None):
         raise ConfigError("give one target: --speedup X (e.g. 2.0) or --psnr DB (e.g. 30)")
+    if args.steps < 4:
+        raise ConfigError(f"--steps {args.steps} leaves nothing to calibrate: the first step and the last two are "
+                          "always computed; calibrate at the step count you generate with (e.g. 30)")
+    if args.speedup is not None and args.speedup > args.steps / 3:  # the rule Calibrator.calibrate applies, early
+        raise ConfigError(f"--speedup {args.speedup:g} is out of reach at {args.steps} steps: the first step and the "
+                          f"last two are always computed, so at most {args.steps / 3:.1f}; lower it or raise --steps")
     output = Path(args.output)
+    if output.is_dir():
+        raise ConfigError(f"the output {args.output!r} is a folder; give a .json file name")
     if output.suffix != ".json":
         raise ConfigError(f"the output {args.output!r} must be a .json file")
     if not output.parent.is_dir():
         raise ConfigError(f"the output folder {str(output.parent)!r} does not exist; create it first")
+    sizes = _check_sizes(args, _model_kind(args.model))
+    seeds = _seeds(args.seeds)
     prompts = _prompts(args)
     held_out: list[str] = []
     if args.check:
@@ -229,16 +451,14 @@ def _calibrate(args: argparse.Namespace) -> int:
         else:
             raise ConfigError("--check N draws held-out prompts from the embedded prompt set; with --model or "
                               "--prompts, calibrate on part of your prompts and bench the rest")
-    base = AdaCacheConfig.load(args.base) if args.base else AdaCacheConfig()
+    base = _load_config(args.base, "--base") if args.base else AdaCacheConfig()
     if args.moreg:
         base = dataclasses.replace(base, moreg=True)
-    sizes = {"height": args.height, "width": args.width, "num_frames": args.num_frames}
     pipe = _load_pipeline(args.model)
+    _check_prompts(pipe, prompts + held_out)
     _to_device(pipe)
-    calibrator = Calibrator(pipe, prompts, seeds=_seeds(args.seeds), steps=args.steps, guidance=args.guidance,
-                            base=base, call={k: v for k, v in sizes.items() if v is not None}, progress=print)
-    if args.iterations < 1:
-        raise ConfigError(f"--iterations must be positive, got {args.iterations}")
+    calibrator = Calibrator(pipe, prompts, seeds=seeds, steps=args.steps, guidance=args.guidance, base=base,
+                            call=sizes, progress=print)
     result = calibrator.calibrate(speedup=args.speedup, target_psnr=args.psnr, wall_clock=not args.compute,
                                   iterations=args.iterations)
     about = {"model": args.model or "embedded", **result.about}
@@ -276,32 +496,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log the library's decisions")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="run a small model on CPU uncached and cached; print steps and speed-up")
-    demo.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
+    demo.add_argument("--steps", type=_STEPS, default=30, help=f"denoising steps, 1 to {MAX_STEPS} (default 30)")
     demo.add_argument("--cache", default="opensora-30-fast",
                       help=f"preset ({', '.join(sorted(PRESETS))}) or a JSON config file (default opensora-30-fast)")
     demo.add_argument("--moreg", action="store_true", help="enable motion regularization")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (weights and noise)")
+    demo.add_argument("--seed", type=_SEED, default=0, help="random seed (weights and noise), 0 to 2**64-1")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(run=_demo)
 
     gen = commands.add_parser("generate", help="prompt -> video (the embedded model by default, or any diffusers pipeline)")
     gen.add_argument("prompt", help='e.g. "a red circle moving right fast"')
-    gen.add_argument("-o", "--output", default="out.mp4", help="output .mp4 or .gif (default out.mp4)")
+    gen.add_argument("-o", "--output", default="out.mp4",
+                     help="output .mp4 or .gif, replaced atomically if it exists; its folder must exist "
+                          "(default out.mp4)")
     gen.add_argument("--model", default=None, help="diffusers pipeline id or local folder (default: the embedded model)")
     gen.add_argument("--cache", default="auto",
                      help=f"none, auto, a preset ({', '.join(sorted(PRESETS))}) or a JSON config file (default auto: "
                           "the embedded model's calibrated codebook for the step count, or opensora-30-fast for --model "
                           "pipelines)")
     gen.add_argument("--moreg", action="store_true", help="enable motion regularization")
-    gen.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
-    gen.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4.0)")
-    gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    gen.add_argument("--height", type=int, default=None, help="frame height, for --model pipelines")
-    gen.add_argument("--width", type=int, default=None, help="frame width, for --model pipelines")
-    gen.add_argument("--num-frames", type=int, default=None, help="number of frames, for --model pipelines")
+    gen.add_argument("--steps", type=_STEPS, default=30, help=f"denoising steps, 1 to {MAX_STEPS} (default 30)")
+    gen.add_argument("--guidance", type=_GUIDANCE, default=4.0, help=GUIDANCE_HELP)
+    gen.add_argument("--seed", type=_SEED, default=0, help="random seed, 0 to 2**64-1 (default 0)")
+    gen.add_argument("--height", type=_POSITIVE, default=None, help="frame height, for --model pipelines")
+    gen.add_argument("--width", type=_POSITIVE, default=None, help="frame width, for --model pipelines")
+    gen.add_argument("--num-frames", type=_POSITIVE, default=None, help="number of frames, for --model pipelines")
     gen.add_argument("--compare", action="store_true",
                      help="also run uncached with the same seed: print both times, the speed-up and PSNR, write side by side")
-    gen.add_argument("--gif", action="store_true", help="also write a GIF next to the output")
+    gen.add_argument("--gif", action="store_true",
+                     help="also write a GIF next to an .mp4 output (same name, .gif); with a .gif output it adds "
+                          "nothing")
     gen.add_argument("--no-progress", action="store_true", help="hide progress bars")
     gen.set_defaults(run=_generate)
 
@@ -309,20 +533,20 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--model", default=None, help="diffusers pipeline id or local folder (default: the embedded model)")
     be.add_argument("--prompts", default=None, help="prompt file, one per line (default on the embedded model: its "
                                                     "36-prompt set)")
-    be.add_argument("--num-prompts", type=int, default=None, help="use N prompts spread over the set")
+    be.add_argument("--num-prompts", type=_POSITIVE, default=None, help="use N prompts spread over the set")
     be.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
     be.add_argument("--methods", default=None,
                     help="comma-separated: none, auto[+moreg], presets[+moreg], config .json files, static:<k>, "
                          "fbc[:thr], pab[:range], magcache[:thr], taylorseer[:interval], fastercache[:range] "
                          "(default: all of them at a few settings)")
-    be.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
-    be.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4.0)")
-    be.add_argument("--repeats", type=int, default=1, help="timed generations per video and method (median)")
-    be.add_argument("--warmup", type=int, default=1, help="untimed generations per method first (default 1)")
+    be.add_argument("--steps", type=_STEPS, default=30, help=f"denoising steps, 1 to {MAX_STEPS} (default 30)")
+    be.add_argument("--guidance", type=_GUIDANCE, default=4.0, help=GUIDANCE_HELP)
+    be.add_argument("--repeats", type=_POSITIVE, default=1, help="timed generations per video and method (median)")
+    be.add_argument("--warmup", type=_NON_NEGATIVE, default=1, help="untimed generations per method first (default 1)")
     be.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting pass")
-    be.add_argument("--height", type=int, default=None, help="frame height, for --model pipelines")
-    be.add_argument("--width", type=int, default=None, help="frame width, for --model pipelines")
-    be.add_argument("--num-frames", type=int, default=None, help="number of frames, for --model pipelines")
+    be.add_argument("--height", type=_POSITIVE, default=None, help="frame height, for --model pipelines")
+    be.add_argument("--width", type=_POSITIVE, default=None, help="frame width, for --model pipelines")
+    be.add_argument("--num-frames", type=_POSITIVE, default=None, help="number of frames, for --model pipelines")
     be.add_argument("-o", "--out", default="bench", help="output folder; a run there resumes (default bench)")
     be.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     be.set_defaults(run=_bench)
@@ -330,27 +554,30 @@ def build_parser() -> argparse.ArgumentParser:
     ca = commands.add_parser("calibrate", help="derive a codebook for this model and step count from a few prompts")
     ca.add_argument("-o", "--output", required=True, help="the config file to write (.json)")
     target = ca.add_mutually_exclusive_group()
-    target.add_argument("--speedup", type=float, default=None, help="target mean speed-up, e.g. 2.0")
-    target.add_argument("--psnr", type=float, default=None, help="or: the fastest codebook keeping this mean PSNR (dB)")
+    target.add_argument("--speedup", type=_number(1.0, above=True), default=None,
+                        help="target mean speed-up above 1 and at most steps / 3, e.g. 2.0")
+    target.add_argument("--psnr", type=_number(0.0, above=True), default=None,
+                        help="or: the fastest codebook keeping this mean PSNR (dB)")
     ca.add_argument("--compute", action="store_true",
                     help="read --speedup as compute (steps / computed steps) instead of wall clock")
     ca.add_argument("--model", default=None, help="diffusers pipeline id or local folder (default: the embedded model)")
     ca.add_argument("--prompts", default=None, help="calibration prompt file (default on the embedded model: its set)")
-    ca.add_argument("--num-prompts", type=int, default=6, help="use N prompts spread over the set (default 6)")
-    ca.add_argument("--check", type=int, default=0, metavar="N",
+    ca.add_argument("--num-prompts", type=_POSITIVE, default=6, help="use N prompts spread over the set (default 6)")
+    ca.add_argument("--check", type=_NON_NEGATIVE, default=0, metavar="N",
                     help="embedded model: then measure the codebook on N prompts it was not calibrated on")
     ca.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
-    ca.add_argument("--steps", type=int, default=30, help="denoising steps: codebooks are step-count specific")
-    ca.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4.0)")
+    ca.add_argument("--steps", type=_STEPS, default=30,
+                    help=f"denoising steps, 1 to {MAX_STEPS}: codebooks are step-count specific (default 30)")
+    ca.add_argument("--guidance", type=_GUIDANCE, default=4.0, help=GUIDANCE_HELP)
     ca.add_argument("--base", default=None,
                     help="preset or config file whose other settings (probe, MoReg window) the result keeps "
                          "(default: AdaCacheConfig's defaults)")
     ca.add_argument("--moreg", action="store_true", help="calibrate with motion regularization on")
-    ca.add_argument("--iterations", type=int, default=9,
+    ca.add_argument("--iterations", type=_POSITIVE, default=9,
                     help="bisection steps on the threshold scale, each a cached run of every prompt (default 9)")
-    ca.add_argument("--height", type=int, default=None, help="frame height, for --model pipelines")
-    ca.add_argument("--width", type=int, default=None, help="frame width, for --model pipelines")
-    ca.add_argument("--num-frames", type=int, default=None, help="number of frames, for --model pipelines")
+    ca.add_argument("--height", type=_POSITIVE, default=None, help="frame height, for --model pipelines")
+    ca.add_argument("--width", type=_POSITIVE, default=None, help="frame width, for --model pipelines")
+    ca.add_argument("--num-frames", type=_POSITIVE, default=None, help="number of frames, for --model pipelines")
     ca.set_defaults(run=_calibrate)
 
     tr = commands.add_parser("train", help="train (or resume) the embedded model on the procedural domain")
@@ -358,12 +585,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--size", default="small", help="model size: small (shipped) or tiny (smoke test)")
     tr.add_argument("--architecture", default="wan", choices=["wan", "latte"],
                     help="diffusers transformer class: wan (3D attention, shipped) or latte (spatial/temporal blocks)")
-    tr.add_argument("--steps", type=int, default=4000, help="total optimizer steps (default 4000, as shipped)")
-    tr.add_argument("--batch-size", type=int, default=16)
-    tr.add_argument("--lr", type=float, default=1e-3)
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--eval-every", type=int, default=500, help="verifier check every N steps (0 = never)")
-    tr.add_argument("--threads", type=int, default=2)
+    tr.add_argument("--steps", type=_POSITIVE, default=4000, help="total optimizer steps (default 4000, as shipped)")
+    tr.add_argument("--batch-size", type=_POSITIVE, default=16)
+    tr.add_argument("--lr", type=_number(0.0, above=True), default=1e-3)
+    tr.add_argument("--seed", type=_integer(0, MAX_TRAIN_SEED), default=0, help="0 to 2**32-1")
+    tr.add_argument("--eval-every", type=_NON_NEGATIVE, default=500, help="verifier check every N steps (0 = never)")
+    tr.add_argument("--threads", type=_POSITIVE, default=2)
     tr.add_argument("--export", default=None, help="write the EMA weights of the checkpoint as a pipeline folder")
     tr.add_argument("--export-from", default=None, help="checkpoint to export (default OUT/checkpoint.pt)")
     tr.add_argument("--no-progress", action="store_true")
@@ -372,19 +599,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status (see the module docstring)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # malformed or out-of-range numbers end here: usage error, exit 2
     args.argv = list(sys.argv[1:] if argv is None else argv)  # reports quote the command that made them
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
-    if getattr(args, "steps", 1) < 1:
-        parser.error(f"--steps must be a positive integer, got {args.steps}")
-    if getattr(args, "seed", 0) < 0:
-        parser.error(f"--seed must be a non-negative integer, got {args.seed}")
     try:
-        return args.run(args)
-    except (ConfigError, ValueError, FileNotFoundError) as error:
+        with sigterm_as_interrupt():  # SIGTERM unwinds like Ctrl-C, so `finally` blocks clean up
+            return args.run(args)
+    except (ConfigError, ValueError, FloatingPointError, FileNotFoundError) as error:
         print(f"adacache: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # the system, not the input: a full disk, a lost mount
+        print(f"adacache: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as stop:
+        terminated = isinstance(stop, Terminated)
+    # Outside the handler the interrupted frames are released, so what they held (an open progress bar) is closed
+    # and drawn now, and this line comes last.
+    gc.collect()
+    print("adacache: terminated" if terminated else "adacache: interrupted", file=sys.stderr)
+    return Terminated.exit_code if terminated else 130
 
 
 if __name__ == "__main__":

@@ -13,15 +13,22 @@ VIDEO_SUFFIXES = (".mp4", ".gif")
 
 
 def check_writable(path: str | os.PathLike) -> Path:
-    """Fail before any work if `path` cannot be written: wrong suffix, missing or read-only folder."""
+    """Fail before any work if `path` cannot be written: a folder, no or a wrong suffix, a missing or read-only
+    folder. An existing file is fine: `write_video` replaces it atomically."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"output {str(path)!r} is a folder; give a file name, e.g. {str(path / 'out.mp4')!r}")
+    if not path.suffix:
+        raise ValueError(f"output {str(path)!r} has no suffix; name it {str(path) + '.mp4'!r} or "
+                         f"{str(path) + '.gif'!r}")
     if path.suffix.lower() not in VIDEO_SUFFIXES:
-        raise ValueError(f"output {str(path)!r} must end in {' or '.join(VIDEO_SUFFIXES)}")
+        raise ValueError(f"output {str(path)!r} must end in {' or '.join(VIDEO_SUFFIXES)}, e.g. "
+                         f"{str(path.with_suffix('.mp4'))!r}")
     folder = path.parent if str(path.parent) else Path(".")
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"output folder {str(folder)!r} is not a folder but a file")
     if not folder.is_dir():
         raise ValueError(f"output folder {str(folder)!r} does not exist; create it first")
-    if path.is_dir():
-        raise ValueError(f"output {str(path)!r} is a folder; give a file name")
     try:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".adacache-write-test-"):
             pass
@@ -31,13 +38,20 @@ def check_writable(path: str | os.PathLike) -> Path:
 
 
 def to_uint8(frames) -> np.ndarray:
-    """(T, H, W, 3) uint8 from a uint8 array or a float array/tensor in [0, 1] laid out (T, H, W, 3) or (T, 3, H, W)."""
+    """(T, H, W, 3) uint8 from a uint8 array or a float array/tensor in [0, 1] laid out (T, H, W, 3) or (T, 3, H, W).
+    Float frames holding inf or nan raise FloatingPointError: clipped, they would pass for a black video."""
     array = frames.detach().cpu().numpy() if hasattr(frames, "detach") else np.asarray(frames)
     if array.ndim != 4:
         raise ValueError(f"expected frames of shape (T, H, W, 3) or (T, 3, H, W), got {array.shape}")
     if array.shape[-1] != 3 and array.shape[1] == 3:
         array = array.transpose(0, 2, 3, 1)
     if array.dtype != np.uint8:
+        if not np.isfinite(array).all():
+            bad = int(np.count_nonzero(~np.isfinite(array)))
+            raise FloatingPointError(
+                f"the frames hold {bad} non-finite values (inf or nan) of {array.size}: the generation diverged "
+                "(a guidance scale too high?) or the model's weights are broken; no video is written"
+            )
         array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
     return array
 

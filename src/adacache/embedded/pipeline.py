@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,12 +69,14 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
         return getattr(self, "_current_timestep", None)
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
+        """(B, L, dim) caption embeddings. A prompt with no word of the vocabulary, or too many words, is refused
+        (ValueError); unknown words in a prompt that has known ones are warned about and read as <unk>."""
         for prompt in prompts:
-            unknown = self.text_encoder.unknown_words(prompt)
+            unknown = self.text_encoder.check_prompt(prompt)
             if unknown:
                 logger.warning(
                     "words outside the embedded model's vocabulary are ignored: %s; it knows: %s",
-                    ", ".join(unknown), " ".join(self.text_encoder.words[2:]),
+                    ", ".join(unknown), " ".join(self.text_encoder.vocabulary),
                 )
         ids = self.text_encoder.tokenize(prompts).to(self.transformer.device)
         return self.text_encoder(ids)
@@ -93,6 +97,9 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
             raise ValueError("the prompt is empty; describe a clip, e.g. 'a red circle moving right fast'")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps}")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) or not math.isfinite(
+                guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number (> 1 turns guidance on), got {guidance_scale!r}")
         if output_type not in ("pt", "np"):
             raise ValueError(f"output_type must be 'pt' (float tensor in [0, 1]) or 'np' (uint8), got {output_type!r}")
         from .domain import FRAMES, SIZE
@@ -109,22 +116,31 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
-        for i, t in enumerate(self.progress_bar(timesteps)):
-            self._current_timestep = t
-            model_input = torch.cat([latents, latents]) if use_cfg else latents
-            # one batched call per step; the context tells cache hooks (AdaCache, diffusers' caches) where we are
-            context = {"step_index": i, "num_inference_steps": len(timesteps), "sigma": float(self.scheduler.sigmas[i])}
-            with self._cache_context("cond_uncond" if use_cfg else "cond", context):
-                velocity = self.transformer(
-                    model_input, timestep=t.expand(model_input.shape[0]), encoder_hidden_states=text,
-                    return_dict=False,
-                )[0]
-            if use_cfg:
-                uncond, cond = velocity.chunk(2)
-                velocity = uncond + guidance_scale * (cond - uncond)
-            latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
-
-        self._current_timestep = None
+        try:
+            for i, t in enumerate(self.progress_bar(timesteps)):
+                self._current_timestep = t
+                model_input = torch.cat([latents, latents]) if use_cfg else latents
+                # one batched call per step; the context tells cache hooks (AdaCache, diffusers' caches) where we are
+                context = {"step_index": i, "num_inference_steps": len(timesteps),
+                           "sigma": float(self.scheduler.sigmas[i])}
+                with self._cache_context("cond_uncond" if use_cfg else "cond", context):
+                    velocity = self.transformer(
+                        model_input, timestep=t.expand(model_input.shape[0]), encoder_hidden_states=text,
+                        return_dict=False,
+                    )[0]
+                if use_cfg:
+                    uncond, cond = velocity.chunk(2)
+                    velocity = uncond + guidance_scale * (cond - uncond)
+                latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+                # one reduction per step: a diverged run fails here, naming the step, instead of ending as a clip
+                # that clamp() would turn into flat colour
+                if not torch.isfinite(latents).all():
+                    raise FloatingPointError(
+                        f"the latents became non-finite (inf or nan) at step {i + 1} of {len(timesteps)}, with "
+                        f"guidance_scale {guidance_scale}; lower the guidance scale, or check the model's weights"
+                    )
+        finally:
+            self._current_timestep = None
         frames = ((latents.clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4)  # (B, T, 3, H, W) in [0, 1]
         if output_type == "np":
             frames = (frames.permute(0, 1, 3, 4, 2) * 255).round().to(torch.uint8).cpu().numpy()
