@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import difflib
 import gc
 import logging
 import math
@@ -74,29 +73,11 @@ _POSITIVE, _NON_NEGATIVE = _integer(1), _integer(0)
 
 
 def _load_config(spec: str | Path, option: str) -> AdaCacheConfig:
-    """`AdaCacheConfig.load`, with errors that name the option and the file, and a preset typo's likely preset."""
-    spec = str(spec)
-    if spec in PRESETS:
-        return AdaCacheConfig.from_preset(spec)
-    path = Path(spec)
-    presets = ", ".join(sorted(PRESETS))
-    if not path.exists():
-        if path.suffix.lower() == ".json" or "/" in spec or "\\" in spec:
-            raise ConfigError(f"{option} {spec!r}: the config file does not exist (presets: {presets})")
-        close = difflib.get_close_matches(spec, PRESETS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"{option} {spec!r} is neither a preset ({presets}) nor a JSON config file{hint}")
-    if path.is_dir():
-        raise ConfigError(f"{option} {spec!r} is a folder; give a preset ({presets}) or a JSON config file")
+    """`AdaCacheConfig.load` (its errors name the file), with the option that gave it."""
     try:
-        return AdaCacheConfig.load(path)
-    except (OSError, UnicodeDecodeError) as error:  # config.py lets these through without the file's name
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
-        raise ConfigError(f"cannot read the config file {spec!r} ({option}): {reason}") from None
+        return AdaCacheConfig.load(str(spec))
     except ConfigError as error:
-        if spec in str(error) or str(path) in str(error):  # config.py's JSON checks name the file already
-            raise
-        raise ConfigError(f"the config file {spec!r} ({option}): {error}") from None
+        raise ConfigError(f"{option}: {error}") from None
 
 
 def _cache_config(args: argparse.Namespace) -> AdaCacheConfig:

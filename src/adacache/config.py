@@ -7,6 +7,7 @@ says how to fix it, never later inside a generation. Presets and codebook files 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import numbers
@@ -159,22 +160,36 @@ class AdaCacheConfig:
 
     @classmethod
     def load(cls, path_or_preset: str | os.PathLike) -> "AdaCacheConfig":
-        """A preset name or a JSON file written by `save` (or by hand: {"codebook": {"0.08": 6, "1.0": 1}, ...})."""
+        """A preset name or a JSON file written by `save` (or by hand: {"codebook": {"0.08": 6, "1.0": 1}, ...}).
+        Every error names the file (or suggests the preset a typo was close to)."""
         if isinstance(path_or_preset, str) and path_or_preset in PRESETS:
             return cls.from_preset(path_or_preset)
-        path = Path(path_or_preset)
-        if not path.is_file():
-            raise ConfigError(
-                f"{str(path_or_preset)!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a readable JSON file"
-            )
+        name, path = str(path_or_preset), Path(path_or_preset)
+        presets = ", ".join(sorted(PRESETS))
+        if not path.exists():
+            if path.suffix.lower() == ".json" or os.sep in name or "/" in name:
+                raise ConfigError(f"the config file {name!r} does not exist (and it is neither a preset: {presets})")
+            close = difflib.get_close_matches(name, list(PRESETS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{name!r} is neither a preset ({presets}) nor a JSON config file{hint}")
+        if path.is_dir():
+            raise ConfigError(f"{name!r} is a folder; give a preset ({presets}) or a JSON config file")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
-            raise ConfigError(f"{path} is not valid JSON: {error}") from None
+            raise ConfigError(f"the config file {name!r} is not valid JSON: {error}") from None
+        except (OSError, UnicodeDecodeError) as error:
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+            raise ConfigError(f"cannot read the config file {name!r}: {reason}") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a JSON object of AdaCacheConfig fields")
+            raise ConfigError(f"the config file {name!r} must hold a JSON object of AdaCacheConfig fields")
         # keys starting with "_" describe the file (a comment, how a codebook was calibrated), not the config
-        return cls.from_dict({k: v for k, v in data.items() if not k.startswith("_")})
+        try:
+            return cls.from_dict({k: v for k, v in data.items() if not k.startswith("_")})
+        except ConfigError as error:
+            raise ConfigError(f"the config file {name!r}: {error}") from None
+        except TypeError as error:  # a field of the wrong JSON type that the checks did not reach
+            raise ConfigError(f"the config file {name!r}: {error}") from None
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
