@@ -139,3 +139,46 @@ def test_fresh_pipeline_of_either_architecture_generates_domain_clips(architectu
 def test_unknown_architecture_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown architecture 'dit'; known: wan, latte"):
         build_pipeline("tiny", architecture="dit")
+
+
+def test_the_frame_channel_tells_time_and_is_absent_from_older_models():
+    from adacache.embedded.pipeline import with_frame_channel
+
+    clip = torch.randn(2, 3, 8, 16, 16)
+    with_channel = build_pipeline("tiny", architecture="wan").transformer
+    without = build_pipeline("tiny", architecture="wan", frame_channel=False).transformer
+    assert with_frame_channel(without, clip) is clip
+    given = with_frame_channel(with_channel, clip)
+    assert given.shape == (2, 4, 8, 16, 16) and torch.equal(given[:, :3], clip)
+    assert torch.equal(given[0, 3, :, 0, 0], torch.linspace(-1, 1, 8)) and torch.equal(given[1, 3], given[0, 3])
+    pipe = build_pipeline("tiny", architecture="wan")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe("a red circle", num_inference_steps=2).frames.shape == (1, 8, 3, 16, 16)  # RGB out, not 4 channels
+
+
+def test_a_run_initialised_from_an_older_checkpoint_starts_from_its_exact_function(tmp_path):
+    from adacache.embedded.pipeline import with_frame_channel
+    from adacache.embedded.train import _initialise_from, load_checkpoint
+
+    old = TrainConfig(size="tiny", steps=2, batch_size=2, eval_every=0, threads=1, frame_channel=False)
+    train(tmp_path / "old", old, progress=False)
+    state, config = load_checkpoint(tmp_path / "old" / "checkpoint.pt")
+    assert config.frame_channel is False
+    before = build_pipeline("tiny", architecture="wan", frame_channel=False)
+    before.transformer.load_state_dict(state["ema_transformer"])
+    new_config = TrainConfig(size="tiny", steps=2, batch_size=2, eval_every=0, threads=1,
+                             init_from=str(tmp_path / "old" / "checkpoint.pt"))
+    pipe, ema = (build_pipeline("tiny", architecture="wan") for _ in range(2))
+    _initialise_from(new_config.init_from, new_config, pipe, ema)
+    x, text = torch.randn(2, 3, 8, 16, 16), torch.randn(2, 8, 16)
+    t = torch.full((2,), 500.0)
+    with torch.no_grad():
+        expected = before.transformer(x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+        got = ema.transformer(with_frame_channel(ema.transformer, x), timestep=t, encoder_hidden_states=text,
+                              return_dict=False)[0]
+    assert torch.allclose(got, expected, atol=1e-6)
+    train(tmp_path / "new", new_config, progress=False)  # and trains on
+    state, config = load_checkpoint(tmp_path / "new" / "checkpoint.pt")
+    assert config.frame_channel and config.init_from.endswith("checkpoint.pt") and state["step"] == 2
+    with pytest.raises(ValueError, match="init-from"):
+        _initialise_from(new_config.init_from, TrainConfig(size="small", init_from="x"), pipe, ema)

@@ -318,8 +318,9 @@ def _train(args: argparse.Namespace) -> int:
         folder = export(args.export_from or f"{args.out}/checkpoint.pt", args.export)
         print(f"exported the EMA weights to {folder}")
         return 0
-    config = TrainConfig(size=args.size, architecture=args.architecture, seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                         eval_every=args.eval_every, threads=args.threads)
+    config = TrainConfig(size=args.size, architecture=args.architecture, seed=args.seed, steps=args.steps,
+                         batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every, threads=args.threads,
+                         init_from=args.init_from)
     path = train(args.out, config, progress=not args.no_progress)
     print(f"checkpoint: {path}; export it with: adacache train --out {args.out} --export DIR")
     return 0
@@ -574,6 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--threads", type=_POSITIVE, default=2)
     tr.add_argument("--export", default=None, help="write the EMA weights of the checkpoint as a pipeline folder")
     tr.add_argument("--export-from", default=None, help="checkpoint to export (default OUT/checkpoint.pt)")
+    tr.add_argument("--init-from", default=None,
+                    help="start a new run from this checkpoint's weights (not its optimizer); a model without the "
+                         "frame channel gains it, zero-weighted")
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(run=_train)
     return parser

@@ -36,6 +36,29 @@ def tuned_config(steps: int = 30) -> Path | None:
     return None
 
 
+RGB = 3  # the model works in pixel space: its latents are the clip's RGB channels
+
+
+def with_frame_channel(transformer: torch.nn.Module, clip: torch.Tensor) -> torch.Tensor:
+    """The transformer's input for a noisy clip (B, 3, T, H, W): for a model that takes a fourth channel, the clip
+    plus a channel holding each frame's place in time (-1 at the first frame, +1 at the last), never noised.
+
+    Why: diffusers' Wan transformer sees time only through rotary attention, which is nearly symmetric under time
+    reversal (reversing a noisy clip changed the shipped model's output by 1.5-2.5%, and by 0.7% at
+    initialisation). Left and right motion are each other's reversal, so such a model learns the axis of motion
+    but not its sign. Real video latents carry the arrow of time themselves (a causal VAE, gravity); this domain's
+    clips do not, so the model is told. Models without the channel (in_channels 3) get the clip unchanged."""
+    extra = transformer.config.in_channels - RGB
+    if extra == 0:
+        return clip
+    if extra != 1:
+        raise ValueError(f"the embedded pipeline feeds 3 colour channels and at most a frame channel; this "
+                         f"transformer takes in_channels={transformer.config.in_channels}")
+    b, _, t, h, w = clip.shape
+    ramp = torch.linspace(-1.0, 1.0, t, device=clip.device, dtype=clip.dtype)  # (T,)
+    return torch.cat([clip, ramp.view(1, 1, t, 1, 1).expand(b, 1, t, h, w)], dim=1)  # (B, 4, T, H, W)
+
+
 @dataclass
 class EmbeddedVideoOutput(BaseOutput):
     frames: torch.Tensor  # (B, T, 3, H, W) in [0, 1]
@@ -105,10 +128,13 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
         from .domain import FRAMES, SIZE
 
         batch = len(prompts)
-        shape = (batch, self.transformer.config.in_channels, FRAMES, SIZE, SIZE)  # pixel space, (B, C, T, H, W)
+        shape = (batch, RGB, FRAMES, SIZE, SIZE)  # pixel space, (B, C, T, H, W)
         device = self.transformer.device
         if latents is None:
             latents = torch.randn(shape, generator=generator, device="cpu").to(device)
+        elif tuple(latents.shape) != shape or not latents.is_floating_point():
+            raise ValueError(f"latents must be a float tensor of shape {shape} (B, RGB, frames, height, width), got "
+                             f"{latents.dtype} {tuple(latents.shape)}")
         use_cfg = guidance_scale > 1.0
         text = self.encode(prompts)
         if use_cfg:
@@ -119,7 +145,7 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
         try:
             for i, t in enumerate(self.progress_bar(timesteps)):
                 self._current_timestep = t
-                model_input = torch.cat([latents, latents]) if use_cfg else latents
+                model_input = with_frame_channel(self.transformer, torch.cat([latents, latents]) if use_cfg else latents)
                 # one batched call per step; the context tells cache hooks (AdaCache, diffusers' caches) where we are
                 context = {"step_index": i, "num_inference_steps": len(timesteps),
                            "sigma": float(self.scheduler.sigmas[i])}

@@ -49,7 +49,8 @@ ARCHITECTURES = ("wan", "latte")
 
 # The `adacache train` flag of each config field, so that an error names what to change.
 _FLAGS = {"size": "--size", "architecture": "--architecture", "seed": "--seed", "steps": "--steps",
-          "batch_size": "--batch-size", "lr": "--lr", "eval_every": "--eval-every", "threads": "--threads"}
+          "batch_size": "--batch-size", "lr": "--lr", "eval_every": "--eval-every", "threads": "--threads",
+          "init_from": "--init-from"}
 
 
 @dataclass
@@ -68,6 +69,14 @@ class TrainConfig:
     eval_prompts: int = 12
     eval_steps: int = 20
     threads: int = 2
+    # A fourth input channel telling each frame's place in time (pipeline.with_frame_channel): without it the Wan
+    # model, nearly symmetric under time reversal, learns the axis of motion but not its sign. Checkpoints from
+    # before this field have none.
+    frame_channel: bool = True
+    # A checkpoint whose weights (EMA and raw) start this run instead of random ones; its optimizer state is not
+    # taken (a fresh AdamW, warm-up and schedule from step 0). A model without the frame channel gains it with
+    # zero weights, so the run starts from exactly the old model's function.
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         """Refuse a value that would fail late (a zero batch after the folder is made, a zero `checkpoint_every`
@@ -82,6 +91,10 @@ class TrainConfig:
                 problems.append(f"{field.name} must be a finite number, got {value!r}")
             elif field.type == "str" and not isinstance(value, str):
                 problems.append(f"{field.name} must be a string, got {value!r}")
+            elif field.type == "bool" and not isinstance(value, bool):
+                problems.append(f"{field.name} must be true or false, got {value!r}")
+            elif field.type == "str | None" and value is not None and not isinstance(value, str):
+                problems.append(f"{field.name} must be a path or None, got {value!r}")
         if not problems:
             ranges = {
                 "seed": self.seed >= 0, "steps": self.steps >= 1, "batch_size": self.batch_size >= 1,
@@ -103,12 +116,13 @@ class TrainConfig:
             raise ValueError("bad training config: " + "; ".join(flagged))
 
 
-def build_pipeline(size: str = "small", seed: int = 0, architecture: str = "wan"):
-    """A fresh, randomly initialised embedded pipeline of a named size and architecture."""
+def build_pipeline(size: str = "small", seed: int = 0, architecture: str = "wan", frame_channel: bool = True):
+    """A fresh, randomly initialised embedded pipeline of a named size and architecture; `frame_channel` adds the
+    input channel that tells each frame's place in time (see TrainConfig)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, LatteTransformer3DModel, WanTransformer3DModel
 
     from .domain import FRAMES, SIZE, VOCABULARY
-    from .pipeline import EmbeddedVideoPipeline
+    from .pipeline import RGB, EmbeddedVideoPipeline
     from .text_encoder import VocabTextEncoder
 
     if size not in MODEL_SIZES:
@@ -117,19 +131,20 @@ def build_pipeline(size: str = "small", seed: int = 0, architecture: str = "wan"
         raise ValueError(f"unknown architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}")
     dims = MODEL_SIZES[size]
     inner = dims["heads"] * dims["head_dim"]
+    in_channels = RGB + int(frame_channel)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if architecture == "wan":
             transformer = WanTransformer3DModel(
                 patch_size=(1, 2, 2), num_attention_heads=dims["heads"], attention_head_dim=dims["head_dim"],
-                in_channels=3, out_channels=3, text_dim=dims["text_dim"], freq_dim=64, ffn_dim=4 * inner,
+                in_channels=in_channels, out_channels=RGB, text_dim=dims["text_dim"], freq_dim=64, ffn_dim=4 * inner,
                 num_layers=dims["layers"], cross_attn_norm=True, qk_norm="rms_norm_across_heads",
                 rope_max_seq_len=max(FRAMES, SIZE) * 2,
             )
         else:
             transformer = LatteTransformer3DModel(
-                num_attention_heads=dims["heads"], attention_head_dim=dims["head_dim"], in_channels=3,
-                out_channels=3, num_layers=dims["layers"], cross_attention_dim=inner,
+                num_attention_heads=dims["heads"], attention_head_dim=dims["head_dim"], in_channels=in_channels,
+                out_channels=RGB, num_layers=dims["layers"], cross_attention_dim=inner,
                 caption_channels=dims["text_dim"], sample_size=SIZE, patch_size=2, video_length=FRAMES,
                 norm_type="ada_norm_single", activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
             )
@@ -141,13 +156,16 @@ def build_pipeline(size: str = "small", seed: int = 0, architecture: str = "wan"
 def rectified_flow_loss(pipe, clips: torch.Tensor, captions: list[str], generator: torch.Generator) -> torch.Tensor:
     """clips (B, T, 3, H, W) in [0, 1]. x_t = (1 - s) x0 + s noise, the model predicts noise - x0 at t = 1000 s,
     with s logit-normal as in SD3 / Open-Sora 1.2."""
+    from .pipeline import with_frame_channel
+
     x0 = clips.permute(0, 2, 1, 3, 4) * 2 - 1  # (B, 3, T, H, W) in [-1, 1]
     noise = torch.randn(x0.shape, generator=generator)
     sigma = torch.sigmoid(torch.randn(x0.shape[0], generator=generator))
     s = sigma.view(-1, 1, 1, 1, 1)
     x_t = (1 - s) * x0 + s * noise
     text = pipe.text_encoder(pipe.text_encoder.tokenize(captions))
-    velocity = pipe.transformer(x_t, timestep=sigma * 1000, encoder_hidden_states=text, return_dict=False)[0]
+    model_input = with_frame_channel(pipe.transformer, x_t)  # (B, 3 or 4, T, H, W)
+    velocity = pipe.transformer(model_input, timestep=sigma * 1000, encoder_hidden_states=text, return_dict=False)[0]
     return torch.nn.functional.mse_loss(velocity, noise - x0)
 
 
@@ -206,11 +224,37 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict, TrainConfig]:
     if not isinstance(state["step"], int) or isinstance(state["step"], bool) or state["step"] < 0:
         raise ValueError(f"{path} holds step {state['step']!r}, not an integer >= 0; expected {_CHECKPOINT_IS}")
     try:
-        config = TrainConfig(**{"architecture": "latte", **state["config"]})  # checkpoints from before the choice
+        # checkpoints from before these choices: the Latte architecture, no frame channel
+        config = TrainConfig(**{"architecture": "latte", "frame_channel": False, **state["config"]})
     except (TypeError, ValueError) as error:
         raise ValueError(f"{path} holds a config `adacache train` cannot use ({error}); expected {_CHECKPOINT_IS}"
                          ) from error
     return state, config
+
+
+def _initialise_from(path: str, config: TrainConfig, pipe, ema) -> None:
+    """Start a run from another checkpoint's weights (raw into `pipe`, EMA into `ema`), not its optimizer. The
+    input projection may gain the frame channel: its new input weights are zero, so the model computes exactly
+    what the old one did until training moves them."""
+    state, source = load_checkpoint(path)
+    if (source.size, source.architecture) != (config.size, config.architecture):
+        raise ValueError(f"--init-from {path} holds a {source.size} {source.architecture} model, not {config.size} "
+                         f"{config.architecture}; pass matching --size/--architecture")
+    if source.frame_channel and not config.frame_channel:
+        raise ValueError(f"--init-from {path} has the frame channel; this run has none")
+    for target, key in ((pipe.transformer, "transformer"), (pipe.text_encoder, "text_encoder"),
+                        (ema.transformer, "ema_transformer"), (ema.text_encoder, "ema_text_encoder")):
+        weights = dict(state[key])
+        own = target.state_dict()
+        for name, value in weights.items():
+            wanted = own.get(name)
+            if wanted is not None and value.dim() == wanted.dim() > 1 and value.shape[1] < wanted.shape[1] \
+                    and value.shape[:1] + value.shape[2:] == wanted.shape[:1] + wanted.shape[2:]:
+                grown = torch.zeros_like(wanted)  # the input projection gains the frame channel, weighted 0
+                grown[:, : value.shape[1]] = value
+                weights[name] = grown
+        _load_states(Path(path), [(target, weights)])
+    logger.info("initialised from the weights of %s (step %d)", path, state["step"])
 
 
 def _load_states(path: Path, pairs: list[tuple[object, dict]]) -> None:
@@ -382,8 +426,8 @@ def train(out_dir: str | os.PathLike, config: TrainConfig, progress: bool = True
         raise ValueError(f"cannot make the run folder --out {out}: a part of its path is a file ({error})") from error
     checkpoint_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
     torch.set_num_threads(config.threads)
-    pipe = build_pipeline(config.size, config.seed, config.architecture)
-    ema = build_pipeline(config.size, config.seed, config.architecture)
+    pipe = build_pipeline(config.size, config.seed, config.architecture, config.frame_channel)
+    ema = build_pipeline(config.size, config.seed, config.architecture, config.frame_channel)
     params = [*pipe.transformer.parameters(), *pipe.text_encoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.99), weight_decay=0.0)
     step = 0
@@ -400,6 +444,8 @@ def train(out_dir: str | os.PathLike, config: TrainConfig, progress: bool = True
             streams.restore(state["streams"], checkpoint_path)
         logger.info("resumed from %s at step %d", checkpoint_path, step)
         del state
+    elif config.init_from is not None:
+        _initialise_from(config.init_from, config, pipe, ema)
     _trim_log(log_path, step)
     ema_params = [*ema.transformer.parameters(), *ema.text_encoder.parameters()]
     boundary = streams.position()  # the streams at the start of step `step`: what a save records
