@@ -8,6 +8,12 @@ embedded model the verifier's reading. Records are appended to `records.rank<R>.
 baseline videos are kept in `videos/`, so an interrupted run resumes where it stopped. Under torchrun the videos
 shard over the processes; rank 0 merges every rank's records into the report (`report.json`, `report.md`,
 `pareto.png`, `motion.png`).
+
+A damaged folder is recovered where that gives the same results, else refused before any work with the file and
+what to do (`BenchFolderError`, a ValueError): a records line cut short or not a record is measured again; a
+baseline video that is missing or unreadable is generated again and checked against its record; a video whose
+baseline record is lost is measured again with every method; run.json that is not the settings object, records
+without run.json, and a folder where a file belongs (or a file where a folder belongs) are refused.
 """
 
 from __future__ import annotations
@@ -88,10 +94,44 @@ def prepare_folder(out: str | os.PathLike) -> Path:
     return out
 
 
+class BenchFolderError(ValueError):
+    """The output folder holds something a run cannot resume from; the message names the file and what to do."""
+
+
+def _refuse(path: Path, problem: str, remedy: str | None = None) -> BenchFolderError:
+    remedy = remedy or f"delete the folder {path.parent} (or that file) or pass another --out folder"
+    return BenchFolderError(f"{path} {problem}; {remedy}")
+
+
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as error:
+        if tmp.is_file():
+            tmp.unlink()
+        raise _refuse(path, f"cannot be written ({error.strerror or error})",
+                      "make it a writable file (delete what is there) or pass another --out folder") from None
+
+
+# Files a bench writes in its folder (records.rank<R>.jsonl and videos/<id>.npy besides), each checked to be a file.
+_FOLDER_FILES = ("run.json", "report.json", "report.md", "pareto.png", "motion.png")
+
+
+def check_folder(out: Path) -> None:
+    """Refuse, before any work, a folder where a file belongs or a file where the videos folder belongs."""
+    paths = [out / name for name in _FOLDER_FILES] + sorted(out.glob("records.rank*.jsonl"))
+    videos = out / "videos"
+    if videos.exists() and not videos.is_dir():
+        raise _refuse(videos, "is not a folder (the bench keeps its baseline videos there)",
+                      "delete it, or pass another --out folder")
+    if videos.is_dir():
+        paths += sorted(videos.glob("*.npy"))
+    for path in paths:
+        if path.exists() and not path.is_file():
+            raise _refuse(path, "is not a file (the bench writes a file there)",
+                          "delete it, or pass another --out folder")
 
 
 class Bench:
@@ -108,6 +148,7 @@ class Bench:
             )
         self.videos = videos[rank::world]
         self.out = prepare_folder(out)
+        check_folder(self.out)
         (self.out / "videos").mkdir(exist_ok=True)
         self.embedded = type(pipe).__name__ == "EmbeddedVideoPipeline"
         self.lpips: LPIPS | None = None
@@ -120,41 +161,65 @@ class Bench:
         # weights ran: a resumed run must compare like with like
         mine = {**dataclasses.asdict(self.settings), "resolved_methods": [m.describe() for m in self.methods],
                 "weights_fingerprint": _fingerprint(self.pipe)}
+        check_folder(self.out)
+        expected = json.loads(json.dumps(mine))
+        remedy = f"delete the folder {self.out} (a new run starts there) or pass another --out folder"
         if path.is_file():
-            theirs = json.loads(path.read_text())
-            if theirs != json.loads(json.dumps(mine)):
-                changed = sorted(k for k in mine if json.loads(json.dumps(mine[k])) != theirs.get(k))
+            try:
+                theirs = json.loads(path.read_bytes().decode("utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+                raise _refuse(path, f"is not a readable settings file ({error}), so the records beside it cannot be "
+                                    "matched to settings", remedy) from None
+            if not isinstance(theirs, dict) or not set(theirs) & set(expected):
+                raise _refuse(path, f"holds {type(theirs).__name__} JSON, not the settings a bench writes, so the "
+                                    "records beside it cannot be matched to settings", remedy)
+            if theirs != expected:
+                changed = sorted(k for k in set(expected) | set(theirs) if expected.get(k) != theirs.get(k))
                 raise ValueError(
                     f"{self.out} holds a run with other settings ({', '.join(changed)} differ); resume it with the "
                     "same settings, or pass another --out folder"
                 )
-        elif self.rank == 0:
-            write_atomic(path, json.dumps(mine, indent=2) + "\n")
+        else:
+            written = [p for p in self.out.glob("records.rank*.jsonl") if p.stat().st_size]
+            if written:
+                raise _refuse(path, f"is missing, but {written[0].name} holds records: the settings they were "
+                                    "measured with are unknown", remedy)
+            if self.rank == 0:
+                write_atomic(path, json.dumps(mine, indent=2) + "\n")
 
     def run(self) -> list[dict[str, Any]]:
         from tqdm.auto import tqdm
 
-        done = {(r["video"], r["method"]) for r in load_records(self.out) if r.get("status") in ("ok", "skipped")}
+        records = load_records(self.out)
+        done = {(r["video"], r["method"]) for r in records if r.get("status") in ("ok", "skipped")}
+        # a video whose baseline record is lost is measured again with every method, so that its speed-ups all
+        # refer to one baseline time
+        done = {(vid, name) for vid, name in done if (vid, "none") in done}
         todo = [(v, m) for v in self.videos for m in self.methods if (v[0], m.name) not in done]
         if not todo:
             logger.info("every video and method of this shard is already measured")
-            return [r for r in load_records(self.out) if r["video"] in {v[0] for v in self.videos}]
+            return [r for r in records if r["video"] in {v[0] for v in self.videos}]
         self.lpips = LPIPS()
         if not self.lpips.available:
             logger.warning("LPIPS not computed: %s", self.lpips.reason)
         self.pipe.set_progress_bar_config(disable=True)
         records_path = self.out / f"records.rank{self.rank}.jsonl"
         _drop_unfinished_line(records_path)
+        try:
+            sink = records_path.open("a")
+        except OSError as error:
+            raise _refuse(records_path, f"cannot be appended to ({error.strerror or error})",
+                          "make it a writable file or pass another --out folder") from None
         bar = tqdm(total=len(todo), desc=f"bench (rank {self.rank})" if self.world > 1 else "bench",
                    disable=not self.progress)
-        with TransformerMeter(_models_of(self.pipe)) as meter, records_path.open("a") as sink:
+        with TransformerMeter(_models_of(self.pipe)) as meter, sink:
             self.meter = meter
             self._warm_up(todo)
             for video in self.videos:
                 pending = [m for m in self.methods if (video[0], m.name) not in done]
                 if not pending:
                     continue
-                reference = self._reference(video, sink)
+                reference = self._reference(video, sink, records)
                 for method in pending:
                     if method.kind != "none":  # the baseline's record is written by _reference
                         bar.set_postfix_str(f"{video[0]} {method.name}")
@@ -248,22 +313,38 @@ class Bench:
                     handle.remove()
         return flops, peak_held
 
-    def _reference(self, video: tuple, sink) -> dict[str, Any]:
+    def _reference(self, video: tuple, sink, records: list[dict[str, Any]]) -> dict[str, Any]:
         """The baseline's frames and record for `video`: loaded if measured before, else measured now."""
         vid, index, prompt, seed = video
         path = self.out / "videos" / f"{vid}.npy"
-        previous = [r for r in load_records(self.out) if r["video"] == vid and r["method"] == "none"]
-        if previous and path.is_file():
-            return {"frames": np.load(path), "record": previous[-1]}
+        previous = [r for r in records if r["video"] == vid and r["method"] == "none" and r.get("status") == "ok"]
+        if previous:
+            return {"frames": self._stored_baseline(path, previous[-1], prompt, seed), "record": previous[-1]}
         frames, seconds, _, _ = self._timed(self.methods[0], prompt, seed)
         peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
         flops, _ = self._counted(self.methods[0], prompt, seed)
-        tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npy")
-        np.save(tmp, frames)
-        os.replace(tmp, path)
+        _save_video(path, frames)
         record = self._record(video, self.methods[0], frames, seconds, flops, [], peak, None, reference=None)
         _append(sink, record)
         return {"frames": frames, "record": record}
+
+    def _stored_baseline(self, path: Path, record: dict[str, Any], prompt: str, seed: int) -> np.ndarray:
+        """The baseline video measured before. One that is missing, unreadable or not the video its record
+        describes is generated again (its recorded time kept) and must then match the record."""
+        frames, problem = _load_video(path)
+        if frames is not None and not _matches(frames, record):
+            frames, problem = None, "is not the video its baseline record describes (its motion differs)"
+        if frames is not None:
+            return frames
+        logger.warning("%s %s: generating the baseline video again (its recorded time is kept)", path, problem)
+        frames = self._generate(prompt, seed)
+        if not _matches(frames, record):
+            raise _refuse(path, f"{problem}, and generating it again gave another video than the one the records of "
+                                f"{record['video']} were measured against (motion {frame_motion(frames):.6g}, recorded "
+                                f"{record.get('motion')})",
+                          f"delete the folder {self.out} or pass another --out folder")
+        _save_video(path, frames)
+        return frames
 
     def _measure(self, video: tuple, method: Method, reference: dict[str, Any]) -> dict[str, Any]:
         vid, index, prompt, seed = video
@@ -325,6 +406,35 @@ def _fingerprint(pipe: Any) -> str:
     return digest.hexdigest()[:16]
 
 
+def _load_video(path: Path) -> tuple[np.ndarray | None, str | None]:
+    """(frames, None), or (None, what is wrong with the file)."""
+    if not path.exists():
+        return None, "is missing"
+    try:
+        frames = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        return None, f"cannot be read ({type(error).__name__}: {str(error)[:120]})"
+    if not isinstance(frames, np.ndarray) or frames.ndim != 4 or frames.shape[-1] != 3 or not np.isfinite(frames).all():
+        return None, f"does not hold a video (an array of shape {getattr(frames, 'shape', '?')})"
+    return frames, None
+
+
+def _matches(frames: np.ndarray, record: dict[str, Any]) -> bool:
+    """Whether `frames` are the video `record` was measured on, as far as the record tells (its frame motion)."""
+    recorded = record.get("motion")
+    return recorded is None or math.isclose(frame_motion(frames), recorded, rel_tol=1e-3, abs_tol=1e-9)
+
+
+def _save_video(path: Path, frames: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npy")
+    try:
+        np.save(tmp, frames)
+        os.replace(tmp, path)
+    except OSError as error:
+        raise _refuse(path, f"cannot be written ({error.strerror or error})", "make the videos folder writable "
+                      "(delete what is in the way) or pass another --out folder") from None
+
+
 def _drop_unfinished_line(path: Path) -> None:
     """A crash mid-write leaves a last line without its newline: cut it, so the next record starts clean."""
     if not path.is_file():
@@ -376,16 +486,54 @@ def _verify(frames: np.ndarray, prompt: str) -> dict[str, Any]:
             "speed_px": float((vx**2 + vy**2) ** 0.5), "speed_class": speed_class}
 
 
+# Fields of a record that reports compute with: each None or a number.
+_NUMBERS = ("seconds", "speedup", "flops", "flops_fraction", "psnr", "ssim", "lpips", "computed_steps", "steps",
+            "cache_bytes", "peak_memory_bytes", "motion")
+_VERIFIER = ("colour", "shape", "direction", "speed", "consistency", "speed_class")
+
+
+def _record_of(line: bytes) -> dict[str, Any] | None:
+    """The record a line holds, or None for a line that is not one (cut short by a crash, damaged, foreign)."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if (not isinstance(record, dict) or not isinstance(record.get("video"), str)
+            or not isinstance(record.get("method"), str) or not isinstance(record.get("family"), (str, type(None)))
+            or record.get("status") not in ("ok", "skipped", "failed")):
+        return None
+    if any(not (record.get(k) is None or _is_number(record[k])) for k in _NUMBERS):
+        return None
+    if record["status"] == "ok" and not (_is_number(record.get("seconds")) and record["seconds"] >= 0):
+        return None
+    verifier = record.get("verifier")
+    if verifier is not None and (not isinstance(verifier, dict) or ("colour" in verifier
+                                                                     and not all(k in verifier for k in _VERIFIER))):
+        return None
+    return record
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def load_records(out: Path) -> list[dict[str, Any]]:
     """Every finished record of every rank in `out`, the last one of each (video, method) where a failed
-    measurement was retried; a line cut short by a crash is ignored."""
+    measurement was retried. A line that holds no record (cut short by a crash, or damaged) is ignored with a
+    warning, so what it held is measured again."""
     records: dict[tuple[str, str], dict[str, Any]] = {}
     for path in sorted(Path(out).glob("records.rank*.jsonl")):
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                logger.warning("ignoring an unfinished line in %s", path)
+        try:
+            lines = path.read_bytes().splitlines()
+        except OSError as error:
+            raise _refuse(path, f"cannot be read ({error.strerror or error})",
+                          "delete it (what it held is measured again) or pass another --out folder") from None
+        for number, line in enumerate(lines, start=1):
+            record = _record_of(line)
+            if record is None:
+                if line.strip():
+                    logger.warning("ignoring line %d of %s: not a whole bench record (cut short or damaged); what it "
+                                   "held is measured again", number, path)
                 continue
             records.pop((record["video"], record["method"]), None)  # a retry goes where it was written
             records[(record["video"], record["method"])] = record

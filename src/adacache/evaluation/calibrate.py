@@ -6,11 +6,31 @@
 2. Derive the codebook's shape from the pooled distances: rates R, R-1, ..., 2 take thresholds at the 1/R, 2/R,
    ..., (R-1)/R quantiles, and larger distances rate 1, as the authors' codebooks do (low change -> long reuse).
 3. Scale all thresholds by one factor, found by bisection on real cached runs of the calibration prompts, so that
-   the mean speed-up (or the mean PSNR against step 1's videos) meets the target.
+   the mean compute speed-up (steps / computed steps) or the mean PSNR against step 1's videos meets the target.
+   Both are deterministic: the bisection reads no clock, so it gives the same codebook on a busy machine as on a
+   quiet one.
 
-A wall-clock target is turned into a compute target with the measured cost of a skipped step relative to a
-computed one (the skipped step still embeds, decodes, runs the scheduler and the CFG combination). The config
-saved carries "_about": what it was calibrated on and what it reached.
+A wall-clock target becomes a compute target once, before the bisection, through a cost model (`CostModel`):
+
+    wall speed-up = steps / (computed + c * skipped)
+
+where c is the time of a skipped denoising step as a fraction of a computed one. c is measured from many samples
+of whole denoising steps, taken from cached generations of the first calibration video with a constant rate-2
+codebook (computed, skipped, computed, skipped, ...: the two kinds interleaved, so a machine that slows down
+slows both), on the same inputs every time, and taken as the ratio of the two kinds' medians (a step that a
+busy machine stretched tenfold moves a median by one place).
+
+Why whole steps, timed from the start of one step's first transformer call to the start of the next, rather than
+the transformer call alone: the wall-clock speed-up `adacache bench` reports is the denoising loop's, and a
+skipped step still runs everything outside the cached blocks: the transformer's embedders and final layer, the
+CFG combination, the scheduler and the pipeline's own glue. A whole step holds all of it, for any pipeline (CFG
+split over two calls, two experts, no cache_context), with no copy of its inputs. The model leaves out one thing:
+a computed step with AdaCache also computes the probe distance and keeps the residual, a little more than the
+uncached step it is compared against, so the prediction is slightly optimistic (a few percent on the embedded
+model). Finally one timed check (cached and uncached runs of one video, interleaved, medians) is compared with the
+model's prediction; a disagreement of more than 15% is logged as a warning (the machine was probably busy).
+
+The config saved carries "_about": what it was calibrated on, the cost model's samples and the check.
 """
 
 from __future__ import annotations
@@ -18,7 +38,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import numbers
 import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -30,6 +52,11 @@ from ..hooks import _models_of, apply_adacache, get_stats, remove_adacache
 from .metrics import TransformerMeter, as_video, psnr
 
 logger = logging.getLogger(__name__)
+
+PSNR_CAP = 100.0  # identical videos (infinite PSNR) count as this, as in bench reports
+WALL_CHECK_TOLERANCE = 0.15  # a timed check further than this from the cost model's prediction is warned about
+SCALE_RANGE = 30.0  # the bisection searches threshold scales in [1/30, 30]
+_EVERY_OTHER_STEP = {1e9: 2}  # every distance is below the threshold: rate 2, computed and skipped steps alternate
 
 
 @dataclass
@@ -44,6 +71,124 @@ class Run:
 class Calibration:
     config: AdaCacheConfig
     about: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Wall time of denoising steps with AdaCache, from samples (seconds) of whole computed and skipped steps.
+
+    `skip_cost` (c) = median(skipped) / median(computed); a generation computing `computed` of `steps` steps then
+    runs `steps / (computed + c * (steps - computed))` times as fast as the uncached one."""
+
+    computed: tuple[float, ...]
+    skipped: tuple[float, ...]
+    min_samples: int = 3  # fewer samples of either kind is no measurement
+
+    def __post_init__(self) -> None:
+        for name in ("computed", "skipped"):
+            samples = getattr(self, name)
+            if len(samples) < self.min_samples:
+                raise ValueError(f"the cost model needs at least {self.min_samples} samples of a {name} step, "
+                                 f"got {len(samples)}")
+            if not all(isinstance(s, numbers.Real) and math.isfinite(s) and s >= 0 for s in samples):
+                raise ValueError(f"the {name} step times must be finite, non-negative seconds, got {samples}")
+        if statistics.median(self.computed) <= 0:
+            raise ValueError("a computed step measured no time; the clock is too coarse for this model")
+
+    @property
+    def skip_cost(self) -> float:
+        return statistics.median(self.skipped) / statistics.median(self.computed)
+
+    def wall_speedup(self, steps: int, computed: float) -> float:
+        """The predicted wall-clock speed-up of a generation that computes `computed` of `steps` steps."""
+        if not 0 < computed <= steps:
+            raise ValueError(f"computed steps must be in (0, {steps}], got {computed}")
+        return steps / (computed + self.skip_cost * (steps - computed))
+
+    def compute_goal(self, wall: float, steps: int) -> float:
+        """The compute speed-up (steps / computed) whose predicted wall-clock speed-up is `wall`."""
+        c = self.skip_cost
+        if c >= 1:
+            raise ValueError(f"a skipped step measured as slow as a computed one (c = {c:.3f}): skipping saves no "
+                             "wall-clock time on this machine; calibrate for compute (--compute) instead")
+        computed = (steps / wall - c * steps) / (1 - c)
+        if computed <= 0:
+            raise ValueError(f"a wall-clock speed-up of {wall:g}x is out of reach: a skipped step costs {c:.3f} of a "
+                             f"computed one, so even skipping every step gives at most {1 / c if c else math.inf:.2f}x")
+        return steps / computed
+
+    def summary(self) -> dict[str, Any]:
+        """What `_about` records: c, and per kind the median, the spread and the number of samples."""
+        def describe(samples: tuple[float, ...]) -> dict[str, Any]:
+            q25, median, q75 = (float(v) for v in np.quantile(samples, [0.25, 0.5, 0.75]))
+            return {"median_seconds": median, "q25_seconds": q25, "q75_seconds": q75,
+                    "spread": (q75 - q25) / median if median > 0 else None,  # interquartile range / median
+                    "min_seconds": float(min(samples)), "max_seconds": float(max(samples)), "samples": len(samples)}
+
+        return {"skip_cost": self.skip_cost, "statistic": "median(skipped) / median(computed), whole denoising steps",
+                "computed": describe(self.computed), "skipped": describe(self.skipped)}
+
+
+def fewest_computed(steps: int, rate: int) -> int:
+    """The computed steps of a generation whose every codebook lookup gives `rate`: steps 1 and 2 (the first has
+    no distance to look up), then one in `rate`, and the last two (always computed)."""
+    count, previous, current = 0, 0, 1
+    for step in range(1, steps + 1):
+        if step == 1 or step >= steps - 1 or step >= previous + current:
+            count, previous, current = count + 1, step, (1 if step == 1 else rate)
+    return count
+
+
+def rate_cap(steps: int) -> int:
+    """The longest reuse any derived codebook allows at `steps` steps: every third step at most."""
+    return max(2, steps // 3)
+
+
+def _now(cuda: bool) -> float:
+    """The clock every calibration timing reads (after the GPU's queued work, on CUDA)."""
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def _on_cuda(models: list[torch.nn.Module]) -> bool:
+    return any(p.is_cuda for m in models for p in m.parameters())
+
+
+class _StepClock:
+    """Forward hooks on a pipeline's transformers noting when each call starts: the time of denoising step j is
+    from the start of its first call to the start of step j+1's first call (the scheduler, the CFG combination and
+    the pipeline's glue included). The last step has no next start and is not timed."""
+
+    def __init__(self, models: list[torch.nn.Module]) -> None:
+        self.models, self.starts, self._handles = models, [], []
+        self._cuda = _on_cuda(models)
+
+    def __enter__(self) -> "_StepClock":
+        for model in self.models:
+            self._handles.append(model.register_forward_pre_hook(lambda *_: self.starts.append(_now(self._cuda))))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def split(self, stats: list[Any], steps: int) -> tuple[list[float], list[float]]:
+        """(seconds of each computed step, seconds of each skipped step), from AdaCache's stats of the generation.
+        A step that one CFG branch computed and another skipped is left out."""
+        calls = len(self.starts)
+        if calls == 0 or calls % steps:
+            raise RuntimeError(f"the pipeline made {calls} transformer calls in {steps} steps; the cost model needs "
+                               "the same number of calls every step")
+        starts = self.starts[:: calls // steps]
+        computed = {s for entry in stats for s in entry.computed_steps}
+        skipped = {s for entry in stats for s in entry.skipped_steps} - computed
+        times: tuple[list[float], list[float]] = ([], [])
+        for step, (start, end) in enumerate(zip(starts, starts[1:]), start=1):
+            if step in computed or step in skipped:
+                times[step in skipped].append(end - start)
+        return times
 
 
 def max_rate(steps: int) -> int:
@@ -76,10 +221,16 @@ class Calibrator:
                  progress: Callable[[str], None] | None = None) -> None:
         if not prompts:
             raise ValueError("calibration needs at least one prompt")
-        self.pipe, self.prompts, self.seeds = pipe, list(prompts), list(seeds)
+        seeds = list(seeds)
+        if not seeds or any(not _is_int(s) or s < 0 for s in seeds):
+            raise ValueError(f"calibration needs one or more non-negative integer seeds, got {seeds}")
+        if not _is_int(steps) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        self.pipe, self.prompts, self.seeds = pipe, list(prompts), seeds
         self.steps, self.guidance, self.call = steps, guidance, dict(call or {})
         self.base = base or AdaCacheConfig()
         self.say = progress or (lambda message: None)
+        self.cost_model: CostModel | None = None  # set by calibrate for a wall-clock target
         pipe.set_progress_bar_config(disable=True)
 
     def generate(self, config: AdaCacheConfig | None, prompt: str, seed: int) -> Run:
@@ -137,28 +288,86 @@ class Calibrator:
         self.say(f"recorded {len(curves)} distance curves over {self.steps} steps")
         return curves, self.references()
 
+    def measure_costs(self, samples: int = 16) -> CostModel:
+        """The cost model of this pipeline at these settings: whole denoising steps timed in cached generations of
+        the first calibration video with a rate-2 codebook (computed and skipped steps alternate), repeated until
+        there are `samples` skipped steps (two generations at least). The base config's probe and MoReg are kept,
+        so computed steps cost what they will."""
+        skippable = self.steps - fewest_computed(self.steps, 2)
+        if skippable < 1:
+            raise ValueError(f"at {self.steps} steps AdaCache computes every step (the first two and the last two "
+                             "always are): there is no skipped step to time")
+        config = dataclasses.replace(self.base, codebook=dict(_EVERY_OTHER_STEP))
+        prompt, seed = self.prompts[0], self.seeds[0]
+        computed: list[float] = []
+        skipped: list[float] = []
+        for _ in range(max(2, math.ceil(samples / skippable))):
+            with _StepClock(_models_of(self.pipe)) as clock:
+                self.generate(config, prompt, seed)
+            more_computed, more_skipped = clock.split(self._last_stats, self.steps)
+            computed += more_computed
+            skipped += more_skipped
+        return CostModel(tuple(computed), tuple(skipped))
+
+    def check_wall(self, config: AdaCacheConfig, cost: CostModel, repeats: int = 3) -> dict[str, Any]:
+        """Time the first calibration video uncached and with `config`, `repeats` times each, interleaved (the
+        order alternating), and compare the ratio of their medians with the cost model's prediction. A
+        disagreement beyond WALL_CHECK_TOLERANCE is logged as a warning."""
+        prompt, seed = self.prompts[0], self.seeds[0]
+        seconds: dict[bool, list[float]] = {False: [], True: []}
+        computed = self.steps
+        for i in range(repeats):
+            for cached in ((False, True) if i % 2 == 0 else (True, False)):
+                run = self.generate(config if cached else None, prompt, seed)
+                seconds[cached].append(run.seconds)
+                computed = run.computed if cached else computed
+        uncached_median, cached_median = statistics.median(seconds[False]), statistics.median(seconds[True])
+        measured = uncached_median / cached_median if cached_median > 0 else None
+        predicted = cost.wall_speedup(self.steps, computed)
+        difference = measured / predicted - 1 if measured is not None else None
+        agrees = difference is not None and abs(difference) <= WALL_CHECK_TOLERANCE
+        if not agrees:
+            logger.warning(
+                "the timed check (%s wall clock: median of %d uncached and %d cached runs of one video, interleaved) "
+                "disagrees with the cost model's %.2fx by more than %.0f%%: the machine was probably busy while "
+                "timing. The codebook rests on the measured cost of a skipped step (%.3f of a computed one); "
+                "calibrate again on a quiet machine if the wall-clock target matters",
+                f"{measured:.2f}x" if measured is not None else "no measurable", repeats, repeats, predicted,
+                100 * WALL_CHECK_TOLERANCE, cost.skip_cost)
+        return {"prompt": prompt, "seed": seed, "repeats": repeats, "computed_steps": computed,
+                "uncached_seconds": seconds[False], "cached_seconds": seconds[True],
+                "measured_wall_speedup": measured, "predicted_wall_speedup": predicted,
+                "relative_difference": difference, "agrees": agrees, "tolerance": WALL_CHECK_TOLERANCE}
+
     def measure(self, config: AdaCacheConfig, references: list[Run]) -> dict[str, float]:
+        """Mean compute speed-up, PSNR and computed steps of `config` on the calibration videos (deterministic),
+        and their wall-clock speed-up: as timed once per video (noisy; for information only) and, when a cost
+        model is known, as predicted from the computed steps."""
         runs = [self.generate(config, p, s) for p in self.prompts for s in self.seeds]
-        speedups = [r.steps / r.computed for r in runs]
-        costs = [_skip_cost(ref, run) for ref, run in zip(references, runs)]
-        costs = [c for c in costs if c is not None]
-        return {
-            "compute_speedup": statistics.fmean(speedups),
-            "wall_speedup": statistics.fmean(ref.seconds / run.seconds for ref, run in zip(references, runs)),
-            "psnr": statistics.fmean(min(psnr(ref.video, run.video), 100.0) for ref, run in zip(references, runs)),
-            "skip_cost": statistics.median(costs) if costs else 0.0,
+        measured = {
+            "compute_speedup": statistics.fmean(r.steps / r.computed for r in runs),
+            "wall_speedup": statistics.fmean(ref.seconds / run.seconds if run.seconds > 0 else math.nan
+                                             for ref, run in zip(references, runs)),
+            "psnr": statistics.fmean(min(psnr(ref.video, run.video), PSNR_CAP) for ref, run in zip(references, runs)),
             "computed_steps": statistics.fmean(r.computed for r in runs),
         }
+        if self.cost_model is not None:
+            measured["predicted_wall_speedup"] = statistics.fmean(
+                self.cost_model.wall_speedup(r.steps, r.computed) for r in runs)
+        return measured
 
     def calibrate(self, *, speedup: float | None = None, target_psnr: float | None = None,
-                  wall_clock: bool = True, iterations: int = 9) -> Calibration:
-        """A config reaching `speedup` (mean over the calibration videos; wall clock by way of the measured cost
-        of a skipped step, or compute when `wall_clock` is False) or the fastest one keeping `target_psnr`."""
-        if (speedup is None) == (target_psnr is None):
-            raise ValueError("give exactly one target: a speed-up (e.g. 2.0) or a PSNR in dB (e.g. 30)")
-        if speedup is not None and not 1.0 < speedup <= self.steps / 3:
-            raise ValueError(f"a speed-up target must be above 1 and at most {self.steps / 3:.1f} "
-                             f"(the first step and the last two are always computed), got {speedup}")
+                  wall_clock: bool = True, iterations: int = 9, cost: CostModel | None = None,
+                  check_repeats: int = 3) -> Calibration:
+        """A config reaching `speedup` (mean over the calibration videos; wall clock by way of the cost model, or
+        compute when `wall_clock` is False) or the fastest one keeping `target_psnr`. `cost` is a cost model
+        measured before (default: measured here, for a wall-clock target); `check_repeats` the timed runs of each
+        kind in the final check (0: no check). Targets no derived codebook can reach are refused before any
+        generation where arithmetic tells, else before the bisection."""
+        _check_target(self.steps, speedup, target_psnr, iterations)
+        if not _is_int(check_repeats) or check_repeats < 0:
+            raise ValueError(f"check_repeats must be a non-negative integer, got {check_repeats!r}")
+        wall = speedup is not None and wall_clock
         norm = None
         if self.base.moreg:
             norm = self.moreg_norm()
@@ -169,24 +378,26 @@ class Calibrator:
                 self.say(f"MoReg normalisation: median raw motion {norm:.4g} (the authors' Open-Sora value: 0.385)")
         curves, references = self.curves()
         pooled = [d for curve in curves for d in curve]
-        # long enough reuse to reach the target with room to spare, but every third step at most
-        rate = max(max_rate(self.steps), math.ceil(2 * (speedup or 1)))
-        rate = min(rate, max(2, self.steps // 3))
-        config_for = lambda scale: dataclasses.replace(self.base, codebook=derive_codebook(pooled, rate, scale))  # noqa: E731
-
-        cost = 0.0
         goal = speedup
-        lo, hi = math.log(1 / 30), math.log(30)  # every step computed .. every distance under the first threshold
+        self.cost_model = None
+        if wall:
+            self.cost_model = cost or self.measure_costs()
+            goal = self._wall_goal(speedup, self.cost_model)  # once: from here on, no clock is read to decide
+        # long enough reuse to reach the target with room to spare, but every third step at most
+        rate = min(max(max_rate(self.steps), math.ceil(2 * (goal or 1))), rate_cap(self.steps))
+
+        def config_for(scale: float) -> AdaCacheConfig:
+            return dataclasses.replace(self.base, codebook=derive_codebook(pooled, rate, scale))
+
+        # threshold scales from 1/30 (nearly every step computed) to 30 (nearly every distance under the first)
+        lo, hi = math.log(1 / SCALE_RANGE), math.log(SCALE_RANGE)
         best: tuple[float, dict[str, float]] | None = None
-        tried: list[dict[str, float]] = []
+        if target_psnr is not None:
+            best = self._conservative_end(config_for, lo + (hi - lo) / 2**iterations, references, target_psnr)
         for _ in range(iterations):
             mid = (lo + hi) / 2
             measured = self.measure(config_for(math.exp(mid)), references)
-            tried.append({"scale": math.exp(mid), **measured})
             if speedup is not None:
-                if wall_clock and measured["skip_cost"]:
-                    cost = statistics.median([t["skip_cost"] for t in tried if t["skip_cost"]])
-                    goal = _compute_goal(speedup, cost, self.steps)
                 reached = measured["compute_speedup"] >= goal
                 if best is None or abs(measured["compute_speedup"] - goal) < abs(best[1]["compute_speedup"] - goal):
                     best = (mid, measured)
@@ -194,46 +405,121 @@ class Calibrator:
                 reached = measured["psnr"] < target_psnr  # too fast: scale down
                 if measured["psnr"] >= target_psnr and (best is None or mid > best[0]):
                     best = (mid, measured)
-            self.say(f"scale {math.exp(mid):.3g}: {measured['computed_steps']:.1f} computed steps, compute speed-up "
-                     f"{measured['compute_speedup']:.2f}x, wall {measured['wall_speedup']:.2f}x, "
-                     f"PSNR {measured['psnr']:.1f} dB")
+            self.say(f"scale {math.exp(mid):.3g}: {_describe(measured)}")
             if reached:
                 hi = mid
             else:
                 lo = mid
-        if best is None:
+        if best is None:  # not reached: the conservative end was checked first
             raise ValueError(f"no codebook keeps PSNR >= {target_psnr} dB on the calibration prompts; lower the target")
         scale, measured = math.exp(best[0]), best[1]
+        if speedup is not None and measured["compute_speedup"] < 0.95 * goal:
+            logger.warning("the closest codebook found computes %.1f of %d steps (%.2fx compute), short of the %.2fx "
+                           "compute the target needs; more --iterations may get closer", measured["computed_steps"],
+                           self.steps, measured["compute_speedup"], goal)
         config = config_for(scale)
         about = {
             "calibrated_by": "adacache calibrate", "prompts": self.prompts, "seeds": self.seeds, "steps": self.steps,
             "guidance": self.guidance, "target": {"speedup": speedup, "psnr": target_psnr,
                                                   "clock": "wall" if wall_clock else "compute"},
-            "max_rate": rate, "scale": scale, "skip_cost": cost, "reached": measured, "moreg_norm": norm,
+            "max_rate": rate, "scale": scale, "reached": measured, "moreg_norm": norm,
+            "skip_cost": self.cost_model.skip_cost if self.cost_model else None,
             "distance_quantiles": {str(q): float(np.quantile(pooled, q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)},
             "mean_distance_curve": [statistics.fmean(c[i] for c in curves if len(c) > i)
                                     for i in range(max(len(c) for c in curves))],
         }
+        if self.cost_model is not None:
+            about["compute_goal"] = goal
+            about["cost_model"] = self.cost_model.summary()
+            if check_repeats:
+                about["wall_check"] = check = self.check_wall(config, self.cost_model, check_repeats)
+                self.say(f"timed check: {_format(check['measured_wall_speedup'])} wall clock measured, "
+                         f"{check['predicted_wall_speedup']:.2f}x predicted")
         return Calibration(config, about)
+
+    def _wall_goal(self, speedup: float, cost: CostModel) -> float:
+        """The compute target a wall-clock target stands for, checked against the fastest derived codebook."""
+        c = cost.skip_cost
+        fewest = fewest_computed(self.steps, rate_cap(self.steps))
+        fastest = cost.wall_speedup(self.steps, fewest)
+        summary = cost.summary()
+        self.say(f"cost model: a skipped step costs {c:.3f} of a computed one (medians of "
+                 f"{summary['skipped']['samples']} skipped and {summary['computed']['samples']} computed steps, "
+                 "spreads "
+                 f"{_format(summary['skipped']['spread'], '.0%')} and {_format(summary['computed']['spread'], '.0%')})")
+        if speedup > fastest:
+            raise ValueError(
+                f"a wall-clock speed-up of {speedup:g}x is out of reach at {self.steps} steps: a skipped step costs "
+                f"{c:.3f} of a computed one (measured here), and the fastest derived codebook computes {fewest} steps, "
+                f"so at most {fastest:.2f}x; choose a target in (1, {fastest:.2f}], or calibrate for compute "
+                "(--compute)")
+        goal = cost.compute_goal(speedup, self.steps)
+        self.say(f"{speedup:g}x wall clock = {goal:.3f}x compute "
+                 f"({self.steps / goal:.2f} of {self.steps} steps computed)")
+        return goal
+
+    def _conservative_end(self, config_for: Callable[[float], AdaCacheConfig], end: float, references: list[Run],
+                          target_psnr: float) -> tuple[float, dict[str, float]]:
+        """Measure the most conservative codebook the bisection can reach first: a PSNR it does not keep is
+        refused before the search, with the range that is reachable."""
+        measured = self.measure(config_for(math.exp(end)), references)
+        self.say(f"scale {math.exp(end):.3g} (the most conservative reachable): {_describe(measured)}")
+        if measured["psnr"] < target_psnr:
+            raise ValueError(
+                f"a PSNR of {target_psnr:g} dB is out of reach: the most conservative codebook the search reaches "
+                f"(threshold scale {math.exp(end):.3g}, {measured['computed_steps']:.1f} of {self.steps} steps "
+                f"computed) keeps {measured['psnr']:.1f} dB; choose a target up to that, more --iterations (the "
+                "search then reaches closer to computing every step), or no cache")
+        return end, measured
 
     def check(self, config: AdaCacheConfig, prompts: list[str]) -> dict[str, float]:
         """The config's speed-up and PSNR on other prompts (held out from calibration)."""
         held = Calibrator(self.pipe, prompts, seeds=self.seeds, steps=self.steps, guidance=self.guidance,
                           base=self.base, call=self.call)
+        held.cost_model = self.cost_model
         return held.measure(config, held.references())
 
 
-def _skip_cost(reference: Run, run: Run) -> float | None:
-    """The time of a skipped step as a fraction of a computed one, from T = T_step * (computed + cost * skipped)."""
-    skipped = run.steps - run.computed
-    if skipped <= 0 or reference.seconds <= 0:
-        return None
-    per_step = reference.seconds / reference.steps
-    return max(0.0, (run.seconds / per_step - run.computed) / skipped)
+def _check_target(steps: int, speedup: Any, target_psnr: Any, iterations: Any) -> None:
+    """Refuse, before any generation, a target no derived codebook can reach, saying what can be reached."""
+    if (speedup is None) == (target_psnr is None):
+        raise ValueError("give exactly one target: a speed-up (e.g. 2.0) or a PSNR in dB (e.g. 30)")
+    if not _is_int(iterations) or iterations < 1:
+        raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
+    if speedup is not None:
+        fewest = fewest_computed(steps, rate_cap(steps))
+        fastest = steps / fewest
+        if fastest <= 1:
+            raise ValueError(f"at {steps} steps AdaCache computes every step (the first two and the last two always "
+                             "are): no speed-up is reachable; use more steps")
+        if not _is_real(speedup) or not math.isfinite(speedup) or not 1 < speedup <= fastest:
+            raise ValueError(
+                f"a speed-up target must be a number in (1, {fastest:.2f}] at {steps} steps, got {speedup!r}: a "
+                f"derived codebook computes at least one step in {rate_cap(steps)}, and always the first two and the "
+                f"last two, so at least {fewest} steps: at most {fastest:.2f}x in compute (less in wall clock)")
+    elif not _is_real(target_psnr) or not math.isfinite(target_psnr) or not 0 < target_psnr < PSNR_CAP:
+        raise ValueError(
+            f"a PSNR target must be a number of dB in (0, {PSNR_CAP:g}), got {target_psnr!r}: PSNR is counted up to "
+            f"{PSNR_CAP:g} dB, which only a video identical to the uncached one reaches (for that, use no cache)")
 
 
-def _compute_goal(wall: float, cost: float, steps: int) -> float:
-    """The compute speed-up (steps / computed) that gives `wall` when a skipped step costs `cost` of a computed."""
-    cost = min(cost, 0.9)
-    computed = (steps / wall - cost * steps) / (1 - cost)
-    return steps / max(computed, 1.0)
+def _describe(measured: dict[str, float]) -> str:
+    wall = f"wall {_format(measured['wall_speedup'])} timed once"
+    if "predicted_wall_speedup" in measured:
+        wall += f", {measured['predicted_wall_speedup']:.2f}x by the cost model"
+    return (f"{measured['computed_steps']:.1f} computed steps, compute speed-up {measured['compute_speedup']:.2f}x, "
+            f"{wall}, PSNR {measured['psnr']:.1f} dB")
+
+
+def _format(value: float | None, spec: str = ".2f") -> str:
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return format(value, spec) + ("x" if spec == ".2f" else "")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -12,13 +12,19 @@
     taylorseer[:interval]       diffusers TaylorSeer (default interval 3)
     fastercache[:range]         diffusers FasterCache (attention reused for range-1 steps, default 2)
 
-A method a model cannot run gets a reason from `Method.unsupported(pipe)` and is skipped, never a crash.
+Parameters are ASCII numbers within a range per method (`PARAMETERS`): static k, pab, taylorseer and fastercache
+take whole numbers from 2 to 1000, fbc and magcache thresholds numbers from 1e-4 to 10. Anything else (NaN, inf,
+negative, empty, unicode digits, `+moreg` on a peer or twice) is a ConfigError naming the method and the range,
+raised before a model loads. A method a model cannot run gets a reason from `Method.unsupported(pipe)` and is
+skipped, never a crash.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -98,55 +104,108 @@ class Method:
                 handle.remove()
 
 
+# The numeric parameter of each method with one, and its valid range. Thresholds below 1e-4 are under the rounding
+# noise of half-precision features: such a cache would never reuse anything and measure as the baseline. Periods
+# and ranges are whole steps: 1 would reuse nothing, and 1000 is more than any step count.
+@dataclass(frozen=True)
+class _Parameter:
+    what: str  # what the number means, for messages
+    kind: type  # int or float
+    low: float
+    high: float
+    example: str
+
+    def describe(self, base: str) -> str:
+        number = "a whole number" if self.kind is int else "a number"
+        return f"{base}'s {self.what} must be {number} from {self.low:g} to {self.high:g} (e.g. {self.example})"
+
+
+PARAMETERS: dict[str, _Parameter] = {
+    "static": _Parameter("reuse period k (one step computed in k)", int, 2, 1000, "static:3"),
+    "fbc": _Parameter("threshold", float, 1e-4, 10, "fbc:0.05"),
+    "pab": _Parameter("attention reuse range", int, 2, 1000, "pab:2"),
+    "magcache": _Parameter("threshold", float, 1e-4, 10, "magcache:0.06"),
+    "taylorseer": _Parameter("cache interval", int, 2, 1000, "taylorseer:3"),
+    "fastercache": _Parameter("attention reuse range", int, 2, 1000, "fastercache:2"),
+}
+_INTEGER = re.compile(r"[0-9]+")
+_DECIMAL = re.compile(r"[0-9]+\.?[0-9]*([eE][+-]?[0-9]+)?|\.[0-9]+([eE][+-]?[0-9]+)?")
+MOREG = "+moreg"
+
+
+def _number(token: str, base: str, param: str) -> float | int:
+    """The method's parameter, in ASCII digits only (Python would also read '３', '1_0' and ' 3', making names
+    that differ but run the same), within its range; ConfigError naming the method and the range otherwise."""
+    spec = PARAMETERS[base]
+    if not param:
+        default = f"{base} (its default, {PEER_DEFAULTS[base]}) or " if base in PEER_DEFAULTS else ""
+        raise ConfigError(f"method {token!r} has an empty parameter after ':'; write {default}{spec.example}; "
+                          f"{spec.describe(base)}")
+    if not (_INTEGER if spec.kind is int else _DECIMAL).fullmatch(param):
+        if param.startswith("-") and _DECIMAL.fullmatch(param[1:]):
+            raise ConfigError(f"method {token!r}: the parameter must be positive; {spec.describe(base)}, got {param!r}")
+        hint = "static needs a reuse period k >= 2, an integer; " if base == "static" else ""
+        raise ConfigError(f"method {token!r}: {hint}{param!r} is not a valid {base} parameter: "
+                          f"{spec.describe(base)}")
+    value = spec.kind(param)
+    if not math.isfinite(value) or not spec.low <= value <= spec.high:
+        hint = "static needs a reuse period k >= 2; " if base == "static" and value < 2 else ""
+        positive = "the parameter must be positive; " if value <= 0 and not hint else ""
+        raise ConfigError(f"method {token!r}: {hint}{positive}{spec.describe(base)}, got {param}")
+    return value
+
+
 def parse_method(name: str, tuned: str | os.PathLike | None = None) -> Method:
-    """A `Method` from its name (see the module docstring); ValueError with the grammar for anything else.
-    `tuned` is the model's own calibrated codebook file, which `auto` stands for (None: opensora-30-fast)."""
+    """A `Method` from its name (see the module docstring); ConfigError (a ValueError) with the grammar or the
+    valid range for anything else. `tuned` is the model's own calibrated codebook file, which `auto` stands for
+    (None: opensora-30-fast)."""
+    if not isinstance(name, str):
+        raise ConfigError(f"a method name must be a string, got {name!r}")
     token = name.strip()
     if token == "none":
         return Method(token, "baseline", "none")
-    base, _, param = token.partition(":")
+    base, colon, param = token.partition(":")
+    if base in PARAMETERS or base.endswith(MOREG) and base[: -len(MOREG)] in PARAMETERS:
+        if base.endswith(MOREG) or param.endswith(MOREG):
+            raise ConfigError(f"method {token!r}: {MOREG} applies to AdaCache configs (auto, a preset or a .json "
+                              f"file), not to {base.removesuffix(MOREG)}")
     if base == "static":
-        try:
-            k = int(param)
-        except ValueError:
-            k = 0
-        if k < 2:
-            raise ValueError(f"method {token!r}: static needs a reuse period k >= 2, e.g. static:3")
-        return Method(token, "static reuse", "adacache", AdaCacheConfig(codebook={1.0: k}))
+        k = _number(token, base, param)
+        return Method(token, "static reuse", "adacache", AdaCacheConfig(codebook={1.0: int(k)}))
     if base in PEERS:
-        value = PEER_DEFAULTS[base]
-        if param:
-            try:
-                value = type(PEER_DEFAULTS[base])(param)
-            except ValueError:
-                raise ValueError(f"method {token!r}: {param!r} is not a valid {base} parameter") from None
-            if value <= 0:
-                raise ValueError(f"method {token!r}: the parameter must be positive")
+        value = _number(token, base, param) if colon else PEER_DEFAULTS[base]
         return Method(token, PEER_NAMES[base], "diffusers", peer=base, value=value)
-    source, moreg = (token[: -len("+moreg")], True) if token.endswith("+moreg") else (token, False)
+    source, moreg = (token[: -len(MOREG)], True) if token.endswith(MOREG) else (token, False)
+    if source.endswith(MOREG):
+        raise ConfigError(f"method {token!r}: {MOREG} is given more than once; write {source.split(MOREG)[0]}{MOREG}")
     if source == "auto":
         source = str(tuned) if tuned is not None else "opensora-30-fast"
     if source in PRESETS or source.endswith(".json") or Path(source).is_file():
         try:
             config = AdaCacheConfig.load(source)
         except ConfigError as error:
-            raise ValueError(f"method {token!r}: {error}") from None
+            raise ConfigError(f"method {token!r}: {error}") from None
         config = dataclasses.replace(config, moreg=config.moreg or moreg)
         return Method(token, "AdaCache + MoReg" if config.moreg else "AdaCache", "adacache", config)
-    raise ValueError(
+    raise ConfigError(
         f"unknown method {token!r}; methods are: none, auto[+moreg], a preset[+moreg] ({', '.join(sorted(PRESETS))}), "
         f"a config .json[+moreg], static:<k>, {', '.join(f'{p}[:value]' for p in PEERS)}"
     )
 
 
 def parse_methods(names: list[str], tuned: str | os.PathLike | None = None) -> list[Method]:
-    """Parse all names first (a typo fails before any work); the baseline is always first, each name once."""
-    methods = [parse_method(n, tuned) for n in names if n.strip()]
-    seen: set[str] = set()
+    """Parse all names first (a typo fails before any work); the baseline is always first, each method once
+    (two names for one setting, such as fbc:0.1 and fbc:0.10, are refused too)."""
+    methods = [parse_method(n, tuned) for n in names if not isinstance(n, str) or n.strip()]
+    seen: dict[Any, str] = {}
     for method in methods:
-        if method.name in seen:
-            raise ValueError(f"method {method.name!r} is listed twice")
-        seen.add(method.name)
+        if method.name in seen.values():
+            raise ConfigError(f"method {method.name!r} is listed twice")
+        same = (method.peer, method.value) if method.kind == "diffusers" else (
+            ("static", method.adacache.codebook[1.0]) if method.family == "static reuse" else method.name)
+        if same in seen:
+            raise ConfigError(f"methods {seen[same]!r} and {method.name!r} are the same setting; list it once")
+        seen[same] = method.name
     baseline = [m for m in methods if m.kind == "none"] or [parse_method("none")]
     return baseline + [m for m in methods if m.kind != "none"]
 

@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .bench import BenchSettings, finite, write_atomic
+from .bench import BenchFolderError, BenchSettings, finite, write_atomic
 
 PSNR_CAP = 100.0  # identical videos (infinite PSNR) count as this in means
 
@@ -249,8 +249,12 @@ def _motion_of(record: dict[str, Any]) -> float:
 
 def _save(fig, path: Path) -> Path:
     tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    tmp.replace(path)
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        tmp.replace(path)
+    except OSError as error:
+        raise BenchFolderError(f"{path} cannot be written ({error.strerror or error}); make it a writable file "
+                               "(delete what is there) or pass another --out folder") from None
     return path
 
 
