@@ -65,7 +65,7 @@ def test_model_folder_without_model_index_is_an_error(command, tmp_path, capsys)
     argv = {
         "generate": ["generate", PROMPT, "-o", str(tmp_path / "x.mp4"), "--no-progress"],
         "bench": ["bench", "--prompts", str(prompts), "-o", str(tmp_path / "bench"), "--no-progress"],
-        "calibrate": ["calibrate", "--prompts", str(prompts), "-o", str(tmp_path / "c.json"), "--speedup", "2"],
+        "calibrate": ["calibrate", "--prompts", str(prompts), "-o", str(tmp_path / "c.json"), "--speedup", "1.1"],
     }[command]
     assert main([*argv, "--model", str(folder), "--steps", "6"]) == 2
     err = _error_line(capsys)
@@ -83,7 +83,7 @@ def test_uncached_hub_id_is_an_error(command, tmp_path, capsys, monkeypatch):
     argv = {
         "generate": ["generate", PROMPT, "-o", str(tmp_path / "x.mp4"), "--no-progress"],
         "bench": ["bench", "--prompts", str(prompts), "-o", str(tmp_path / "bench"), "--no-progress"],
-        "calibrate": ["calibrate", "--prompts", str(prompts), "-o", str(tmp_path / "c.json"), "--speedup", "2"],
+        "calibrate": ["calibrate", "--prompts", str(prompts), "-o", str(tmp_path / "c.json"), "--speedup", "1.1"],
     }[command]
     assert main([*argv, "--model", "someone/not-a-model", "--steps", "6"]) == 2
     err = _error_line(capsys)

@@ -403,16 +403,17 @@ def _calibrate(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from .evaluation.calibrate import Calibrator
+    from .evaluation.calibrate import Calibrator, check_target
 
     if (args.speedup is None) == (args.psnr is None):
         raise ConfigError("give one target: --speedup X (e.g. 2.0) or --psnr DB (e.g. 30)")
     if args.steps < 4:
         raise ConfigError(f"--steps {args.steps} leaves nothing to calibrate: the first step and the last two are "
                           "always computed; calibrate at the step count you generate with (e.g. 30)")
-    if args.speedup is not None and args.speedup > args.steps / 3:  # the rule Calibrator.calibrate applies, early
-        raise ConfigError(f"--speedup {args.speedup:g} is out of reach at {args.steps} steps: the first step and the "
-                          f"last two are always computed, so at most {args.steps / 3:.1f}; lower it or raise --steps")
+    try:  # the rules Calibrator.calibrate applies, before the model loads
+        check_target(args.steps, args.speedup, args.psnr, args.iterations)
+    except ValueError as error:
+        raise ConfigError(f"{error}; change --speedup/--psnr or --steps") from None
     output = Path(args.output)
     if output.is_dir():
         raise ConfigError(f"the output {args.output!r} is a folder; give a .json file name")
@@ -442,19 +443,28 @@ def _calibrate(args: argparse.Namespace) -> int:
     calibrator = Calibrator(pipe, prompts, seeds=seeds, steps=args.steps, guidance=args.guidance, base=base,
                             call=sizes, progress=print)
     result = calibrator.calibrate(speedup=args.speedup, target_psnr=args.psnr, wall_clock=not args.compute,
-                                  iterations=args.iterations)
+                                  iterations=args.iterations, check_repeats=args.check_repeats)
     about = {"model": args.model or "embedded", **result.about}
     if held_out:
         about["held_out"] = {"prompts": held_out, "reached": calibrator.check(result.config, held_out)}
     result.config.save(output, about=about)
     reached = about["reached"]
-    print(f"codebook {result.config.codebook}")
+    print(f"codebook {dict(result.config.codebook)}")
     print(f"calibration prompts: {reached['computed_steps']:.1f}/{args.steps} steps computed, speed-up "
-          f"{reached['compute_speedup']:.2f}x compute, {reached['wall_speedup']:.2f}x wall clock, PSNR {reached['psnr']:.1f} dB")
+          f"{reached['compute_speedup']:.2f}x compute, {reached['wall_speedup']:.2f}x wall clock timed once, "
+          f"PSNR {reached['psnr']:.1f} dB")
+    if "predicted_wall_speedup" in reached:
+        print(f"  {reached['predicted_wall_speedup']:.2f}x wall clock by the cost model (a skipped step costs "
+              f"{about['skip_cost']:.3f} of a computed one)")
+    check = about.get("wall_check")
+    if check:
+        print(f"  timed check: {check['measured_wall_speedup']:.2f}x measured, {check['predicted_wall_speedup']:.2f}x "
+              f"predicted ({'agrees' if check['agrees'] else 'disagrees: was the machine busy?'})")
     if held_out:
         held = about["held_out"]["reached"]
         print(f"{len(held_out)} held-out prompts: {held['computed_steps']:.1f}/{args.steps} steps computed, speed-up "
-              f"{held['compute_speedup']:.2f}x compute, {held['wall_speedup']:.2f}x wall clock, PSNR {held['psnr']:.1f} dB")
+              f"{held['compute_speedup']:.2f}x compute, {held['wall_speedup']:.2f}x wall clock timed once, "
+              f"PSNR {held['psnr']:.1f} dB")
     print(f"wrote {output}; use it with --cache {output} or AdaCacheConfig.load({json.dumps(str(output))})")
     return 0
 
@@ -555,6 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="preset or config file whose other settings (probe, MoReg window) the result keeps "
                          "(default: AdaCacheConfig's defaults)")
     ca.add_argument("--moreg", action="store_true", help="calibrate with motion regularization on")
+    ca.add_argument("--check-repeats", type=_NON_NEGATIVE, default=3, metavar="N",
+                    help="wall-clock target: time one video N times uncached and N times cached, interleaved, and "
+                         "compare with the cost model's prediction (0 skips the check; default 3)")
     ca.add_argument("--iterations", type=_POSITIVE, default=9,
                     help="bisection steps on the threshold scale, each a cached run of every prompt (default 9)")
     ca.add_argument("--height", type=_POSITIVE, default=None, help="frame height, for --model pipelines")

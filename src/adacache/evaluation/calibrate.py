@@ -364,7 +364,7 @@ class Calibrator:
         measured before (default: measured here, for a wall-clock target); `check_repeats` the timed runs of each
         kind in the final check (0: no check). Targets no derived codebook can reach are refused before any
         generation where arithmetic tells, else before the bisection."""
-        _check_target(self.steps, speedup, target_psnr, iterations)
+        check_target(self.steps, speedup, target_psnr, iterations)
         if not _is_int(check_repeats) or check_repeats < 0:
             raise ValueError(f"check_repeats must be a non-negative integer, got {check_repeats!r}")
         wall = speedup is not None and wall_clock
@@ -480,7 +480,7 @@ class Calibrator:
         return held.measure(config, held.references())
 
 
-def _check_target(steps: int, speedup: Any, target_psnr: Any, iterations: Any) -> None:
+def check_target(steps: int, speedup: Any, target_psnr: Any, iterations: Any) -> None:
     """Refuse, before any generation, a target no derived codebook can reach, saying what can be reached."""
     if (speedup is None) == (target_psnr is None):
         raise ValueError("give exactly one target: a speed-up (e.g. 2.0) or a PSNR in dB (e.g. 30)")
