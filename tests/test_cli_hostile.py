@@ -332,3 +332,47 @@ def test_bench_refuses_a_prompt_the_embedded_model_cannot_read_before_generating
                  "0", "--no-flops", "-o", str(tmp_path / "b"), "--no-progress"]) == 2
     assert "'un cercle rouge' has no word" in _error_line(capsys)
     assert not list((tmp_path / "b").glob("records*"))
+
+
+# --- found by a hostile review of the fixes above ------------------------------------------------------------------
+def test_a_failed_video_write_keeps_the_old_file_and_says_so(tmp_path, monkeypatch):
+    """imageio does not report an encoder that failed (a full disk, a killed ffmpeg): the written file is read back
+    before it replaces anything."""
+    import numpy as np
+    import imageio.v2 as imageio
+
+    from adacache.video import write_video
+
+    frames = np.zeros((8, 16, 16, 3), np.uint8)
+    for suffix in (".mp4", ".gif"):
+        good = write_video(frames, tmp_path / f"x{suffix}", scale=4)
+        before = good.read_bytes()
+        with monkeypatch.context() as patch:
+            patch.setattr(imageio, "mimsave", lambda path, *a, **k: open(path, "wb").close())  # an empty file
+            with pytest.raises(OSError, match="readable"):
+                write_video(frames, good, scale=4)
+        assert good.read_bytes() == before
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+@pytest.mark.parametrize("methods", ["", ",,", "none,,auto"])
+def test_bench_refuses_empty_method_names(methods, tmp_path, capsys):
+    assert main(["bench", "--methods", methods, "-o", str(tmp_path / "b"), "--no-progress"]) == 2
+    assert "empty name" in _error_line(capsys)
+    assert _files(tmp_path) == []
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", PROMPT, "--cache", "none", "--moreg"],
+    ["generate", PROMPT, "--steps", "3_0"],
+    ["generate", PROMPT, "--steps", "\u0663"],  # an Arabic-Indic three
+    ["train", "--threads", "100000"],
+])
+def test_more_options_that_would_do_nothing_or_something_odd_are_refused(argv, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main([*argv, "--no-progress"])
+    except SystemExit as exit:  # argparse's usage error
+        code = exit.code
+    assert code == 2 and "Traceback" not in capsys.readouterr().err
+    assert _files(tmp_path) == []

@@ -260,3 +260,130 @@ def test_a_layout_change_with_the_same_token_count_within_a_generation_is_an_err
         with adacache.cache_context(model, "cond", step_index=0, num_inference_steps=STEPS):
             out = model(**{**kwargs, "hidden_states": reshaped, "timestep": torch.full((1,), 1000.0)})[0]
     assert out.shape == reshaped.shape
+
+
+# --- found by a hostile review of the fixes above ----------------------------------------------------------------
+def test_each_thread_reads_only_the_cache_context_it_set():
+    """Thread B entering cache_context("uncond") between thread A's cache_context("cond") and A's call must not send
+    A's call to the uncond branch (and its cached residual)."""
+    tiny = tiny_model("wan")
+    model = tiny.build(seed=0)
+    apply_adacache(model, SKIPPING)
+    kwargs = tiny.inputs(model, batch_size=1)
+    a_inside, b_inside, b_may_leave = threading.Event(), threading.Event(), threading.Event()
+
+    def other_thread():
+        a_inside.wait(10)
+        with adacache.cache_context(model, "uncond", step_index=0, num_inference_steps=STEPS):
+            b_inside.set()
+            b_may_leave.wait(10)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    try:
+        with torch.no_grad(), adacache.cache_context(model, "cond", step_index=0, num_inference_steps=STEPS):
+            a_inside.set()
+            assert b_inside.wait(10)
+            model(**{**kwargs, "timestep": torch.full((1,), 1000.0)})
+    finally:
+        b_may_leave.set()
+        thread.join(10)
+    assert [s.branch for s in get_stats(model)] == ["cond"]
+
+
+def test_a_rescheduled_scheduler_does_not_split_a_generation_whose_context_gives_the_step():
+    """Two pipelines sharing one transformer (or a scheduler reset by a callback): set_timesteps in the middle of a
+    generation told its steps by the cache context must not start a new generation."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    tiny = tiny_model("wan")
+    model = tiny.build(seed=0)
+
+    class Pipeline:  # what apply_adacache reads of a pipeline
+        transformer = model
+        scheduler = FlowMatchEulerDiscreteScheduler()
+
+    Pipeline.scheduler.set_timesteps(STEPS)
+    apply_adacache(Pipeline(), SKIPPING)
+    kwargs = tiny.inputs(model, batch_size=1)
+    with torch.no_grad():
+        for i in range(STEPS):
+            if i == 3:
+                Pipeline.scheduler.set_timesteps(STEPS)  # another run began on the shared scheduler
+            with adacache.cache_context(model, "cond", step_index=i, num_inference_steps=STEPS):
+                model(**{**kwargs, "timestep": Pipeline.scheduler.timesteps[i].expand(1)})
+    stats = get_stats(model)
+    assert len(stats) == 1 and stats[0].computed_steps == [1, 2, 5, 6] and stats[0].skipped_steps == [3, 4]
+
+
+def test_removal_refuses_when_a_wrapper_was_set_on_the_model_afterwards_and_changes_nothing():
+    model = ToyDiT()
+    reference = denoise(model, torch.ones(1, 6, 3))
+    apply_adacache(model, SKIPPING, spec=TOY_SPEC)
+    patched_forward = model.forward
+    calls = []
+
+    def wrapper(*args, **kwargs):  # as accelerate's add_hook_to_module does
+        calls.append(1)
+        return patched_forward(*args, **kwargs)
+
+    model.forward = wrapper
+    with pytest.raises(RuntimeError, match="Nothing was changed"):
+        remove_adacache(model)
+    denoise(model, torch.ones(1, 6, 3))
+    assert calls  # the wrapper still runs, AdaCache still applied
+    assert hasattr(model, "_adacache") and "_adacache_block" in model.blocks[0].__dict__
+    model.forward = patched_forward  # the user removes their wrapper; the retry succeeds
+    remove_adacache(model)
+    assert all(torch.equal(a, b) for a, b in zip(reference, denoise(model, torch.ones(1, 6, 3))))
+
+
+def test_a_shallow_copy_cannot_remove_the_originals_cache():
+    model = ToyDiT()
+    reference = denoise(model, torch.ones(1, 6, 3))
+    apply_adacache(model, SKIPPING, spec=TOY_SPEC)
+    alias = copy.copy(model)
+    for action in (remove_adacache, get_stats, adacache.reset_state,
+                   lambda m: apply_adacache(m, SKIPPING, spec=TOY_SPEC)):
+        with pytest.raises(RuntimeError, match="shallow copy"):
+            action(alias)
+    remove_adacache(model)  # the original is whole
+    assert all(torch.equal(a, b) for a, b in zip(reference, denoise(model, torch.ones(1, 6, 3))))
+
+
+def test_a_ctrl_c_right_after_the_lock_is_taken_releases_it(monkeypatch):
+    model = ToyDiT()
+    apply_adacache(model, SKIPPING, spec=TOY_SPEC)
+    runtime = model._adacache
+    real_begin = type(runtime).begin_call
+
+    def interrupted(self, args, kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(runtime), "begin_call", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model(torch.ones(1, 6, 3), torch.full((1,), 1000.0))
+    monkeypatch.setattr(type(runtime), "begin_call", real_begin)
+    model(torch.ones(1, 6, 3), torch.full((1,), 900.0))  # not refused as "already running"
+
+
+def test_extreme_moreg_settings_compute_instead_of_overflowing():
+    from adacache.algorithm import Schedule
+
+    config = AdaCacheConfig(codebook={1e9: 4}, moreg=True, moreg_norm=1e-6, moreg_power=400.0, moreg_window=(1, 6))
+    schedule = Schedule(config, num_steps=6)
+    frames = torch.randn(1, 4, 3, 2)
+    schedule.update(1, frames, 4)
+    record = schedule.update(2, frames + 0.1, 4)  # (raw / 1e-6) ** 400 overflows a float
+    assert record.rate == 1 and not schedule.records[-1].distance < float("inf")
+
+
+def test_a_config_field_cannot_be_deleted_and_asdict_works():
+    config = AdaCacheConfig(moreg=True)
+    with pytest.raises(ConfigError, match="deleting"):
+        del config.moreg
+    assert config.moreg is True
+    assert dataclasses.asdict(config)["codebook"] == dict(config.codebook)
+    assert dataclasses.astuple(config)[1] is True
+    with pytest.raises(ConfigError, match="stats_history"):
+        AdaCacheConfig(stats_history=10**30)

@@ -3,42 +3,37 @@
     from adacache import AdaCacheConfig, apply_adacache, remove_adacache, get_stats
     apply_adacache(pipe.transformer, AdaCacheConfig(codebook={0.08: 6, 0.16: 4, 1.0: 1}, moreg=True))
 
-Importing this package is light: torch only; diffusers is imported when a cache is applied.
+Importing this package is light: names are imported on first use (torch with the first that needs it; diffusers
+when a cache is applied), so `adacache --help`, and a Ctrl-C during start-up, do not wait on torch.
 """
 
-from .algorithm import Schedule, lookup_rate, motion_score, relative_l1
-from .config import PRESETS, AdaCacheConfig, ConfigError
-from .hooks import (
-    GenerationStats,
-    apply_adacache,
-    cache_context,
-    compile_blocks,
-    get_stats,
-    remove_adacache,
-    reset_state,
-)
-from .models.specs import MODEL_SPECS, BlockList, BlockSpec, ModelSpec, register_model
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdaCacheConfig",
-    "BlockList",
-    "BlockSpec",
-    "ConfigError",
-    "GenerationStats",
-    "MODEL_SPECS",
-    "ModelSpec",
-    "PRESETS",
-    "Schedule",
-    "apply_adacache",
-    "cache_context",
-    "compile_blocks",
-    "get_stats",
-    "lookup_rate",
-    "motion_score",
-    "register_model",
-    "relative_l1",
-    "remove_adacache",
-    "reset_state",
-]
+_EXPORTS = {
+    "Schedule": ".algorithm", "lookup_rate": ".algorithm", "motion_score": ".algorithm", "relative_l1": ".algorithm",
+    "PRESETS": ".config", "AdaCacheConfig": ".config", "ConfigError": ".config",
+    "GenerationStats": ".hooks", "apply_adacache": ".hooks", "cache_context": ".hooks", "compile_blocks": ".hooks",
+    "get_stats": ".hooks", "remove_adacache": ".hooks", "reset_state": ".hooks",
+    "MODEL_SPECS": ".models.specs", "BlockList": ".models.specs", "BlockSpec": ".models.specs",
+    "ModelSpec": ".models.specs", "register_model": ".models.specs",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'adacache' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # once imported, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

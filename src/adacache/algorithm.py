@@ -57,6 +57,15 @@ def motion_score(frames: torch.Tensor, strides: tuple[int, ...]) -> torch.Tensor
     return torch.stack(scores).mean()
 
 
+def _moreg_map(raw: float, config: AdaCacheConfig) -> float:
+    """MoReg's m = (raw / norm) ** power / divisor; inf where that overflows a float (extreme settings), which
+    makes the distance non-finite and so computes the next step."""
+    try:
+        return (raw / config.moreg_norm) ** config.moreg_power / config.moreg_divisor
+    except OverflowError:
+        return math.inf
+
+
 def lookup_rate(codebook: dict[float, int], distance: float) -> int:
     """The rate of the first threshold (ascending) above `distance`; past the last threshold, the last rate.
     A non-finite distance gives rate 1 (compute the next step) rather than trusting garbage."""
@@ -133,7 +142,7 @@ class Schedule:
             distance = values[0] / gap
             if use_moreg:
                 # As the authors: m = 1 outside the window, but the gradient against the last m still applies.
-                m = 1.0 if motion is None else (values[1] / config.moreg_norm) ** config.moreg_power / config.moreg_divisor
+                m = 1.0 if motion is None else _moreg_map(values[1], config)
                 gradient = config.moreg_gradient_scale * (m - self.prev_motion) / gap
                 self.prev_motion = m
                 record.motion = m if motion is not None else None

@@ -15,6 +15,7 @@ import logging
 import math
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -39,10 +40,9 @@ def _integer(low: int, high: int | None = None) -> Callable[[str], int]:
     span = f"from {low} to {high}" if high is not None else f">= {low}"
 
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"takes an integer {span}, got {text!r}") from None
+        if not re.fullmatch(r"\s*[+-]?[0-9]+\s*", text):  # int() would also take "3_0" and other scripts' digits
+            raise argparse.ArgumentTypeError(f"takes an integer {span}, got {text!r}")
+        value = int(text)
         if value < low or (high is not None and value > high):
             raise argparse.ArgumentTypeError(f"must be an integer {span}, got {value}")
         return value
@@ -269,6 +269,8 @@ def _generate(args: argparse.Namespace) -> int:
     if args.compare and args.cache == "none":
         raise ConfigError("--compare runs the model uncached and cached; with --cache none there is nothing to "
                           "compare (leave out one of them)")
+    if args.moreg and args.cache == "none":
+        raise ConfigError("--moreg is part of AdaCache; with --cache none it would do nothing (leave out one of them)")
     config = None if args.cache == "none" else _cache_config(args)
     pipe = _load_pipeline(args.model, progress=not args.no_progress)
     pipe.set_progress_bar_config(disable=args.no_progress)
@@ -370,7 +372,13 @@ def _bench(args: argparse.Namespace) -> int:
     sizes = _check_sizes(args, _model_kind(args.model))
     seeds = _seeds(args.seeds)
     prompts = _prompts(args)
-    methods = [m.strip() for m in args.methods.split(",")] if args.methods else default_methods(args.steps)
+    if args.methods is None:
+        methods = default_methods(args.steps)
+    else:
+        methods = [m.strip() for m in args.methods.split(",")]
+        if not all(methods):
+            raise ConfigError(f"--methods {args.methods!r} has an empty name; give comma-separated methods such as "
+                              "none,auto,fbc:0.1 (or leave --methods out for the default comparison)")
     tuned = _tuned(args.steps) if args.model is None else None
     parse_methods(methods, tuned)  # every name checked before the model loads
     settings = BenchSettings(
@@ -421,6 +429,11 @@ def _calibrate(args: argparse.Namespace) -> int:
         raise ConfigError(f"the output {args.output!r} must be a .json file")
     if not output.parent.is_dir():
         raise ConfigError(f"the output folder {str(output.parent)!r} does not exist; create it first")
+    try:  # before the work, not after it: a calibration can take hours
+        with tempfile.NamedTemporaryFile(dir=output.parent, prefix=".adacache-write-test-"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"cannot write to the output folder {str(output.parent)!r}: {error.strerror}") from None
     sizes = _check_sizes(args, _model_kind(args.model))
     seeds = _seeds(args.seeds)
     prompts = _prompts(args)
@@ -585,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=_number(0.0, above=True), default=1e-3)
     tr.add_argument("--seed", type=_integer(0, MAX_TRAIN_SEED), default=0, help="0 to 2**32-1")
     tr.add_argument("--eval-every", type=_NON_NEGATIVE, default=500, help="verifier check every N steps (0 = never)")
-    tr.add_argument("--threads", type=_POSITIVE, default=2)
+    tr.add_argument("--threads", type=_integer(1, 256), default=2, help="torch threads (default 2)")
     tr.add_argument("--export", default=None, help="write the EMA weights of the checkpoint as a pipeline folder")
     tr.add_argument("--export-from", default=None, help="checkpoint to export (default OUT/checkpoint.pt)")
     tr.add_argument("--init-from", default=None,

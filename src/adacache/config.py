@@ -12,7 +12,6 @@ import json
 import math
 import numbers
 import os
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -95,13 +94,17 @@ class AdaCacheConfig:
             )
         object.__setattr__(self, name, value)
 
+    def __delattr__(self, name: str) -> None:
+        raise ConfigError(f"an AdaCacheConfig cannot be changed after it is made (deleting {name!r}); make a new one "
+                          "with dataclasses.replace(config, ...)")
+
     def __reduce__(self) -> tuple:
         # copies and pickles are made through __init__, so they are checked and read-only too
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return _rebuild, (type(self), {**fields, "codebook": dict(self.codebook)})
 
     def __post_init__(self) -> None:
-        self.codebook = types.MappingProxyType(validate_codebook(self.codebook))  # read-only: see __setattr__
+        self.codebook = Codebook(validate_codebook(self.codebook))  # read-only: see __setattr__
         for name in ("moreg", "paper_mode"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -133,8 +136,8 @@ class AdaCacheConfig:
             raise ConfigError(f"probe_point must be one of {PROBE_POINTS} or a submodule path, got {self.probe_point!r}")
         if self.num_inference_steps is not None and (not _is_int(self.num_inference_steps) or self.num_inference_steps < 1):
             raise ConfigError(f"num_inference_steps must be a positive int or None, got {self.num_inference_steps!r}")
-        if not _is_int(self.stats_history) or self.stats_history < 1:
-            raise ConfigError(f"stats_history must be a positive int, got {self.stats_history!r}")
+        if not _is_int(self.stats_history) or not 1 <= self.stats_history <= 100_000:
+            raise ConfigError(f"stats_history must be an int from 1 to 100000, got {self.stats_history!r}")
         object.__setattr__(self, "_checked", True)
 
     # --- construction from names and files -------------------------------------------------------------------
@@ -174,10 +177,14 @@ class AdaCacheConfig:
             raise ConfigError(f"{name!r} is neither a preset ({presets}) nor a JSON config file{hint}")
         if path.is_dir():
             raise ConfigError(f"{name!r} is a folder; give a preset ({presets}) or a JSON config file")
+        if not path.is_file():  # a device or a pipe would be read without end
+            raise ConfigError(f"{name!r} is not a regular file; give a preset ({presets}) or a JSON config file")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))  # a BOM is fine
         except json.JSONDecodeError as error:
             raise ConfigError(f"the config file {name!r} is not valid JSON: {error}") from None
+        except (RecursionError, ValueError) as error:  # nested too deep; an integer with too many digits
+            raise ConfigError(f"the config file {name!r} cannot be read as a config: {error}") from None
         except (OSError, UnicodeDecodeError) as error:
             reason = error.strerror if isinstance(error, OSError) and error.strerror else error
             raise ConfigError(f"cannot read the config file {name!r}: {reason}") from None
@@ -202,14 +209,37 @@ class AdaCacheConfig:
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         data = {**({"_about": dict(about)} if about else {}), **self.to_dict()}
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(data, indent=2) + "\n")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves the old file and no debris
 
     def resolve_moreg_window(self, num_steps: int) -> tuple[int, int]:
         if self.moreg_window is not None:
             return self.moreg_window
         margin = round(num_steps / 10)
         return max(2, margin), num_steps - margin
+
+
+class Codebook(dict):
+    """A config's codebook, {threshold: rate} in ascending thresholds: a dict that refuses changes (a config is
+    checked once, when made), but copies, pickles and converts (`dict(...)`, `dataclasses.asdict`) as a dict."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("an AdaCacheConfig's codebook is read-only; make a new config with "
+                        "dataclasses.replace(config, codebook={...})")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _refuse
+
+    def __reduce__(self) -> tuple:
+        return Codebook, (dict(self),)
+
+    def __copy__(self) -> "Codebook":
+        return self
+
+    def __deepcopy__(self, memo: dict) -> "Codebook":
+        return self
 
 
 def _rebuild(cls: type, fields: dict[str, Any]) -> AdaCacheConfig:

@@ -25,6 +25,7 @@ import contextlib
 import inspect
 import logging
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -176,7 +177,10 @@ class _Runtime(_Bound):
         self.last_call_t: float | None = None
         self.calls_at_t = 0
         self.probe_slot: list[torch.Tensor | None] = [None]  # filled by the attention forward hook
-        self.restore: list[Callable[[], None]] = []
+        # What remove_adacache undoes, in reverse: (check, undo) pairs. Every check runs before anything is undone,
+        # and returns why the undo cannot be done (something wrapped the forward afterwards) or None.
+        self.restore: list[tuple[Callable[[], str | None], Callable[[], None]]] = []
+        self.model_ref = weakref.ref(model)  # a shallow copy (copy.copy) shares this runtime: see _runtime_of
 
     @property
     def current(self) -> _Call | None:
@@ -187,9 +191,9 @@ class _Runtime(_Bound):
     def current(self, call: _Call | None) -> None:
         self.local.call = call
 
-    def enter(self) -> None:
+    def enter(self) -> bool:
         """A transformer call begins: refuse a second one while one is in progress (another thread's, or a nested
-        call), since both would share the model's single cache_context and this runtime's branch states."""
+        call), since both would share this runtime's branch states. True once the call holds the model."""
         if not self.busy.acquire(blocking=False):
             who = "this thread (a nested call)" if self.busy_thread == threading.get_ident() else "another thread"
             raise RuntimeError(
@@ -199,6 +203,7 @@ class _Runtime(_Bound):
                 "serialise the calls with a lock."
             )
         self.busy_thread = threading.get_ident()
+        return True
 
     def leave(self) -> None:
         self.current = None
@@ -261,6 +266,7 @@ class _Runtime(_Bound):
         self.last_call_t = t
         state = self.states.get(branch)
         timesteps = self._scheduler_timesteps()
+        told_step = step_index is not None  # by the cache context: then it alone marks new generations
         if step_index is None and timesteps is not None and t is not None:
             after = state.schedule.last_step if state is not None and state.timesteps is timesteps[0] else 0
             step_index = _find_step(timesteps[1], t, after)
@@ -275,7 +281,7 @@ class _Runtime(_Bound):
             new_generation = step_index + 1 <= state.schedule.last_step
         else:
             new_generation = _turns_back(state, t)
-        if timesteps is not None and state is not None and state.timesteps is not timesteps[0]:
+        if not told_step and timesteps is not None and state is not None and state.timesteps is not timesteps[0]:
             new_generation = True  # the scheduler was set for a new run
         if state is not None and not new_generation and num_steps not in (None, state.schedule.num_steps):
             new_generation = True
@@ -592,25 +598,44 @@ def _context_hook_class():
     """A diffusers ModelHook on the transformer: it receives `cache_context` and brackets every forward call."""
     from diffusers.hooks.hooks import ModelHook, StateManager
 
+    class _ThreadContext(StateManager):
+        """diffusers keeps one cache context per model; this keeps one per thread, so a thread reads only the
+        context it set (another thread's `cache_context("uncond")` between this thread's `cache_context("cond")`
+        and its call would otherwise send the call to the other branch's cache)."""
+
+        def __init__(self) -> None:
+            super().__init__(object)
+            self._local = threading.local()
+
+        @property
+        def _context(self) -> Any:
+            return getattr(self._local, "context", None)
+
+        @_context.setter
+        def _context(self, context: Any) -> None:
+            if "_local" in self.__dict__:  # StateManager.__init__ sets it before ours is made
+                self._local.context = context
+
     class _ContextHook(ModelHook):
         _is_stateful = True  # so diffusers' cache_context reaches our StateManager
 
         def __init__(self, runtime: _Runtime) -> None:
             super().__init__()
             self.runtime = runtime
-            self.state_manager = StateManager(object)
+            self.state_manager = _ThreadContext()
 
         def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-            runtime = self.runtime
-            runtime.enter()
-            try:
+            runtime, holding = self.runtime, False
+            try:  # entered inside the try: a Ctrl-C right after the lock is taken still releases it
+                holding = runtime.enter()
                 runtime.context = self.state_manager._context
                 runtime.begin_call(args, kwargs)
                 output = self.fn_ref.original_forward(*args, **kwargs)
                 runtime.end_call()
                 return output
             finally:
-                runtime.leave()
+                if holding:
+                    runtime.leave()
 
         def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
             self.runtime.reset()
@@ -657,18 +682,18 @@ def _wrap_block(runtime: _Runtime, index: int, block: torch.nn.Module, eager: bo
     block._adacache_block = _CachedBlock(None if eager else inner)  # before `forward`: copies meet it first
     block.forward = wrapped
 
-    def restore() -> None:
+    def replaced() -> str | None:
         if block.__dict__.get("forward") is not wrapped:
-            raise RuntimeError(
-                f"cannot remove AdaCache from {type(block).__name__}: something replaced its forward after "
-                "apply_adacache (another hook or wrapper); remove that first"
-            )
+            return f"the forward of {runtime.blocks[index][0]} ({type(block).__name__})"
+        return None
+
+    def restore() -> None:
         del block.forward
         del block._adacache_block
         if had_own_forward:
             block.forward = previous
 
-    runtime.restore.append(restore)
+    runtime.restore.append((replaced, restore))
 
 
 def apply_adacache(
@@ -722,6 +747,7 @@ def _apply_to_model(model: torch.nn.Module, config: AdaCacheConfig, spec: ModelS
     from diffusers.hooks import HookRegistry
 
     if hasattr(model, _RUNTIME_ATTRIBUTE):
+        _runtime_of(model)  # a shallow copy gets its own message
         raise RuntimeError(
             f"AdaCache is already applied to this {type(model).__name__}; call remove_adacache(model) first "
             "to apply it again with another config"
@@ -740,12 +766,21 @@ def _apply_to_model(model: torch.nn.Module, config: AdaCacheConfig, spec: ModelS
         if runtime.probe_point != "block":
             submodule = runtime.blocks[runtime.probe_index][1].get_submodule(runtime.probe_point)
             handle = submodule.register_forward_hook(_ProbeRecorder(runtime.probe_slot))
-            runtime.restore.append(handle.remove)
+            runtime.restore.append((lambda: None, handle.remove))
         had_registry = hasattr(model, "_diffusers_hook")
         had_own_forward = "forward" in model.__dict__
         registry = HookRegistry.check_if_exists_or_initialize(model)
         runtime.context_hook = _context_hook_class()(runtime)
         registry.register_hook(runtime.context_hook, _HOOK_NAME)
+        installed = model.__dict__.get("forward")
+
+        def replaced() -> str | None:
+            # While ours is the registry's last hook, the model's forward must still be the one it installed: a
+            # wrapper set on the model afterwards (accelerate's hooks, a user's) would be dropped by the removal.
+            last = registry._hook_order[-1] if registry._hook_order else None
+            if last == _HOOK_NAME and model.__dict__.get("forward") is not installed:
+                return f"the forward of the {type(model).__name__}"
+            return None
 
         def remove_context_hook() -> None:
             registry.remove_hook(_HOOK_NAME, recurse=False)
@@ -754,9 +789,9 @@ def _apply_to_model(model: torch.nn.Module, config: AdaCacheConfig, spec: ModelS
                 if not had_own_forward:
                     del model.forward  # diffusers leaves the bound method as an instance attribute
 
-        runtime.restore.append(remove_context_hook)
+        runtime.restore.append((replaced, remove_context_hook))
     except BaseException:
-        for undo in reversed(runtime.restore):
+        for _, undo in reversed(runtime.restore):
             undo()
         model.__dict__.pop(_RUNTIME_ATTRIBUTE, None)
         raise
@@ -770,17 +805,21 @@ def _apply_to_model(model: torch.nn.Module, config: AdaCacheConfig, spec: ModelS
 def remove_adacache(target: Any) -> None:
     """Undo apply_adacache: the model (or every transformer of the pipeline) is back to its exact uncached self.
     Blocks compiled with compile_blocks go back to their uncompiled forward."""
-    found = False
-    for model in _models_of(target):
-        runtime = model.__dict__.get(_RUNTIME_ATTRIBUTE)
-        if runtime is None:
-            continue
-        found = True
-        for undo in reversed(runtime.restore):
+    runtimes = [(model, _runtime_of(model)) for model in _models_of(target) if _RUNTIME_ATTRIBUTE in model.__dict__]
+    if not runtimes:
+        raise RuntimeError("AdaCache is not applied to this model; nothing to remove")
+    # all or nothing: every check before any undo, so a refusal leaves AdaCache whole and a retry can succeed
+    replaced = [problem for _, runtime in runtimes for check, _ in runtime.restore if (problem := check())]
+    if replaced:
+        raise RuntimeError(
+            f"cannot remove AdaCache: something replaced {', '.join(replaced)} after apply_adacache (another "
+            "hook or wrapper, such as accelerate's); remove that first, then call remove_adacache again. Nothing "
+            "was changed."
+        )
+    for model, runtime in runtimes:
+        for _, undo in reversed(runtime.restore):
             undo()
         delattr(model, _RUNTIME_ATTRIBUTE)
-    if not found:
-        raise RuntimeError("AdaCache is not applied to this model; nothing to remove")
 
 
 def reset_state(target: Any) -> None:
@@ -805,6 +844,12 @@ def _runtime_of(model: torch.nn.Module) -> _Runtime:
     runtime = model.__dict__.get(_RUNTIME_ATTRIBUTE)
     if runtime is None:
         raise RuntimeError("AdaCache is not applied to this model; call apply_adacache first")
+    if runtime.model_ref() is not model:
+        raise RuntimeError(
+            f"this {type(model).__name__} is a shallow copy (copy.copy) of a model with AdaCache applied: it shares "
+            "the original's hooks and state, so AdaCache cannot be managed through it. Use the original; to get an "
+            "independent model, remove_adacache(original), copy.deepcopy it, and apply to each."
+        )
     return runtime
 
 

@@ -69,6 +69,28 @@ def side_by_side(*videos: np.ndarray, gap: int = 2) -> np.ndarray:
     return np.concatenate(parts, axis=2)
 
 
+def _check_written(path: str, frames: int) -> None:
+    """Read back the frame count of what the encoder wrote: imageio does not report an encoder that failed (a
+    full disk, a killed ffmpeg), which would leave an empty or cut file to be renamed over a good one."""
+    try:
+        if path.endswith(".gif"):
+            from PIL import Image
+
+            with Image.open(path) as image:  # n_frames reads to the end; a cut file raises
+                count = image.n_frames
+            frames = min(frames, count)  # the GIF writer merges identical neighbouring frames (a still clip)
+            count = max(count, 1) if count else 0
+        else:
+            import imageio_ffmpeg
+
+            count = imageio_ffmpeg.count_frames_and_secs(path)[0]
+    except Exception as error:  # unreadable: whatever the reader raised (ffmpeg's is its whole log; keep the end)
+        reason = ([line for line in str(error).splitlines() if line.strip()] or [type(error).__name__])[-1][:200]
+        raise OSError(f"the video encoder did not write a readable file ({reason}); is the disk full?") from error
+    if count != frames:
+        raise OSError(f"the video encoder wrote {count} of {frames} frames; is the disk full?")
+
+
 def write_video(frames, path: str | os.PathLike, fps: int = 8, scale: int = 1) -> Path:
     """Write (T, H, W, 3) frames to .mp4 (H.264 via imageio-ffmpeg) or .gif, atomically."""
     import imageio.v2 as imageio
@@ -85,9 +107,12 @@ def write_video(frames, path: str | os.PathLike, fps: int = 8, scale: int = 1) -
             array = np.pad(array, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
             imageio.mimsave(tmp, list(array), fps=fps, codec="libx264", quality=9, macro_block_size=16,
                             ffmpeg_log_level="error")
+        _check_written(tmp, len(array))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a written video gets the usual permissions
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())  # on disk before it replaces the old file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -130,8 +130,9 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
         batch = len(prompts)
         shape = (batch, RGB, FRAMES, SIZE, SIZE)  # pixel space, (B, C, T, H, W)
         device = self.transformer.device
-        if latents is None:
-            latents = torch.randn(shape, generator=generator, device="cpu").to(device)
+        if latents is None:  # drawn in float32 on the CPU, whatever the model's dtype, so seeds agree everywhere
+            latents = torch.randn(shape, generator=generator, device="cpu").to(device=device,
+                                                                               dtype=self.transformer.dtype)
         elif tuple(latents.shape) != shape or not latents.is_floating_point():
             raise ValueError(f"latents must be a float tensor of shape {shape} (B, RGB, frames, height, width), got "
                              f"{latents.dtype} {tuple(latents.shape)}")

@@ -101,9 +101,9 @@ class TrainConfig:
                 "lr": self.lr > 0, "warmup": self.warmup >= 0, "ema": 0 <= self.ema < 1,
                 "cfg_dropout": 0 <= self.cfg_dropout <= 1, "checkpoint_every": self.checkpoint_every >= 1,
                 "eval_every": self.eval_every >= 0, "eval_prompts": self.eval_prompts >= 1,
-                "eval_steps": self.eval_steps >= 1, "threads": self.threads >= 1,
+                "eval_steps": self.eval_steps >= 1, "threads": 1 <= self.threads <= 256,
             }
-            wanted = {"seed": ">= 0", "lr": "> 0", "warmup": ">= 0", "ema": "in [0, 1)", "cfg_dropout": "in [0, 1]",
+            wanted = {"seed": ">= 0", "threads": "from 1 to 256", "lr": "> 0", "warmup": ">= 0", "ema": "in [0, 1)", "cfg_dropout": "in [0, 1]",
                       "eval_every": ">= 0 (0 = never)"}
             problems += [f"{name} must be {wanted.get(name, '>= 1')}, got {getattr(self, name)!r}"
                          for name, ok in ranges.items() if not ok]
