@@ -322,7 +322,7 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     config = TrainConfig(size=args.size, architecture=args.architecture, seed=args.seed, steps=args.steps,
                          batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every, threads=args.threads,
-                         init_from=args.init_from)
+                         init_from=args.init_from, sigma_mean=args.sigma_mean)
     path = train(args.out, config, progress=not args.no_progress)
     print(f"checkpoint: {path}; export it with: adacache train --out {args.out} --export DIR")
     return 0
@@ -601,6 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--threads", type=_integer(1, 256), default=2, help="torch threads (default 2)")
     tr.add_argument("--export", default=None, help="write the EMA weights of the checkpoint as a pipeline folder")
     tr.add_argument("--export-from", default=None, help="checkpoint to export (default OUT/checkpoint.pt)")
+    tr.add_argument("--sigma-mean", type=float, default=0.0,
+                    help="location of the logit-normal noise levels trained on (0: centred on 0.5; 1: more high noise)")
     tr.add_argument("--init-from", default=None,
                     help="start a new run from this checkpoint's weights (not its optimizer); a model without the "
                          "frame channel gains it, zero-weighted")
