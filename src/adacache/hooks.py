@@ -16,6 +16,9 @@ A patched model serves one generation at a time: calls from two threads at once,
 thread's generation, are refused (diffusers' `cache_context` is one per model, so concurrent callers would read
 each other's branch). A patched model cannot be deep-copied or pickled (its hooks are bound to this instance);
 `remove_adacache` first, then copy.
+
+diffusers counts AdaCache as the model's enabled cache while it is applied, so `enable_cache` cannot stack one of
+its caches on it. Private diffusers names are used only through `compat`.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from . import compat
 from .algorithm import Schedule
 from .config import AdaCacheConfig
 from .models.specs import BlockSpec, ModelSpec, spec_for
@@ -170,7 +174,9 @@ class _Runtime(_Bound):
         self.busy = threading.Lock()  # held for the length of a transformer call
         self.busy_thread: int | None = None
         self.context = None  # receives diffusers' cache_context (see _ContextHook)
-        self.scheduler: Any = None  # set when applied to a pipeline: its timesteps tell steps and generations
+        # Set when applied to a pipeline: the pipeline, weakly (it owns the model). Its scheduler is read at each
+        # call, so one swapped in after apply (pipe.scheduler = X.from_config(...)) is the one followed.
+        self.pipeline_ref: Callable[[], Any] | None = None
         self._timesteps_cache: tuple[Any, list[float]] | None = None
         self.passthrough_checked = False
         self.warned_unknown_steps = False
@@ -317,8 +323,10 @@ class _Runtime(_Bound):
         self.current = _Call(branch, state, step, compute, self._frames(frames_value))
 
     def _scheduler_timesteps(self) -> tuple[Any, list[float]] | None:
-        """(the scheduler's timesteps object, as floats), converted once per set_timesteps."""
-        timesteps = getattr(self.scheduler, "timesteps", None) if self.scheduler is not None else None
+        """(the pipeline's current scheduler's timesteps object, as floats), converted once per set_timesteps; None
+        without a pipeline, a scheduler (removed or set to None) or timesteps."""
+        pipeline = self.pipeline_ref() if self.pipeline_ref is not None else None
+        timesteps = getattr(_scheduler_of(pipeline), "timesteps", None) if pipeline is not None else None
         if timesteps is None:
             return None
         if self._timesteps_cache is None or self._timesteps_cache[0] is not timesteps:
@@ -529,6 +537,24 @@ def _turns_back(state: "_BranchState", t: float | None) -> bool:
     return state.direction is not None and direction != state.direction
 
 
+def _scheduler_of(pipeline: Any) -> Any:
+    """The pipeline's scheduler as it is now, or None. Read without `getattr`'s fallbacks: on a diffusers pipeline
+    whose scheduler was deleted, ConfigMixin.__getattr__ would warn and return its config entry instead."""
+    scheduler = inspect.getattr_static(pipeline, "scheduler", None)
+    if hasattr(type(scheduler), "__get__"):  # a property or other descriptor: let it compute the value
+        scheduler = getattr(pipeline, "scheduler", None)
+    return scheduler
+
+
+def _pipeline_reference(pipeline: Any) -> Callable[[], Any]:
+    """A weak reference to the pipeline (it holds the model, which holds the runtime); a strong one for objects
+    that take no weak references (types.SimpleNamespace)."""
+    try:
+        return weakref.ref(pipeline)
+    except TypeError:
+        return lambda: pipeline
+
+
 def _has_submodule(module: torch.nn.Module, path: str) -> bool:
     try:
         module.get_submodule(path)
@@ -596,41 +622,19 @@ def _probe_frames(probe: torch.Tensor, layout: str, frames: int | None) -> torch
 # --- installing and removing ------------------------------------------------------------------------------------
 def _context_hook_class():
     """A diffusers ModelHook on the transformer: it receives `cache_context` and brackets every forward call."""
-    from diffusers.hooks.hooks import ModelHook, StateManager
 
-    class _ThreadContext(StateManager):
-        """diffusers keeps one cache context per model; this keeps one per thread, so a thread reads only the
-        context it set (another thread's `cache_context("uncond")` between this thread's `cache_context("cond")`
-        and its call would otherwise send the call to the other branch's cache)."""
-
-        def __init__(self) -> None:
-            super().__init__(object)
-            self._local = threading.local()
-
-        @property
-        def _context(self) -> Any:
-            return getattr(self._local, "context", None)
-
-        @_context.setter
-        def _context(self, context: Any) -> None:
-            if "_local" in self.__dict__:  # StateManager.__init__ sets it before ours is made
-                self._local.context = context
-
-    class _ContextHook(ModelHook):
-        _is_stateful = True  # so diffusers' cache_context reaches our StateManager
-
+    class _ContextHook(compat.context_hook_class()):
         def __init__(self, runtime: _Runtime) -> None:
             super().__init__()
             self.runtime = runtime
-            self.state_manager = _ThreadContext()
 
         def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
             runtime, holding = self.runtime, False
             try:  # entered inside the try: a Ctrl-C right after the lock is taken still releases it
                 holding = runtime.enter()
-                runtime.context = self.state_manager._context
+                runtime.context = self.cache_context
                 runtime.begin_call(args, kwargs)
-                output = self.fn_ref.original_forward(*args, **kwargs)
+                output = self.call_original(*args, **kwargs)
                 runtime.end_call()
                 return output
             finally:
@@ -702,9 +706,14 @@ def apply_adacache(
     """Enable AdaCache on a video transformer, or on every transformer of a diffusers pipeline.
 
     `config` is an AdaCacheConfig, a dict of its fields, a preset name or a JSON file path (default: the 30-step
-    fast preset). With a pipeline, the scheduler's timesteps also tell the step index and count when the pipeline
-    opens no `cache_context` with them (Latte, Allegro, HunyuanVideo). `spec` describes a model the registry does
-    not know.
+    fast preset). With a pipeline, its scheduler's timesteps also tell the step index and count when the pipeline
+    opens no `cache_context` with them (Latte, Allegro, HunyuanVideo); the scheduler is read from the pipeline at
+    each call, so one swapped in later (`pipe.scheduler = X.from_config(pipe.scheduler.config)`) is followed. The
+    pipeline is held weakly. `spec` describes a model the registry does not know.
+
+    While applied, diffusers counts AdaCache as the model's cache (`is_cache_enabled` is True), so
+    `model.enable_cache(...)` refuses a second one, as this refuses a model with a diffusers cache enabled. Remove
+    AdaCache with `remove_adacache`; diffusers' `model.disable_cache()` refuses it, changing nothing.
     """
     if config is None:
         config = AdaCacheConfig()
@@ -719,7 +728,7 @@ def apply_adacache(
             _apply_to_model(model, config, spec)
             done.append(model)
             if not isinstance(target, torch.nn.Module):
-                getattr(model, _RUNTIME_ATTRIBUTE).scheduler = getattr(target, "scheduler", None)
+                getattr(model, _RUNTIME_ATTRIBUTE).pipeline_ref = _pipeline_reference(target)
     except BaseException:
         for model in done:  # all or nothing
             remove_adacache(model)
@@ -744,17 +753,16 @@ def _models_of(target: Any) -> list[torch.nn.Module]:
 
 
 def _apply_to_model(model: torch.nn.Module, config: AdaCacheConfig, spec: ModelSpec | None) -> None:
-    from diffusers.hooks import HookRegistry
-
     if hasattr(model, _RUNTIME_ATTRIBUTE):
         _runtime_of(model)  # a shallow copy gets its own message
         raise RuntimeError(
             f"AdaCache is already applied to this {type(model).__name__}; call remove_adacache(model) first "
             "to apply it again with another config"
         )
-    if getattr(model, "is_cache_enabled", False):
+    other_cache = compat.diffusers_cache_config(model)
+    if other_cache is not None:
         raise RuntimeError(
-            f"another diffusers cache ({type(model._cache_config).__name__}) is enabled on this model; call "
+            f"another diffusers cache ({type(other_cache).__name__}) is enabled on this model; call "
             "model.disable_cache() before apply_adacache"
         )
     runtime = _Runtime(model, config, spec_for(model, spec))
@@ -767,9 +775,9 @@ def _apply_to_model(model: torch.nn.Module, config: AdaCacheConfig, spec: ModelS
             submodule = runtime.blocks[runtime.probe_index][1].get_submodule(runtime.probe_point)
             handle = submodule.register_forward_hook(_ProbeRecorder(runtime.probe_slot))
             runtime.restore.append((lambda: None, handle.remove))
-        had_registry = hasattr(model, "_diffusers_hook")
+        had_registry = compat.has_hook_registry(model)
         had_own_forward = "forward" in model.__dict__
-        registry = HookRegistry.check_if_exists_or_initialize(model)
+        registry = compat.hook_registry(model)
         runtime.context_hook = _context_hook_class()(runtime)
         registry.register_hook(runtime.context_hook, _HOOK_NAME)
         installed = model.__dict__.get("forward")
@@ -777,19 +785,22 @@ def _apply_to_model(model: torch.nn.Module, config: AdaCacheConfig, spec: ModelS
         def replaced() -> str | None:
             # While ours is the registry's last hook, the model's forward must still be the one it installed: a
             # wrapper set on the model afterwards (accelerate's hooks, a user's) would be dropped by the removal.
-            last = registry._hook_order[-1] if registry._hook_order else None
-            if last == _HOOK_NAME and model.__dict__.get("forward") is not installed:
+            if compat.last_hook_name(registry) == _HOOK_NAME and model.__dict__.get("forward") is not installed:
                 return f"the forward of the {type(model).__name__}"
             return None
 
         def remove_context_hook() -> None:
             registry.remove_hook(_HOOK_NAME, recurse=False)
-            if not had_registry and not registry.hooks:
-                del model._diffusers_hook
+            if not had_registry and not compat.hooks_of(registry):
+                compat.drop_hook_registry(model)
                 if not had_own_forward:
                     del model.forward  # diffusers leaves the bound method as an instance attribute
 
         runtime.restore.append((replaced, remove_context_hook))
+        # Counted by diffusers as its enabled cache, so model.enable_cache(...) refuses to stack one on AdaCache
+        unmark = compat.mark_cache_enabled(model)
+        if unmark is not None:
+            runtime.restore.append((lambda: None, unmark))
     except BaseException:
         for _, undo in reversed(runtime.restore):
             undo()
@@ -858,14 +869,12 @@ def cache_context(model: torch.nn.Module, name: str, step_index: int | None = No
                   num_inference_steps: int | None = None):
     """Tell AdaCache which CFG branch and step a transformer call belongs to, for models without diffusers'
     `model.cache_context` (custom DiTs). `step_index` is 0-based, as in diffusers' pipelines."""
-    from diffusers.hooks.hooks import CacheContext, _set_cache_context
-
-    previous = _runtime_of(model).context_hook.state_manager._context
-    _set_cache_context(model, CacheContext(name, step_index=step_index, num_inference_steps=num_inference_steps))
+    previous = _runtime_of(model).context_hook.cache_context
+    compat.set_cache_context(model, compat.make_cache_context(name, step_index, num_inference_steps))
     try:
         yield
     finally:
-        _set_cache_context(model, previous)
+        compat.set_cache_context(model, previous)
 
 
 def compile_blocks(model: torch.nn.Module, **compile_kwargs: Any) -> None:

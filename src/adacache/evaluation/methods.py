@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import torch
 
+from .. import compat
 from ..config import PRESETS, AdaCacheConfig, ConfigError
 from ..hooks import _models_of, apply_adacache, remove_adacache
 
@@ -279,23 +280,11 @@ def _magcache_calibration(pipe: Any, model: torch.nn.Module, steps: int, run: Ca
     import io
 
     from diffusers import MagCacheConfig
-    from diffusers.hooks import HookRegistry
 
     model.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=steps))
     recorded: list[float] = []
     try:
-        for module in model.modules():
-            registry = getattr(module, "_diffusers_hook", None)
-            for hook in (registry.hooks.values() if isinstance(registry, HookRegistry) else ()):
-                original = getattr(hook, "_perform_calibration_step", None)
-                if original is None:
-                    continue
-
-                def record(state, residual, original=original):
-                    original(state, residual)
-                    recorded.append(float(state.calibration_ratios[-1]))
-
-                hook._perform_calibration_step = record
+        compat.record_magcache_ratios(model, recorded)
         with contextlib.redirect_stdout(io.StringIO()):  # diffusers prints the ratios for copy-and-paste
             run()
     finally:
@@ -346,10 +335,8 @@ def _one_transformer(pipe: Any, models: list[torch.nn.Module], guidance: float |
 
 def _two_blocks(pipe: Any, models: list[torch.nn.Module], guidance: float | None = None) -> str | None:
     """FirstBlockCache runs the first block and caches the rest: it needs a block list of two or more."""
-    from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
-
     for model in models:
-        blocks = sum(len(getattr(model, name)) for name in _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
+        blocks = sum(len(getattr(model, name)) for name in compat.transformer_block_list_names()
                      if isinstance(getattr(model, name, None), torch.nn.ModuleList))
         if blocks < 2:
             return f"{type(model).__name__} has {blocks} transformer block(s); FirstBlockCache needs at least 2"

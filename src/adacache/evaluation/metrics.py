@@ -16,6 +16,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from .. import compat
+
 logger = logging.getLogger(__name__)
 
 
@@ -211,9 +213,7 @@ def held_tensor_bytes(model: torch.nn.Module) -> int:
             for item in vars(value).values():
                 visit(item, depth + 1)
 
-    for module in model.modules():
-        registry = getattr(module, "_diffusers_hook", None)
-        if registry is not None:
-            for hook in registry.hooks.values():
-                visit(vars(hook), 0)
+    for registry in compat.hook_registries(model):
+        for hook in compat.hooks_of(registry).values():
+            visit(vars(hook), 0)
     return total

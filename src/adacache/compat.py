@@ -1,0 +1,220 @@
+"""Every private part of diffusers that adacache relies on, in one place.
+
+diffusers' hook machinery (`diffusers.hooks`) is public in name but not in contract: the cache context reaches a
+hook through private attributes, the registry keeps its order in a private list, and `enable_cache` decides that a
+cache is on from a private field. No other module of adacache imports `diffusers.hooks` or reads an underscore
+name of a diffusers object; each such use is a small function here whose docstring says what it relies on.
+`tests/test_compat.py` checks each of them against the installed diffusers, so a release that renames or changes
+one fails there, naming it, rather than in a user's generation.
+
+Checked with diffusers 0.41.0, 0.42.0 and 0.42.1; 0.40 lacks what `cache_context` must carry (`step_index`,
+`num_inference_steps`). diffusers is imported on first use, so `import adacache` stays light.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Any, Callable, Iterator
+
+import torch
+
+
+# --- hook registries ----------------------------------------------------------------------------------------------
+def hook_registry(module: torch.nn.Module) -> Any:
+    """The module's diffusers `HookRegistry`, made if it has none (`HookRegistry.check_if_exists_or_initialize`,
+    which keeps it as `module._diffusers_hook`)."""
+    from diffusers.hooks import HookRegistry
+
+    return HookRegistry.check_if_exists_or_initialize(module)
+
+
+def has_hook_registry(module: torch.nn.Module) -> bool:
+    """Whether diffusers has put a hook registry on this module itself (relies on: the attribute `_diffusers_hook`)."""
+    return "_diffusers_hook" in module.__dict__
+
+
+def drop_hook_registry(module: torch.nn.Module) -> None:
+    """Take an (empty) registry off the module, as if none had been made (relies on: `_diffusers_hook`)."""
+    del module._diffusers_hook
+
+
+def hook_registries(model: torch.nn.Module) -> Iterator[Any]:
+    """Every diffusers hook registry on `model` and its submodules, the model's first (relies on:
+    `_diffusers_hook`)."""
+    for module in model.modules():
+        registry = module.__dict__.get("_diffusers_hook")
+        if registry is not None:
+            yield registry
+
+
+def hooks_of(registry: Any) -> dict[str, Any]:
+    """A registry's hooks by name (the public `HookRegistry.hooks` dict)."""
+    return registry.hooks
+
+
+def last_hook_name(registry: Any) -> str | None:
+    """The name of the hook registered last, the outermost wrapper of the module's forward, or None (relies on:
+    `HookRegistry._hook_order`, the names in registration order)."""
+    order = registry._hook_order
+    return order[-1] if order else None
+
+
+# --- a hook that diffusers' cache_context reaches -----------------------------------------------------------------
+@functools.cache
+def context_hook_class() -> type:
+    """A base class for a diffusers `ModelHook` that replaces the module's forward and receives `cache_context`.
+
+    Relies on: `ModelHook._is_stateful` (only stateful hooks get the context); `_set_cache_context` setting the
+    context on every `StateManager` among the hook's attributes (`vars(hook)`), through `set_context`, which
+    stores it in `StateManager._context`; a hook with `new_forward` getting `fn_ref.original_forward`, the forward
+    it wraps; `reset_state` being called by the registry's `reset_stateful_hooks` (pipelines call it after each
+    generation).
+
+    Subclasses define `new_forward(module, *args, **kwargs)` and `reset_state(module)`; inside, `self.cache_context`
+    is the context this thread set (or None) and `self.call_original(*args, **kwargs)` runs the wrapped forward.
+    """
+    from diffusers.hooks.hooks import ModelHook, StateManager
+
+    class ThreadContext(StateManager):
+        """diffusers keeps one cache context per model; this keeps one per thread, so a thread reads only the
+        context it set (another thread's `cache_context("uncond")` between this thread's `cache_context("cond")`
+        and its call would otherwise send the call to the other branch's cache)."""
+
+        def __init__(self) -> None:
+            super().__init__(object)
+            self._local = threading.local()
+
+        @property
+        def _context(self) -> Any:
+            return getattr(self._local, "context", None)
+
+        @_context.setter
+        def _context(self, context: Any) -> None:
+            if "_local" in self.__dict__:  # StateManager.__init__ sets it before ours is made
+                self._local.context = context
+
+    class ContextHook(ModelHook):
+        _is_stateful = True  # so diffusers' cache_context reaches our StateManager
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.state_manager = ThreadContext()
+
+        @property
+        def cache_context(self) -> Any:
+            """The CacheContext this thread set with `cache_context`, or None."""
+            return self.state_manager._context
+
+        def call_original(self, *args: Any, **kwargs: Any) -> Any:
+            return self.fn_ref.original_forward(*args, **kwargs)
+
+    return ContextHook
+
+
+# --- cache contexts -----------------------------------------------------------------------------------------------
+def make_cache_context(name: str, step_index: int | None = None, num_inference_steps: int | None = None) -> Any:
+    """A diffusers `CacheContext` (relies on: `diffusers.hooks.hooks.CacheContext(name, step_index=...,
+    num_inference_steps=...)`, the fields that pipelines such as Wan's fill)."""
+    from diffusers.hooks.hooks import CacheContext
+
+    return CacheContext(name, step_index=step_index, num_inference_steps=num_inference_steps)
+
+
+def set_cache_context(module: torch.nn.Module, context: Any) -> None:
+    """Set (or clear, with None) the cache context every stateful hook on `module` and its submodules sees, as
+    `model.cache_context` does (relies on: `diffusers.hooks.hooks._set_cache_context(module, context)`)."""
+    from diffusers.hooks.hooks import _set_cache_context
+
+    _set_cache_context(module, context)
+
+
+# --- CacheMixin's one-cache-at-a-time rule ------------------------------------------------------------------------
+class _NamedInMessages(type):
+    """diffusers names the enabled cache by its class (`type(model._cache_config)`) in its errors; this makes that
+    name say what to do."""
+
+    def __repr__(cls) -> str:
+        return cls.label
+
+    __str__ = __repr__
+
+
+class AdaCacheApplied(metaclass=_NamedInMessages):
+    """What `model._cache_config` holds while AdaCache is applied, so that diffusers counts a cache as enabled:
+    `is_cache_enabled` is True and `enable_cache` refuses a second cache, as apply_adacache refuses a diffusers
+    cache. diffusers' `disable_cache` refuses it too (it knows only its own configs); `remove_adacache` removes it."""
+
+    label = "AdaCache (call adacache.remove_adacache(model) first; model.disable_cache() cannot remove it)"
+
+    def __repr__(self) -> str:
+        return self.label
+
+
+def diffusers_cache_config(model: torch.nn.Module) -> Any:
+    """The config of the diffusers cache enabled on `model` (None when none is, or the model has no
+    `CacheMixin`). Relies on: `CacheMixin._cache_config`, which `enable_cache` sets and `is_cache_enabled` reads."""
+    return getattr(model, "_cache_config", None) if _is_cache_mixin(model) else None
+
+
+def mark_cache_enabled(model: torch.nn.Module) -> Callable[[], None] | None:
+    """Record AdaCache as the model's enabled cache (`_cache_config`), so diffusers' `enable_cache` refuses
+    another; returns the undo, which puts back exactly what was there (absent, or the instance's own value) while
+    the marker is still in place. None for a model without diffusers' `CacheMixin`: it has no `enable_cache`.
+
+    Relies on: `CacheMixin.enable_cache` refusing when `is_cache_enabled` (`_cache_config is not None`), naming
+    `type(_cache_config)` in its message; `disable_cache` raising for a config type it does not know, before it
+    changes anything."""
+    if not _is_cache_mixin(model):
+        return None
+    missing = object()
+    previous = model.__dict__.get("_cache_config", missing)
+    marker = AdaCacheApplied()
+    model._cache_config = marker
+
+    def undo() -> None:
+        if model.__dict__.get("_cache_config") is not marker:
+            return  # someone set it since (by hand); what they set stays
+        if previous is missing:
+            del model._cache_config
+        else:
+            model._cache_config = previous
+
+    return undo
+
+
+def _is_cache_mixin(model: Any) -> bool:
+    from diffusers.models.cache_utils import CacheMixin
+
+    return isinstance(model, CacheMixin)
+
+
+# --- what the benchmark reads of diffusers' own caches -------------------------------------------------------------
+def transformer_block_list_names() -> tuple[str, ...]:
+    """The attribute names under which diffusers' caches look for a model's block lists ("blocks",
+    "transformer_blocks", ...). Relies on: `diffusers.hooks._common._ALL_TRANSFORMER_BLOCK_IDENTIFIERS`."""
+    from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
+
+    return tuple(_ALL_TRANSFORMER_BLOCK_IDENTIFIERS)
+
+
+def record_magcache_ratios(model: torch.nn.Module, recorded: list[float]) -> int:
+    """While MagCache calibrates (`MagCacheConfig(calibrate=True)`), append each magnitude ratio it computes to
+    `recorded` (diffusers prints them and forgets them at the last step). Returns how many hooks were wrapped.
+
+    Relies on: the tail block's `MagCacheBlockHook._perform_calibration_step(state, residual)`, which appends one
+    ratio per transformer call to `state.calibration_ratios`."""
+    wrapped = 0
+    for registry in hook_registries(model):
+        for hook in hooks_of(registry).values():
+            original = getattr(hook, "_perform_calibration_step", None)
+            if original is None:
+                continue
+
+            def record(state: Any, residual: torch.Tensor, original: Callable = original) -> None:
+                original(state, residual)
+                recorded.append(float(state.calibration_ratios[-1]))
+
+            hook._perform_calibration_step = record
+            wrapped += 1
+    return wrapped
