@@ -482,6 +482,14 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    sizes = _check_sizes(args, _model_kind(args.model))
+    return serve(args.model, args.codebook, host=args.host, port=args.port, open_browser=not args.no_browser,
+                 call=sizes)
+
+
 def _to_device(pipe) -> None:
     """CUDA when there is one (under torchrun, this process's GPU); else CPU as loaded."""
     import os
@@ -587,6 +595,20 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--width", type=_POSITIVE, default=None, help="frame width, for --model pipelines")
     ca.add_argument("--num-frames", type=_POSITIVE, default=None, help="number of frames, for --model pipelines")
     ca.set_defaults(run=_calibrate)
+
+    se = commands.add_parser("serve", help="a web page: prompt -> uncached and AdaCache videos side by side, times, "
+                                           "speed-up, PSNR and the probe distance per step (needs adacache[serve])")
+    se.add_argument("--model", default=None, help="diffusers pipeline id or local folder (default: the embedded model)")
+    se.add_argument("--codebook", action="append", default=[], metavar="FILE",
+                    help="a JSON config file to offer besides auto and the presets; repeatable; checked at start-up")
+    se.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
+    se.add_argument("--port", type=_integer(1, 65535), default=7860, help="port, 1 to 65535 (default 7860)")
+    se.add_argument("--no-browser", action="store_true", help="do not open the page in a browser")
+    se.add_argument("--height", type=_POSITIVE, default=None, help="frame height, for --model pipelines")
+    se.add_argument("--width", type=_POSITIVE, default=None, help="frame width, for --model pipelines")
+    se.add_argument("--num-frames", type=_POSITIVE, default=None, help="number of frames, for --model pipelines")
+    se.set_defaults(run=_serve)
 
     tr = commands.add_parser("train", help="train (or resume) the embedded model on the procedural domain")
     tr.add_argument("--out", default="runs/embedded", help="run folder: checkpoint.pt and log.jsonl (default runs/embedded)")
