@@ -4,8 +4,11 @@ For each video (prompt, seed) the methods run one after the other (baseline firs
 or speeds up mid-run hits all of them alike. Per video and method it records the denoising loop's wall time
 (median of `repeats`, after one warm-up generation per method), the transformer FLOPs (a separate counted pass),
 the cache's memory, PSNR/SSIM (and LPIPS when available) against the baseline video of the same seed, and on the
-embedded model the verifier's reading. Records are appended to `records.rank<R>.jsonl` as they finish, and the
-baseline videos are kept in `videos/`, so an interrupted run resumes where it stopped. Under torchrun the videos
+embedded model the verifier's reading and `object_psnr`, the PSNR over the pixels where the baseline shows the
+object (metrics.object_psnr; its black background, most of each frame, lifts the whole-frame PSNR). Other models
+record object_psnr as None: their videos have no black background to leave out. Records are appended to
+`records.rank<R>.jsonl` as they finish, and the baseline videos are kept in `videos/`, so an interrupted run
+resumes where it stopped (records written before object_psnr existed lack it: read as None). Under torchrun the videos
 shard over the processes; rank 0 merges every rank's records into the report (`report.json`, `report.md`,
 `pareto.png`, `motion.png`).
 
@@ -35,7 +38,7 @@ import torch
 
 from ..hooks import _models_of, get_stats
 from .methods import Method, parse_methods
-from .metrics import LPIPS, TransformerMeter, as_video, frame_motion, held_tensor_bytes, psnr, ssim
+from .metrics import LPIPS, TransformerMeter, as_video, frame_motion, held_tensor_bytes, object_psnr, psnr, ssim
 
 logger = logging.getLogger(__name__)
 
@@ -387,6 +390,11 @@ class Bench:
                 speedup=ref["seconds"] / record["seconds"] if record["seconds"] > 0 else None,
                 flops_fraction=flops / ref["flops"] if flops is not None and ref.get("flops") else None,
             )
+            # None off the embedded model, and where the baseline is all black (no object to measure over);
+            # inf (identical object pixels) is recorded as None with object_identical, as psnr is
+            on_object = object_psnr(a, b) if self.embedded else None
+            record.update(object_psnr=on_object if on_object is not None and math.isfinite(on_object) else None,
+                          object_identical=on_object == math.inf)
         if self.embedded:
             record["verifier"] = _verify(frames, prompt)
         return record
@@ -487,8 +495,9 @@ def _verify(frames: np.ndarray, prompt: str) -> dict[str, Any]:
 
 
 # Fields of a record that reports compute with: each None or a number.
-_NUMBERS = ("seconds", "speedup", "flops", "flops_fraction", "psnr", "ssim", "lpips", "computed_steps", "steps",
-            "cache_bytes", "peak_memory_bytes", "motion")
+# Records written before object_psnr existed lack it (and object_identical): read as None (and False).
+_NUMBERS = ("seconds", "speedup", "flops", "flops_fraction", "psnr", "object_psnr", "ssim", "lpips", "computed_steps",
+            "steps", "cache_bytes", "peak_memory_bytes", "motion")
 _VERIFIER = ("colour", "shape", "direction", "speed", "consistency", "speed_class")
 
 
@@ -505,6 +514,8 @@ def _record_of(line: bytes) -> dict[str, Any] | None:
     if any(not (record.get(k) is None or _is_number(record[k])) for k in _NUMBERS):
         return None
     if record["status"] == "ok" and not (_is_number(record.get("seconds")) and record["seconds"] >= 0):
+        return None
+    if not isinstance(record.get("object_identical", False), bool):
         return None
     verifier = record.get("verifier")
     if verifier is not None and (not isinstance(verifier, dict) or ("colour" in verifier

@@ -1,6 +1,6 @@
 """What a benchmark measures of one generation: quality against the uncached video of the same seed (PSNR,
-SSIM, LPIPS when its weights are local), the transformer's FLOPs (torch's FLOP counter), the denoising loop's wall
-time, and the memory the cache holds.
+PSNR over the object's pixels for videos of one object on black, SSIM, LPIPS when its weights are local), the
+transformer's FLOPs (torch's FLOP counter), the denoising loop's wall time, and the memory the cache holds.
 
 Videos are float arrays (T, H, W, 3) in [0, 1].
 """
@@ -26,6 +26,69 @@ def psnr(reference: np.ndarray, other: np.ndarray) -> float:
     """Peak signal-to-noise ratio in dB for values in [0, 1]; inf for identical videos (NaN if either has NaN)."""
     mse = float(np.mean((np.asarray(reference, np.float64) - np.asarray(other, np.float64)) ** 2))
     return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+OBJECT_THRESHOLD = 0.05  # a reference pixel belongs to the object where any channel exceeds this (0..1 scale)
+
+
+def object_mask(reference: np.ndarray, threshold: float = OBJECT_THRESHOLD, dilate: int = 1) -> np.ndarray:
+    """Boolean (T, H, W): where the video shows the object against a black background.
+
+    A pixel is the object's where any channel of `reference` exceeds `threshold`; the mask is then dilated by
+    `dilate` pixels in each frame on its own (a 3 x 3 square per pixel for 1: the 8 neighbours, edges not wrapped),
+    so the object's faint anti-aliased edge, and a cached video's error just outside it, are counted. Frames are
+    not dilated into each other. `reference` is a float video (T, H, W, 3) in [0, 1], as for `psnr`."""
+    video = _float_video(reference, "reference")
+    if not 0 <= threshold < 1:
+        raise ValueError(f"threshold is a level in [0, 1) on the [0, 1] pixel scale, got {threshold!r}")
+    if not (isinstance(dilate, int) and dilate >= 0):
+        raise ValueError(f"dilate is a number of pixels >= 0, got {dilate!r}")
+    core = (video > threshold).any(axis=-1)  # (T, H, W)
+    if not dilate:
+        return core
+    frames, height, width = core.shape
+    padded = np.pad(core, ((0, 0), (dilate, dilate), (dilate, dilate)))
+    mask = np.zeros_like(core)
+    for dy in range(2 * dilate + 1):
+        for dx in range(2 * dilate + 1):
+            mask |= padded[:, dy:dy + height, dx:dx + width]
+    return mask
+
+
+def object_psnr(reference: np.ndarray, other: np.ndarray, threshold: float = OBJECT_THRESHOLD,
+                dilate: int = 1) -> float | None:
+    """PSNR in dB over the object's pixels only: the mean squared error over every channel of the pixels in
+    `object_mask(reference, threshold, dilate)`, all frames together. The mask comes from the reference (the
+    uncached video) alone, so a cached video cannot shrink it. inf where those pixels are identical (as `psnr`; a
+    report counts it as its PSNR cap); None where the mask is empty (an all-black reference has no object).
+
+    Same inputs as `psnr`: float videos (T, H, W, 3) in [0, 1] (normalise a pipeline's output with `as_video`);
+    integer frames (0..255) are refused, since the threshold is on the [0, 1] scale."""
+    a, b = _float_video(reference, "reference"), _float_video(other, "other")
+    if a.shape != b.shape:
+        raise ValueError(f"videos differ in shape: {a.shape} vs {b.shape}")
+    mask = object_mask(a, threshold, dilate)
+    if not mask.any():
+        return None
+    mse = float(np.mean((a[mask] - b[mask]) ** 2))  # (pixels, 3)
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def background_share(video: np.ndarray, threshold: float = OBJECT_THRESHOLD, dilate: int = 1) -> float:
+    """The share of the video's pixels (over all frames) outside `object_mask(video, threshold, dilate)`: 1.0 for
+    an all-black video."""
+    return 1.0 - float(object_mask(video, threshold, dilate).mean())
+
+
+def _float_video(video: np.ndarray, name: str) -> np.ndarray:
+    """`video` as float64 (T, H, W, 3), or an error that says what was expected."""
+    video = np.asarray(video)
+    if not np.issubdtype(video.dtype, np.floating):
+        raise ValueError(f"{name} has dtype {video.dtype}; expected floats in [0, 1] (as_video normalises a "
+                         "pipeline's output)")
+    if video.ndim != 4 or video.shape[-1] != 3:
+        raise ValueError(f"{name} has shape {video.shape}; expected a video (T, H, W, 3)")
+    return video.astype(np.float64)
 
 
 def ssim(reference: np.ndarray, other: np.ndarray, window: int = 11, sigma: float = 1.5) -> float:
