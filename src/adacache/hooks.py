@@ -13,8 +13,8 @@ compiled (`block.compile()`, or `compile_blocks` for fullgraph). State lives in 
 model, keyed by (CFG branch) and reset per generation; nothing is global, no class is patched.
 
 A patched model serves one generation at a time: calls from two threads at once, or a thread continuing another
-thread's generation, are refused (diffusers' `cache_context` is one per model, so concurrent callers would read
-each other's branch). A patched model cannot be deep-copied or pickled (its hooks are bound to this instance);
+thread's generation, are refused (the per-branch state is one per model; two threads generating at once would share
+it). The cache context is read per thread, so threads taking turns never read each other's branch. A patched model cannot be deep-copied or pickled (its hooks are bound to this instance);
 `remove_adacache` first, then copy.
 
 diffusers counts AdaCache as the model's enabled cache while it is applied, so `enable_cache` cannot stack one of
@@ -204,8 +204,7 @@ class _Runtime(_Bound):
             who = "this thread (a nested call)" if self.busy_thread == threading.get_ident() else "another thread"
             raise RuntimeError(
                 f"AdaCache: this {self.model_name} is already running a call from {who}. A model with AdaCache "
-                "serves one generation at a time (diffusers' cache_context and AdaCache's per-branch state are one "
-                "per model). Give each thread its own model (apply_adacache to each copy made before applying), or "
+                "serves one generation at a time (its per-branch state is one per model). Give each thread its own model (apply_adacache to each copy made before applying), or "
                 "serialise the calls with a lock."
             )
         self.busy_thread = threading.get_ident()
