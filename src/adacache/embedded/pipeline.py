@@ -44,10 +44,10 @@ def with_frame_channel(transformer: torch.nn.Module, clip: torch.Tensor) -> torc
     plus a channel holding each frame's place in time (-1 at the first frame, +1 at the last), never noised.
 
     Why: diffusers' Wan transformer sees time only through rotary attention, which is nearly symmetric under time
-    reversal (reversing a noisy clip changed the shipped model's output by 1.5-2.5%, and by 0.7% at
-    initialisation). Left and right motion are each other's reversal, so such a model learns the axis of motion
-    but not its sign. Real video latents carry the arrow of time themselves (a causal VAE, gravity); this domain's
-    clips do not, so the model is told. Models without the channel (in_channels 3) get the clip unchanged."""
+    reversal (reversing a noisy clip changed the shipped model's output by 1.4-2.2%: benchmarks/direction_sign.py).
+    Left and right motion are each other's reversal, so such a model learns the axis of motion but not its sign.
+    Real video latents carry the arrow of time themselves (a causal VAE, gravity); this domain's clips do not, so
+    the model is told. Models without the channel (in_channels 3) get the clip unchanged."""
     extra = transformer.config.in_channels - RGB
     if extra == 0:
         return clip
