@@ -56,17 +56,22 @@ def test_size_options_on_the_embedded_model_are_an_error(flag, tmp_path, capsys)
     assert _files(tmp_path) == []
 
 
-@pytest.mark.parametrize("command", ["generate", "bench", "calibrate"])
-def test_model_folder_without_model_index_is_an_error(command, tmp_path, capsys):
-    folder = tmp_path / "not-a-pipeline"
-    folder.mkdir()
+def _model_command(command: str, tmp_path) -> list[str]:
+    """The arguments of `command` (generate, bench or calibrate) before --model, with a prompt file p.txt."""
     prompts = tmp_path / "p.txt"
     prompts.write_text(PROMPT + "\n")
-    argv = {
+    return {
         "generate": ["generate", PROMPT, "-o", str(tmp_path / "x.mp4"), "--no-progress"],
         "bench": ["bench", "--prompts", str(prompts), "-o", str(tmp_path / "bench"), "--no-progress"],
         "calibrate": ["calibrate", "--prompts", str(prompts), "-o", str(tmp_path / "c.json"), "--speedup", "1.1"],
     }[command]
+
+
+@pytest.mark.parametrize("command", ["generate", "bench", "calibrate"])
+def test_model_folder_without_model_index_is_an_error(command, tmp_path, capsys):
+    folder = tmp_path / "not-a-pipeline"
+    folder.mkdir()
+    argv = _model_command(command, tmp_path)
     assert main([*argv, "--model", str(folder), "--steps", "6"]) == 2
     err = _error_line(capsys)
     assert "model_index.json" in err and str(folder) in err
@@ -78,13 +83,7 @@ def test_uncached_hub_id_is_an_error(command, tmp_path, capsys, monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
-    prompts = tmp_path / "p.txt"
-    prompts.write_text(PROMPT + "\n")
-    argv = {
-        "generate": ["generate", PROMPT, "-o", str(tmp_path / "x.mp4"), "--no-progress"],
-        "bench": ["bench", "--prompts", str(prompts), "-o", str(tmp_path / "bench"), "--no-progress"],
-        "calibrate": ["calibrate", "--prompts", str(prompts), "-o", str(tmp_path / "c.json"), "--speedup", "1.1"],
-    }[command]
+    argv = _model_command(command, tmp_path)
     assert main([*argv, "--model", "someone/not-a-model", "--steps", "6"]) == 2
     err = _error_line(capsys)
     assert "'someone/not-a-model'" in err and "hub" in err and "model_index.json" in err
