@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +59,13 @@ class TinyModel:
     timestep_key: str = "timestep"
     # Zero-initialised parameters to fill with random values in build().
     randomize: tuple[str, ...] = ()
+    # Extra forward kwargs: f(tiny, model, batch_size, dtype, device) -> dict (RoPE tables, masks, conditions).
+    extra: Callable[..., dict] | None = field(default=None, hash=False, compare=False)
+    # A model whose forward does not fit the standard kwargs: f(tiny, model, batch_size, timestep, seed) -> dict,
+    # replacing inputs() entirely (return_dict=False is added).
+    make_inputs: Callable[..., dict] | None = field(default=None, hash=False, compare=False)
+    # What a reader should know about the model's structure (free text).
+    notes: str = ""
 
     def build(self, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         """Instantiate the model with weights drawn from ``seed`` (global RNG left untouched), in eval mode.
@@ -95,6 +103,8 @@ class TinyModel:
         So ``inputs(model, 2)`` stacks ``inputs(model, 1)`` with a second sample, as in
         batched classifier-free guidance.
         """
+        if self.make_inputs is not None:
+            return {**self.make_inputs(self, model, batch_size, timestep, seed), "return_dict": False}
         param = next(model.parameters())
         dtype, device = getattr(model, "dtype", param.dtype), param.device
         per_sample = [self._sample(seed, i) for i in range(batch_size)]
@@ -113,7 +123,8 @@ class TinyModel:
         kwargs = {k: (v.to(dtype) if v.is_floating_point() else v).to(device) for k, v in kwargs.items()}
         # Timesteps stay float32 whatever the model dtype (the sinusoidal embeddings use float32).
         kwargs[self.timestep_key] = torch.full((batch_size,), float(timestep), device=device)
-        kwargs.update(_EXTRA_INPUTS.get(self.family, _no_extra)(self, model, batch_size, dtype, device))
+        extra = self.extra or _EXTRA_INPUTS.get(self.family, _no_extra)
+        kwargs.update(extra(self, model, batch_size, dtype, device))
         kwargs["return_dict"] = False
         return kwargs
 
