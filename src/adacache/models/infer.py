@@ -1,0 +1,552 @@
+"""Describe a video DiT nobody described: infer its `ModelSpec` by watching one forward call.
+
+`apply_adacache` uses a registered spec when the model's class has one (models/specs.py, hand-written
+overrides), and otherwise infers one here on the model's first call, before caching anything:
+
+1. **Block lists.** Every `nn.ModuleList` of the model (not inside another list's blocks) is a candidate; during
+   the watched call, each of its modules records what it took and returned. A list is a block list when its
+   modules are each called once and return their video tokens (a tensor of the shape they took).
+2. **Call order.** The lists, in the order their blocks ran: one after another, or interleaved (Latte's spatial
+   and temporal blocks).
+3. **Streams.** The argument carrying the video tokens (`hidden_states`, else the first), the output index
+   holding them, and whether the block also takes and returns the text tokens (`encoder_hidden_states`).
+4. **Cached span.** Between two cached blocks the model may only reshape the tokens; where a block receives
+   something other than (a reshape of) what the previous one returned (an added embedding, a concatenation, a
+   skip connection), the span starts after that block.
+5. **Probe.** The block's first attention module whose output has the video tokens' shape; else the block
+   residual.
+6. **Frames for MoReg.** Which argument of the model holds the latent video and which of its dims is time, the
+   temporal patch size from the config, and the token layout the blocks see; checked against the token count.
+
+Whatever it cannot be sure of is an `InferenceError` saying what was found and showing the `ModelSpec` to
+write. `describe(model, *example_args, **example_kwargs)` prints the spec (to save and `register_model`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .specs import TOKEN_LAYOUTS, BlockList, BlockSpec, ModelSpec
+
+__all__ = ["InferenceError", "infer_spec", "spec_source", "diffusers_video_transformers"]
+
+_HIDDEN_NAMES = ("hidden_states", "x", "hidden_state", "tokens")
+_TEXT_NAMES = ("encoder_hidden_states", "context", "text_hidden_states")
+_TIMESTEP_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas", "time_step")
+_FRAMES_NAMES = ("num_frames", "latent_num_frames", "video_length", "num_latent_frames")
+_MAX_DEPTH = 3  # how deep under the model block lists are looked for
+
+
+class InferenceError(ValueError):
+    """The model's structure could not be inferred with certainty; the message says what was found."""
+
+
+@dataclass
+class _Event:
+    """One block call seen during the watched forward."""
+
+    list_name: str
+    index: int
+    hidden_argument: str
+    hidden_in: torch.Tensor
+    text_in: torch.Tensor | None
+    text_argument: str | None
+    output: Any
+    glue_ok: bool = True  # the block received (a reshape of) what the previous block returned
+    glue_why: str = ""
+
+
+@dataclass
+class _Watch:
+    events: list[_Event] = field(default_factory=list)
+    attention: dict[str, list[tuple[str, tuple]]] = field(default_factory=dict)  # list -> [(name, out shape)]
+
+
+# --- what counts as a video transformer in the installed diffusers ----------------------------------------------
+def diffusers_video_transformers() -> list[str]:
+    """Names of the installed diffusers' video transformer classes, found by introspection: every model class
+    exported by `diffusers` that a pipeline taking frames (`num_frames`, `video_length`, `video`, `frames`) uses
+    as its transformer, and every class of `diffusers.models.transformers` named `*Transformer3D*`."""
+    import diffusers
+    from diffusers import DiffusionPipeline
+    from diffusers.models.modeling_utils import ModelMixin
+
+    found: set[str] = set()
+    for name in dir(diffusers):
+        try:
+            obj = getattr(diffusers, name)
+        except Exception:  # an optional backend missing: not a model we could build anyway
+            continue
+        if not inspect.isclass(obj):
+            continue
+        if issubclass(obj, ModelMixin) and obj.__module__.startswith("diffusers.models.transformers"):
+            if "Transformer3D" in name:
+                found.add(name)
+            continue
+        if not issubclass(obj, DiffusionPipeline):
+            continue
+        try:
+            call = inspect.signature(obj.__call__).parameters
+            init = inspect.signature(obj.__init__).parameters
+        except (TypeError, ValueError):
+            continue
+        if not any(p in call for p in ("num_frames", "video_length", "video", "frames")):
+            continue
+        for parameter, value in init.items():
+            if not parameter.startswith("transformer"):
+                continue
+            annotation = value.annotation
+            text = annotation.__name__ if inspect.isclass(annotation) else str(annotation)
+            for word in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text):
+                cls = getattr(diffusers, word, None)
+                if inspect.isclass(cls) and issubclass(cls, ModelMixin):
+                    found.add(word)
+    return sorted(found)
+
+
+# --- inference ----------------------------------------------------------------------------------------------------
+def _candidate_lists(model: torch.nn.Module) -> dict[str, torch.nn.ModuleList]:
+    """Dotted name -> ModuleList, for every ModuleList under the model (not inside another one's modules)."""
+    found: dict[str, torch.nn.ModuleList] = {}
+
+    def walk(module: torch.nn.Module, prefix: str, depth: int) -> None:
+        for name, child in module.named_children():
+            path = f"{prefix}{name}"
+            if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)) and len(child):
+                if all(any(True for _ in m.parameters()) for m in child):
+                    found[path] = child
+                continue
+            if depth < _MAX_DEPTH:
+                walk(child, path + ".", depth + 1)
+
+    walk(model, "", 0)
+    return found
+
+
+def _argument_names(module: torch.nn.Module) -> list[str]:
+    try:
+        return list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
+def _bound(names: list[str], args: tuple, kwargs: dict, name: str) -> Any:
+    if name in kwargs:
+        return kwargs[name]
+    if name in names and names.index(name) < len(args):
+        return args[names.index(name)]
+    return None
+
+
+def _hidden_argument(names: list[str], args: tuple, kwargs: dict) -> str | None:
+    for name in _HIDDEN_NAMES:
+        if isinstance(_bound(names, args, kwargs, name), torch.Tensor):
+            return name
+    if args and isinstance(args[0], torch.Tensor) and names:
+        return names[0]
+    return None
+
+
+def _tensors(output: Any) -> list[tuple[int | None, torch.Tensor]]:
+    if isinstance(output, torch.Tensor):
+        return [(None, output)]
+    if isinstance(output, (tuple, list)):
+        return [(i, o) for i, o in enumerate(output) if isinstance(o, torch.Tensor)]
+    return []
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """b is a reshape or permutation of a (what a round-tripping layout change between blocks does)."""
+    if a is b:
+        return True
+    if a.numel() != b.numel() or a.dtype != b.dtype:
+        return False
+    if a.shape == b.shape and torch.equal(a, b):
+        return True
+    if a.numel() > 50_000_000:
+        return False  # too big to compare by sorting: treat as a break (the span then starts later)
+    return torch.equal(a.detach().flatten().sort().values, b.detach().flatten().sort().values)
+
+
+def _watch(model: torch.nn.Module, lists: dict[str, torch.nn.ModuleList], call) -> _Watch:
+    watch = _Watch()
+    handles = []
+    previous: dict[str, Any] = {}  # the last block output's video and text tensors
+
+    def on_block(list_name: str, index: int, names: list[str]):
+        def hook(module, args, kwargs, output):
+            hidden_name = _hidden_argument(names, args, kwargs)
+            if hidden_name is None:
+                return
+            hidden = _bound(names, args, kwargs, hidden_name)
+            text, text_argument = None, None
+            for text_name in _TEXT_NAMES:
+                value = _bound(names, args, kwargs, text_name)
+                if isinstance(value, torch.Tensor):
+                    text, text_argument = value, text_name
+                    break
+            event = _Event(list_name, index, hidden_name, hidden, text, text_argument, output)
+            last = previous.get("event")
+            if last is not None:
+                video_out, text_out = _streams_of(last)
+                if video_out is None or not _same_values(video_out, hidden):
+                    event.glue_ok, event.glue_why = False, "its video tokens are not what the previous block returned"
+                elif text_out is not None and text is not None and text.shape == text_out.shape and not _same_values(text_out, text):
+                    event.glue_ok, event.glue_why = False, "its text tokens are not what the previous block returned"
+            previous["event"] = event
+            watch.events.append(event)
+
+        return hook
+
+    def on_attention(list_name: str, name: str):
+        def hook(module, args, output):
+            tensors = _tensors(output)
+            if tensors:
+                watch.attention.setdefault(list_name, []).append((name, tuple(tensors[0][1].shape)))
+
+        return hook
+
+    try:
+        for list_name, modules in lists.items():
+            for index, block in enumerate(modules):
+                handles.append(block.register_forward_hook(on_block(list_name, index, _argument_names(block)), with_kwargs=True))
+            for name, sub in modules[0].named_modules():
+                if name and _is_attention(sub):
+                    handles.append(sub.register_forward_hook(on_attention(list_name, name)))
+        with torch.no_grad():
+            call()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return watch
+
+
+def _is_attention(module: torch.nn.Module) -> bool:
+    try:
+        from diffusers.models.attention import AttentionModuleMixin
+        from diffusers.models.attention_processor import Attention
+
+        if isinstance(module, (Attention, AttentionModuleMixin)):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return "attention" in type(module).__name__.lower() and hasattr(module, "forward")
+
+
+def _streams_of(event: _Event) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    spec = _block_spec_of(event, check=False)
+    if spec is None:
+        return None, None
+    tensors = dict(_tensors(event.output))
+    video = tensors.get(spec.output_hidden_states_index)
+    text = tensors.get(spec.output_encoder_hidden_states_index) if spec.output_encoder_hidden_states_index is not None else None
+    return video, text
+
+
+def _block_spec_of(event: _Event, check: bool = True) -> BlockSpec | None:
+    """How this block call takes and returns its streams; None (or InferenceError with check) when unclear."""
+    tensors = _tensors(event.output)
+    video_shape = event.hidden_in.shape
+    video_at = [i for i, t in tensors if t.shape == video_shape]
+    text_at = [i for i, t in tensors if event.text_in is not None and t.shape == event.text_in.shape]
+
+    def fail(why: str) -> None:
+        if check:
+            raise InferenceError(f"block {event.list_name}.{event.index}: {why}")
+        return None
+
+    if isinstance(event.output, torch.Tensor):
+        if event.output.shape != video_shape:
+            return fail(f"returns shape {tuple(event.output.shape)} for video tokens of shape {tuple(video_shape)}")
+        return BlockSpec(hidden_states_argument=event.hidden_argument, attention=None)
+    if not video_at:
+        return fail(f"returns no tensor of the video tokens' shape {tuple(video_shape)}: "
+                    f"{[tuple(t.shape) for _, t in tensors]}")
+    two_streams = bool(text_at) and event.text_in is not None
+    if two_streams and event.text_in.shape == video_shape:
+        # Same shapes: tell the streams apart by which input each output stays closest to (residual blocks).
+        pairs = [(i, j) for i in video_at for j in text_at if i != j]
+        if not pairs:
+            two_streams = False
+        else:
+            def cost(pair: tuple[int, int]) -> float:
+                out = dict(tensors)
+                return float((out[pair[0]] - event.hidden_in).norm() + (out[pair[1]] - event.text_in).norm())
+
+            video_index, text_index = min(pairs, key=cost)
+    elif two_streams:
+        if len(video_at) != 1 or len(text_at) != 1:
+            return fail(f"returns several tensors of one stream's shape: {[tuple(t.shape) for _, t in tensors]}")
+        video_index, text_index = video_at[0], text_at[0]
+    if not two_streams:
+        if len(video_at) != 1:
+            return fail(f"returns several tensors of the video tokens' shape: {[tuple(t.shape) for _, t in tensors]}")
+        video_index, text_index = video_at[0], None
+    others = [i for i, _ in tensors if i not in (video_index, text_index)]
+    if others:
+        return fail(f"returns more than its video and text tokens (tensors at {others} too); a skipped step "
+                    "could not reproduce them")
+    return BlockSpec(
+        hidden_states_argument=event.hidden_argument,
+        encoder_hidden_states_argument=event.text_argument if text_index is not None else None,
+        output_hidden_states_index=video_index,
+        output_encoder_hidden_states_index=text_index,
+        attention=None,
+    )
+
+
+def infer_spec(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, *, call=None,
+               moreg: bool = True) -> ModelSpec:
+    """The ModelSpec of `model`, from watching one forward call with `args`/`kwargs` (or `call()`, a function
+    that runs the model's original forward once). Raises InferenceError where it cannot be sure."""
+    kwargs = dict(kwargs or {})
+    lists = _candidate_lists(model)
+    name = type(model).__name__
+    if not lists:
+        raise InferenceError(f"{name} has no nn.ModuleList of blocks; describe it with a ModelSpec")
+    watch = _watch(model, lists, call if call is not None else (lambda: model.forward(*args, **kwargs)))
+    return _build_spec(model, lists, watch, args, kwargs, moreg)
+
+
+def _build_spec(model, lists, watch: _Watch, args, kwargs, moreg: bool) -> ModelSpec:
+    name = type(model).__name__
+    found = ", ".join(f"{n} ({len(m)} x {type(m[0]).__name__})" for n, m in lists.items())
+    # 1. block lists: every module called once, returning its video tokens
+    calls: dict[str, list[_Event]] = {}
+    for event in watch.events:
+        calls.setdefault(event.list_name, []).append(event)
+    block_lists: dict[str, BlockSpec] = {}
+    why_not: list[str] = []
+    for list_name, events in calls.items():
+        indices = [e.index for e in events]
+        if sorted(indices) != list(range(len(lists[list_name]))):
+            why_not.append(f"{list_name}: blocks called {len(indices)} times for {len(lists[list_name])} blocks")
+            continue
+        specs = [_block_spec_of(e, check=False) for e in events]
+        if any(s is None for s in specs):
+            bad = next(e for e, s in zip(events, specs) if s is None)
+            try:
+                _block_spec_of(bad, check=True)
+            except InferenceError as error:
+                why_not.append(str(error))
+            continue
+        merged = _merge(specs, events)
+        if merged is None:
+            why_not.append(f"{list_name}: its blocks take or return their streams in different ways")
+            continue
+        block_lists[list_name] = merged
+    # Lists that carry far fewer tokens than the widest one work on something else (a text refiner's blocks).
+    widest = max((max(e.hidden_in.numel() for e in calls[n]) for n in block_lists), default=0)
+    for list_name in list(block_lists):
+        if max(e.hidden_in.numel() for e in calls[list_name]) * 2 < widest:
+            del block_lists[list_name]
+    if not block_lists:
+        raise InferenceError(
+            f"{name}: no list of transformer blocks found among its ModuleLists ({found or 'none'})"
+            + (f"; {'; '.join(why_not)}" if why_not else "") + _how_to(name)
+        )
+    events = [e for e in watch.events if e.list_name in block_lists]
+    # 2. call order
+    order = list(dict.fromkeys(e.list_name for e in events))
+    sequence = [(e.list_name, e.index) for e in events]
+    sequential = [(n, i) for n in order for i in range(len(lists[n]))]
+    lengths = {len(lists[n]) for n in order}
+    interleaved = [(n, i) for i in range(len(lists[order[0]])) for n in order] if len(lengths) == 1 else None
+    if sequence == sequential:
+        interleave = False
+    elif len(order) > 1 and sequence == interleaved:
+        interleave = True
+    else:
+        raise InferenceError(
+            f"{name}: its blocks ran in an order a ModelSpec cannot state (neither list after list nor interleaved): "
+            f"{', '.join(f'{n}.{i}' for n, i in sequence[:12])}{', ...' if len(sequence) > 12 else ''}" + _how_to(name)
+        )
+    # 3. the cached span: after the last block that received something else than the previous block's output
+    cache_start = 0
+    for position, event in enumerate(events):
+        if position and not event.glue_ok:
+            cache_start = position
+    if cache_start >= len(events) - 1:
+        raise InferenceError(
+            f"{name}: between its last two blocks the model changes the tokens ({events[-1].glue_why}), so there is "
+            f"no span of blocks to cache" + _how_to(name)
+        )
+    # 4. probe: the first attention module of the list's blocks returning the video tokens' shape
+    specs: dict[str, BlockSpec] = {}
+    for list_name, spec in block_lists.items():
+        first = next(e for e in events if e.list_name == list_name)
+        attention = next((n for n, shape in watch.attention.get(list_name, []) if shape == tuple(first.hidden_in.shape)), None)
+        specs[list_name] = BlockSpec(**{**spec.__dict__, "attention": attention})
+    # 5. frames and token layout for MoReg
+    timestep_argument = _timestep_argument(model, args, kwargs)
+    frames_argument, frames_dim, temporal_patch, frames, batch, per_frame = _frames(model, args, kwargs)
+    layouts = {}
+    for list_name in order:
+        first = next(e for e in events if e.list_name == list_name)
+        layouts[list_name] = _token_layout(first.hidden_in, batch, frames, per_frame)
+    probe_list = events[min(max((len(events) - 1) // 2, cache_start), len(events) - 1)].list_name
+    if layouts[probe_list] is None:
+        if moreg:
+            raise InferenceError(
+                f"{name}: cannot tell how the video tokens {tuple(next(e for e in events if e.list_name == probe_list).hidden_in.shape)} "
+                f"of {probe_list} are laid out in frames (latent frames after patching: {frames}, batch {batch}), "
+                "which MoReg needs. Turn MoReg off (AdaCacheConfig(moreg=False)) or describe the model"
+                + _how_to(name)
+            )
+        frames_argument, frames_dim = None, None
+    final = tuple(
+        BlockList(n, BlockSpec(**{**specs[n].__dict__, "token_layout": layouts[n] or "b(ts)c"})) for n in order
+    )
+    return ModelSpec(
+        block_lists=final,
+        interleave=interleave,
+        cache_start=cache_start,
+        timestep_argument=timestep_argument,
+        frames_argument=frames_argument,
+        frames_dim=frames_dim,
+        temporal_patch=temporal_patch,
+    )
+
+
+def _merge(specs: list[BlockSpec], events: list[_Event]) -> BlockSpec | None:
+    """One BlockSpec for a list whose blocks agree; blocks returning None where the others return text tokens
+    (a last block that only updates the video tokens) take the two-stream spec, their text slot being None."""
+    distinct = set(specs)
+    if len(distinct) == 1:
+        return specs[0]
+    dual = {s for s in distinct if s.encoder_hidden_states_argument is not None}
+    if len(dual) != 1:
+        return None
+    (spec,) = dual
+    for other, event in zip(specs, events):
+        if other == spec:
+            continue
+        output = event.output
+        ok = (
+            isinstance(output, (tuple, list))
+            and other.output_hidden_states_index == spec.output_hidden_states_index
+            and len(output) > spec.output_encoder_hidden_states_index
+            and output[spec.output_encoder_hidden_states_index] is None
+        )
+        if not ok:
+            return None
+    return spec
+
+
+def _timestep_argument(model, args, kwargs) -> str:
+    names = _argument_names(model)
+    for name in _TIMESTEP_NAMES:
+        if name in names:
+            return name
+    raise InferenceError(
+        f"{type(model).__name__}.forward has no timestep argument among {_TIMESTEP_NAMES} (its arguments: "
+        f"{', '.join(names)}); describe it with ModelSpec(timestep_argument=...)" + _how_to(type(model).__name__)
+    )
+
+
+def _config_value(model, name: str) -> Any:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, name):
+        return getattr(config, name)
+    return getattr(model, name, None)
+
+
+def _frames(model, args, kwargs) -> tuple[str | None, int | None, int | str, int | None, int | None, int | None]:
+    """(frames_argument, frames_dim, temporal_patch, token frames of this call, batch size, tokens per frame
+    where the spatial patch size tells it)."""
+    names = _argument_names(model)
+    hidden_name = _hidden_argument(names, args, kwargs)
+    hidden = _bound(names, args, kwargs, hidden_name) if hidden_name else None
+    patch = _config_value(model, "patch_size")
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "patch_size_t"):  # None in some configs (CogVideoX 1.0): 1
+        temporal_patch: int | str = "patch_size_t"
+        pt = int(config.patch_size_t or 1)
+    elif isinstance(patch, (tuple, list)) and len(patch) == 3:
+        temporal_patch, pt = "patch_size[0]", int(patch[0])
+    else:
+        temporal_patch, pt = 1, 1
+    if not isinstance(hidden, torch.Tensor):
+        return None, None, temporal_patch, None, None, None
+    batch = hidden.shape[0]
+    spatial = patch[-1] if isinstance(patch, (tuple, list)) and patch else patch
+    if hidden.dim() == 5:
+        channels = _config_value(model, "in_channels")
+        if hidden.shape[1] == channels and hidden.shape[2] != channels:
+            dim = 2
+        elif hidden.shape[2] == channels and hidden.shape[1] != channels:
+            dim = 1
+        else:  # as many frames as channels: the forward's own unpacking of the shape tells which is which
+            dim = _frames_dim_from_source(model, hidden_name) or 2
+        h, w = hidden.shape[-2:]
+        per_frame = (h // spatial) * (w // spatial) if isinstance(spatial, int) and spatial > 0 else None
+        return hidden_name, dim, temporal_patch, max(1, -(-hidden.shape[dim] // pt)), batch, per_frame
+    for name in _FRAMES_NAMES:
+        value = _bound(names, args, kwargs, name)
+        if isinstance(value, int) or (isinstance(value, torch.Tensor) and value.numel() == 1):
+            return name, None, temporal_patch, max(1, int(value) // pt), batch, None
+    return None, None, temporal_patch, None, batch, None
+
+
+def _frames_dim_from_source(model, hidden_name: str) -> int | None:
+    """1 or 2 where the forward unpacks `b, f, c, h, w = hidden_states.shape` with a frames-like name."""
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return None
+    match = re.search(r"(\w+(?:\s*,\s*\w+){4})\s*=\s*" + re.escape(hidden_name) + r"\.shape\b", source)
+    if match is None:
+        return None
+    names = [n.strip() for n in match.group(1).split(",")]
+    for dim in (1, 2):
+        if "frame" in names[dim] or names[dim] in ("t", "f", "T", "F"):
+            return dim
+    return None
+
+
+def _token_layout(tokens: torch.Tensor, batch: int | None, frames: int | None, per_frame: int | None) -> str | None:
+    """The layout of (a, b, c) video tokens, or None when it is not certain (the token count does not fit the
+    frames and, where known, the tokens per frame: text or register tokens mixed in, say)."""
+    if frames is None or batch is None or tokens.dim() != 3:
+        return None
+    a, b, _ = tokens.shape
+    fits = lambda s: per_frame is None or s == per_frame  # noqa: E731
+    if a == batch and b % frames == 0 and fits(b // frames):
+        return "b(ts)c"
+    if frames > 1 and a == batch * frames and fits(b):
+        return "(bt)sc"
+    if frames > 1 and b == frames and a % batch == 0 and fits(a // batch):
+        return "(bs)tc"
+    return None
+
+
+def spec_source(spec: ModelSpec, class_name: str | None = None) -> str:
+    """Python source for `spec`, to paste into a project (and register under `class_name`)."""
+    lines = ["from adacache import BlockList, BlockSpec, ModelSpec, register_model", "", "spec = ModelSpec("]
+    lines.append("    block_lists=(")
+    default = BlockSpec()
+    for block_list in spec.block_lists:
+        fields = [f"{k}={v!r}" for k, v in block_list.block.__dict__.items() if getattr(default, k) != v]
+        lines.append(f"        BlockList({block_list.attribute!r}, BlockSpec({', '.join(fields)})),")
+    lines.append("    ),")
+    base = ModelSpec(block_lists=spec.block_lists)
+    for key in ("interleave", "cache_start", "timestep_argument", "frames_argument", "frames_dim", "temporal_patch"):
+        if getattr(spec, key) != getattr(base, key):
+            lines.append(f"    {key}={getattr(spec, key)!r},")
+    lines.append(")")
+    if class_name:
+        lines.append(f"register_model({class_name!r}, spec)")
+    return "\n".join(lines)
+
+
+def _how_to(name: str) -> str:
+    return (f". Describe {name} by hand: adacache.apply_adacache(model, config, spec=ModelSpec(...)) or "
+            f"adacache.register_model({name!r}, spec); see adacache.ModelSpec and BlockSpec")
+
+
+assert set(TOKEN_LAYOUTS) == {"b(ts)c", "(bt)sc", "(bs)tc"}
