@@ -256,7 +256,8 @@ def _minimax_inputs(tiny: TinyModel, model, batch_size: int, timestep: float, se
         g = _generator(seed, i)
         latents = torch.randn(1, c, f, h, w, generator=g)
         video.append(patchify_video_latents(latents, patch))  # (F * H/2 * W/2, C * 4), frame-major
-        audio.append(torch.randn(_MINIMAX_AUDIO_LATENTS * MINIMAX_H3_AUDIO_CHANNELS, cfg.audio_in_channels, generator=g))
+        audio_rows = _MINIMAX_AUDIO_LATENTS * MINIMAX_H3_AUDIO_CHANNELS
+        audio.append(torch.randn(audio_rows, cfg.audio_in_channels, generator=g))
         text.append(torch.randn(tiny.text_len, tiny.text_dim, generator=g))
     return {
         "hidden_states": torch.stack(video).to(device, dtype),
