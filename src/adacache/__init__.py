@@ -18,7 +18,8 @@ _EXPORTS = {
     "Schedule": ".algorithm", "lookup_rate": ".algorithm", "motion_score": ".algorithm", "relative_l1": ".algorithm",
     "PRESETS": ".config", "AdaCacheConfig": ".config", "ConfigError": ".config",
     "GenerationStats": ".hooks", "apply_adacache": ".hooks", "cache_context": ".hooks", "compile_blocks": ".hooks",
-    "get_stats": ".hooks", "remove_adacache": ".hooks", "reset_state": ".hooks",
+    "get_stats": ".hooks", "remove_adacache": ".hooks", "reset_state": ".hooks", "describe": ".hooks",
+    "InferenceError": ".models.infer",
     "MODEL_SPECS": ".models.specs", "BlockList": ".models.specs", "BlockSpec": ".models.specs",
     "ModelSpec": ".models.specs", "register_model": ".models.specs",
 }

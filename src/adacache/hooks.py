@@ -37,7 +37,8 @@ import torch
 from . import compat
 from .algorithm import Schedule
 from .config import AdaCacheConfig
-from .models.specs import BlockSpec, ModelSpec, spec_for
+from .models.infer import infer_spec, spec_source
+from .models.specs import BlockSpec, ModelSpec, registered_spec, spec_for
 
 logger = logging.getLogger(__name__)
 
@@ -151,22 +152,13 @@ class _Bound:
 
 # --- the runtime: one per patched transformer -------------------------------------------------------------------
 class _Runtime(_Bound):
-    def __init__(self, model: torch.nn.Module, config: AdaCacheConfig, spec: ModelSpec) -> None:
-        self.config, self.spec = config, spec
+    def __init__(self, model: torch.nn.Module, config: AdaCacheConfig, spec: ModelSpec | None) -> None:
+        self.config, self.spec = config, None
         self.model_name = type(model).__name__
-        self.blocks = spec.blocks(model)
-        if len(self.blocks) <= spec.cache_start:
-            raise ValueError(f"{type(model).__name__} has {len(self.blocks)} blocks: nothing to cache after cache_start={spec.cache_start}")
-        self.first = spec.cache_start
-        self.last = len(self.blocks) - 1
-        self.probe_index = self._resolve_probe_index(config.probe_block)
-        self.probe_point = self._resolve_probe_point(config.probe_point)
-        probe_spec = self.blocks[self.probe_index][2]
-        attention = self.probe_point != "block"
-        self.probe_layout = (probe_spec.attention_layout if attention else None) or probe_spec.token_layout
-        self.temporal_patch = spec.temporal_patch_size(model)
+        self.blocks: list[tuple[str, torch.nn.Module, BlockSpec]] = []
         self.forward_parameters = list(inspect.signature(model.forward).parameters)
-        self.block_parameters = [list(inspect.signature(b.forward).parameters) for _, b, _ in self.blocks]
+        if spec is not None:
+            self.configure(model, spec)
         self.states: dict[str, _BranchState] = {}
         self.history: collections.deque[GenerationStats] = collections.deque(maxlen=config.stats_history)
         self.generations = 0
@@ -187,6 +179,22 @@ class _Runtime(_Bound):
         # and returns why the undo cannot be done (something wrapped the forward afterwards) or None.
         self.restore: list[tuple[Callable[[], str | None], Callable[[], None]]] = []
         self.model_ref = weakref.ref(model)  # a shallow copy (copy.copy) shares this runtime: see _runtime_of
+
+    def configure(self, model: torch.nn.Module, spec: ModelSpec) -> None:
+        """Read the model through `spec` (registered, given, or inferred on the first call)."""
+        blocks = spec.blocks(model)
+        if len(blocks) <= spec.cache_start:
+            raise ValueError(f"{type(model).__name__} has {len(blocks)} blocks: nothing to cache after cache_start={spec.cache_start}")
+        self.spec, self.blocks = spec, blocks
+        self.first = spec.cache_start
+        self.last = len(self.blocks) - 1
+        self.probe_index = self._resolve_probe_index(self.config.probe_block)
+        self.probe_point = self._resolve_probe_point(self.config.probe_point)
+        probe_spec = self.blocks[self.probe_index][2]
+        attention = self.probe_point != "block"
+        self.probe_layout = (probe_spec.attention_layout if attention else None) or probe_spec.token_layout
+        self.temporal_patch = spec.temporal_patch_size(model)
+        self.block_parameters = [list(inspect.signature(b.forward).parameters) for _, b, _ in self.blocks]
 
     @property
     def current(self) -> _Call | None:
@@ -631,6 +639,8 @@ def _context_hook_class():
             runtime, holding = self.runtime, False
             try:  # entered inside the try: a Ctrl-C right after the lock is taken still releases it
                 holding = runtime.enter()
+                if runtime.spec is None:
+                    _infer_and_install(runtime, module, args, kwargs, lambda: self.call_original(*args, **kwargs))
                 runtime.context = self.cache_context
                 runtime.begin_call(args, kwargs)
                 output = self.call_original(*args, **kwargs)
@@ -764,16 +774,13 @@ def _apply_to_model(model: torch.nn.Module, config: AdaCacheConfig, spec: ModelS
             f"another diffusers cache ({type(other_cache).__name__}) is enabled on this model; call "
             "model.disable_cache() before apply_adacache"
         )
-    runtime = _Runtime(model, config, spec_for(model, spec))
+    known = spec if spec is not None else registered_spec(model)
+    runtime = _Runtime(model, config, known)  # no spec known: inferred on the first call (models/infer.py)
+    runtime.spec_origin = "given" if spec is not None else "registered" if known is not None else "inferred"
     try:
         setattr(model, _RUNTIME_ATTRIBUTE, runtime)  # before the hooks: a copy or pickle of the model meets it first
-        for index in range(runtime.first, len(runtime.blocks)):
-            eager = index == runtime.probe_index and runtime.probe_point != "block"
-            _wrap_block(runtime, index, runtime.blocks[index][1], eager)
-        if runtime.probe_point != "block":
-            submodule = runtime.blocks[runtime.probe_index][1].get_submodule(runtime.probe_point)
-            handle = submodule.register_forward_hook(_ProbeRecorder(runtime.probe_slot))
-            runtime.restore.append((lambda: None, handle.remove))
+        if runtime.spec is not None:
+            _install_blocks(runtime)
         had_registry = compat.has_hook_registry(model)
         had_own_forward = "forward" in model.__dict__
         registry = compat.hook_registry(model)
@@ -805,11 +812,44 @@ def _apply_to_model(model: torch.nn.Module, config: AdaCacheConfig, spec: ModelS
             undo()
         model.__dict__.pop(_RUNTIME_ATTRIBUTE, None)
         raise
+    if runtime.spec is None:
+        logger.info("AdaCache on %s: no registered spec; it is inferred on the first call", type(model).__name__)
+
+
+def _install_blocks(runtime: _Runtime) -> None:
+    """Wrap the cached span's blocks and hook the probe (their undos join runtime.restore, undone first)."""
+    for index in range(runtime.first, len(runtime.blocks)):
+        eager = index == runtime.probe_index and runtime.probe_point != "block"
+        _wrap_block(runtime, index, runtime.blocks[index][1], eager)
+    if runtime.probe_point != "block":
+        submodule = runtime.blocks[runtime.probe_index][1].get_submodule(runtime.probe_point)
+        handle = submodule.register_forward_hook(_ProbeRecorder(runtime.probe_slot))
+        runtime.restore.append((lambda: None, handle.remove))
     logger.info(
-        "AdaCache on %s: %d blocks, cached span %s..%s, probe %s (%s)",
-        type(model).__name__, len(runtime.blocks), runtime.blocks[runtime.first][0],
+        "AdaCache on %s (%s spec): %d blocks, cached span %s..%s, probe %s (%s)",
+        runtime.model_name, runtime.spec_origin, len(runtime.blocks), runtime.blocks[runtime.first][0],
         runtime.blocks[runtime.last][0], runtime.blocks[runtime.probe_index][0], runtime.probe_point,
     )
+
+
+def _infer_and_install(runtime: _Runtime, model: torch.nn.Module, args: tuple, kwargs: dict,
+                       call_original: Callable[[], Any]) -> None:
+    """First call of a model without a spec: watch one uncached forward, infer the spec, install the blocks.
+    The watched forward's output is discarded (the real call follows), so a model whose structure cannot be
+    inferred fails here, before anything is cached."""
+    spec = infer_spec(model, args, kwargs, call=call_original, moreg=runtime.config.moreg)
+    runtime.configure(model, spec)
+    count = len(runtime.restore)
+    try:
+        _install_blocks(runtime)
+    except BaseException:
+        for _, undo in reversed(runtime.restore[count:]):
+            undo()
+        del runtime.restore[count:]
+        runtime.spec, runtime.blocks = None, []
+        raise
+    logger.info("AdaCache inferred the spec of %s (adacache.describe(model) prints it):\n%s", runtime.model_name,
+                spec_source(spec, runtime.model_name))
 
 
 def remove_adacache(target: Any) -> None:
@@ -830,6 +870,37 @@ def remove_adacache(target: Any) -> None:
         for _, undo in reversed(runtime.restore):
             undo()
         delattr(model, _RUNTIME_ATTRIBUTE)
+
+
+def describe(target: Any, *args: Any, print_source: bool = True, **kwargs: Any) -> ModelSpec:
+    """The ModelSpec AdaCache uses for a transformer (or a pipeline's `.transformer`), printed as Python to save
+    and `register_model`. Which one, in order: the spec of an applied AdaCache (given, registered, or inferred on
+    its first call); else, with example forward inputs (`describe(model, **inputs)`), the spec inferred from one
+    forward call with them; else the registered spec. A model with none of those is an error saying what to pass.
+    """
+    model = _models_of(target)[0]
+    runtime = model.__dict__.get(_RUNTIME_ATTRIBUTE)
+    origin = None
+    if runtime is not None and _runtime_of(model).spec is not None:
+        spec, origin = runtime.spec, runtime.spec_origin
+    elif args or kwargs:
+        if runtime is not None:
+            raise RuntimeError("AdaCache is applied to this model but has not seen a call yet: call the model (its "
+                               "spec is then inferred), or describe it before apply_adacache")
+        spec, origin = infer_spec(model, args, kwargs, moreg=False), "inferred"
+    else:
+        spec = registered_spec(model)
+        origin = "registered"
+        if spec is None:
+            raise ValueError(
+                f"{type(model).__name__} has no registered spec, and its structure is inferred from a forward call: "
+                "pass example inputs (adacache.describe(model, **forward_kwargs)), or apply AdaCache, run one "
+                "generation and call describe again"
+            )
+    if print_source:
+        note = "" if spec.frames_argument is not None else "  # frames unknown: MoReg cannot read motion"
+        print(f"# AdaCache spec of {type(model).__name__} ({origin}){note}\n{spec_source(spec, type(model).__name__)}")
+    return spec
 
 
 def reset_state(target: Any) -> None:
@@ -882,6 +953,11 @@ def compile_blocks(model: torch.nn.Module, **compile_kwargs: Any) -> None:
     Works with or without AdaCache applied; pass torch.compile's arguments (backend, mode, fullgraph, dynamic).
     With an attention probe, the probe block stays eager (one block of the stack), so its probe is never lost."""
     runtime = getattr(model, _RUNTIME_ATTRIBUTE, None)
+    if runtime is not None and runtime.spec is None:
+        raise RuntimeError(
+            f"AdaCache infers the structure of this {type(model).__name__} on its first call, which has not happened "
+            "yet: run one call (or generation) first, or pass apply_adacache(..., spec=...)"
+        )
     blocks = runtime.blocks if runtime is not None else spec_for(model).blocks(model)
     for _, block, _ in blocks:
         cached = block.__dict__.get("_adacache_block")

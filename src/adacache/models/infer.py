@@ -118,8 +118,7 @@ def _candidate_lists(model: torch.nn.Module) -> dict[str, torch.nn.ModuleList]:
         for name, child in module.named_children():
             path = f"{prefix}{name}"
             if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)) and len(child):
-                if all(any(True for _ in m.parameters()) for m in child):
-                    found[path] = child
+                found[path] = child  # blocks or not: the watched call tells
                 continue
             if depth < _MAX_DEPTH:
                 walk(child, path + ".", depth + 1)
@@ -376,19 +375,29 @@ def _build_spec(model, lists, watch: _Watch, args, kwargs, moreg: bool) -> Model
             f"{name}: between its last two blocks the model changes the tokens ({events[-1].glue_why}), so there is "
             f"no span of blocks to cache" + _how_to(name)
         )
-    # 4. probe: the first attention module of the list's blocks returning the video tokens' shape
-    specs: dict[str, BlockSpec] = {}
-    for list_name, spec in block_lists.items():
-        first = next(e for e in events if e.list_name == list_name)
-        attention = next((n for n, shape in watch.attention.get(list_name, []) if shape == tuple(first.hidden_in.shape)), None)
-        specs[list_name] = BlockSpec(**{**spec.__dict__, "attention": attention})
-    # 5. frames and token layout for MoReg
+    # 4. frames and token layout for MoReg
     timestep_argument = _timestep_argument(model, args, kwargs)
     frames_argument, frames_dim, temporal_patch, frames, batch, per_frame = _frames(model, args, kwargs)
     layouts = {}
     for list_name in order:
         first = next(e for e in events if e.list_name == list_name)
         layouts[list_name] = _token_layout(first.hidden_in, batch, frames, per_frame)
+    # 5. probe: the list's first attention module returning the video tokens (in the stream's shape, or
+    # reshaped to a layout of their own, as a block attending within frames or across time does)
+    specs: dict[str, BlockSpec] = {}
+    for list_name, spec in block_lists.items():
+        first = next(e for e in events if e.list_name == list_name)
+        attention, attention_layout = None, None
+        for sub, shape in watch.attention.get(list_name, []):
+            if shape == tuple(first.hidden_in.shape):
+                attention = sub
+                break
+            if len(shape) == 3 and shape[0] * shape[1] * shape[2] == first.hidden_in.numel():
+                own = _token_layout(torch.empty(shape, device="meta"), batch, frames, None)
+                if own is not None and own != layouts.get(list_name):
+                    attention, attention_layout = sub, own
+                    break
+        specs[list_name] = BlockSpec(**{**spec.__dict__, "attention": attention, "attention_layout": attention_layout})
     probe_list = events[min(max((len(events) - 1) // 2, cache_start), len(events) - 1)].list_name
     if layouts[probe_list] is None:
         if moreg:

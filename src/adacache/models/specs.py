@@ -79,7 +79,7 @@ class ModelSpec:
     timestep_argument: str = "timestep"
     # Where the number of latent frames is read: an argument, and the dimension of it holding frames
     # (None when the argument is itself the frame count, as LTX's `num_frames`).
-    frames_argument: str = "hidden_states"
+    frames_argument: str | None = "hidden_states"  # None: frames unknown (MoReg falls back to the distance)
     frames_dim: int | None = 2
     # Temporal patch size: an int, or the name of a config attribute ("patch_size_t"; "patch_size[0]" indexes).
     temporal_patch: int | str = 1
@@ -182,14 +182,22 @@ def register_model(class_name: str, spec: ModelSpec) -> None:
     MODEL_SPECS[class_name] = spec
 
 
+def registered_spec(model: torch.nn.Module) -> ModelSpec | None:
+    """The spec registered for the model's class (or a base class), else None."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in MODEL_SPECS:
+            return MODEL_SPECS[cls.__name__]
+    return None
+
+
 def spec_for(model: torch.nn.Module, spec: ModelSpec | None = None) -> ModelSpec:
     """The given spec, else the registered one for the model's class, else an error showing how to write one."""
     if spec is not None:
         return spec
-    for cls in type(model).__mro__:
-        if cls.__name__ in MODEL_SPECS:
-            return MODEL_SPECS[cls.__name__]
-    raise ValueError(_describe_unknown_model(model))
+    known = registered_spec(model)
+    if known is None:
+        raise ValueError(_describe_unknown_model(model))
+    return known
 
 
 def _describe_unknown_model(model: torch.nn.Module) -> str:
