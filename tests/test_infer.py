@@ -1,0 +1,204 @@
+"""Automatic model description (models/infer.py): a model nobody described is watched on its first call."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import adacache
+from adacache import AdaCacheConfig, ModelSpec, apply_adacache, get_stats, remove_adacache
+from adacache.models import specs
+from adacache.models.infer import InferenceError, infer_spec, spec_source
+from adacache.testing import TINY_MODELS
+from toy import STDIT3_SPEC, TOY_SPEC, STDiT3Like, ToyDiT
+
+CONFIG = AdaCacheConfig(codebook={0.5: 3, 1e9: 2}, num_inference_steps=8, moreg=True)
+
+
+def run(model, tiny, steps: int = 8) -> list[torch.Tensor]:
+    return [model(**tiny.inputs(model, batch_size=2, timestep=float(t), seed=i))[0]
+            for i, t in enumerate(torch.linspace(999, 50, steps))]
+
+
+@pytest.mark.parametrize("family", list(TINY_MODELS))
+def test_the_inferred_spec_is_the_hand_written_one(family):
+    tiny = TINY_MODELS[family]
+    model = tiny.build()
+    assert infer_spec(model, (), tiny.inputs(model, batch_size=2)) == specs.MODEL_SPECS[tiny.class_name]
+
+
+def test_toys_with_their_own_argument_names_and_layouts_are_inferred():
+    stdit = STDiT3Like()
+    assert infer_spec(stdit, (torch.randn(2, 4, 3, 2, 2), torch.tensor([500.0, 500.0]))) == STDIT3_SPEC
+    toy = ToyDiT()  # parameterless blocks, frames as an int argument, nn.Identity as "attention": the block residual
+    spec = infer_spec(toy, (torch.ones(1, 6, 2), torch.tensor([1.0])), {"num_frames": 3})
+    assert spec.block_lists == (specs.BlockList("blocks", specs.BlockSpec(attention=None)),)
+    assert (spec.frames_argument, spec.frames_dim) == (TOY_SPEC.frames_argument, TOY_SPEC.frames_dim)
+
+
+@pytest.mark.parametrize("family", ["wan", "hunyuan_video", "latte", "ltx_video"])
+def test_an_unregistered_model_caches_exactly_as_with_its_hand_written_spec(family, monkeypatch):
+    tiny = TINY_MODELS[family]
+    model = tiny.build()
+    apply_adacache(model, CONFIG)
+    expected, expected_stats = run(model, tiny), get_stats(model)
+    remove_adacache(model)
+    monkeypatch.delitem(specs.MODEL_SPECS, tiny.class_name)
+    with pytest.raises(ValueError, match="structure is inferred from a forward call"):
+        adacache.describe(model)
+    apply_adacache(model, CONFIG)
+    got = run(model, tiny)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert [s.computed_steps for s in get_stats(model)] == [s.computed_steps for s in expected_stats]
+    assert len(expected_stats[-1].computed_steps) < 8  # it did skip
+    assert adacache.describe(model, print_source=False) == specs.MODEL_SPECS.get(tiny.class_name, adacache.describe(model, print_source=False))
+    remove_adacache(model)
+    plain = tiny.build()
+    assert all(torch.equal(a, b) for a, b in zip(run(model, tiny, 2), run(plain, tiny, 2)))
+
+
+def test_describe_prints_code_that_rebuilds_the_spec(capsys):
+    tiny = TINY_MODELS["hunyuan_video"]
+    model = tiny.build()
+    spec = adacache.describe(model, **tiny.inputs(model))
+    printed = capsys.readouterr().out
+    assert "(inferred)" in printed and "register_model('HunyuanVideoTransformer3DModel', spec)" in printed
+    namespace: dict = {}
+    exec(spec_source(spec), namespace)  # the printed code is the spec
+    assert namespace["spec"] == spec
+
+
+# --- what inference refuses, loudly, before anything is cached --------------------------------------------------
+class Block(nn.Module):
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, dim)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states + self.linear(hidden_states)
+
+
+class Shrinking(nn.Module):
+    """Every block halves the channels: no block returns its video tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(8, 4), nn.Linear(4, 2)])
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            hidden_states = block(hidden_states)
+        return hidden_states
+
+
+class Twice(nn.Module):
+    """Calls its one block list twice per forward (weight sharing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(), Block()])
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        for _ in range(2):
+            for block in self.blocks:
+                hidden_states = block(hidden_states)
+        return hidden_states
+
+
+class Embedding(nn.Module):
+    """Adds an embedding before every block: no two blocks can share a cached span."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(), Block(), Block()])
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            hidden_states = block(hidden_states + 1.0)
+        return hidden_states
+
+
+class NoBlocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden_states)
+
+
+@pytest.mark.parametrize("model_class, message", [
+    (Shrinking, "returns shape"),
+    (Twice, "called 4 times for 2 blocks"),
+    (Embedding, "no span of blocks to cache"),
+    (NoBlocks, "no nn.ModuleList of blocks"),
+])
+def test_a_structure_it_cannot_be_sure_of_fails_on_the_first_call_and_changes_nothing(model_class, message):
+    model = model_class()
+    x, t = torch.randn(1, 6, 8), torch.tensor([500.0])
+    with torch.no_grad():
+        expected = model(x, t)
+    apply_adacache(model, AdaCacheConfig(moreg=False))
+    with pytest.raises(InferenceError, match=message) as error:
+        model(x, t)
+    assert "Describe" in str(error.value) or "describe" in str(error.value)
+    with pytest.raises(InferenceError, match=message):  # still refused, never half-installed
+        model(x, t)
+    remove_adacache(model)
+    with torch.no_grad():
+        assert torch.equal(model(x, t), expected)
+    assert not any(hasattr(b, "_adacache_block") for b in model.modules())
+
+
+def test_moreg_on_a_model_whose_frames_cannot_be_read_is_refused_and_moreg_off_works():
+    class Flat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([Block(), Block(), Block()])
+
+        def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                hidden_states = block(hidden_states)
+            return hidden_states
+
+    flat = Flat()  # tokens (B, N, C) and no frames argument
+    x, t = torch.randn(1, 6, 8), torch.tensor([500.0])
+    apply_adacache(flat, AdaCacheConfig(moreg=True))
+    with pytest.raises(InferenceError, match="MoReg needs"):
+        flat(x, t)
+    remove_adacache(flat)
+    apply_adacache(flat, AdaCacheConfig(moreg=False, num_inference_steps=4))
+    flat(x, t)
+    assert adacache.describe(flat, print_source=False).frames_argument is None
+    remove_adacache(flat)
+
+
+def test_before_its_first_call_a_patched_unregistered_model_is_still_guarded(monkeypatch):
+    tiny = TINY_MODELS["wan"]
+    monkeypatch.delitem(specs.MODEL_SPECS, tiny.class_name)
+    model = tiny.build()
+    apply_adacache(model, CONFIG)
+    with pytest.raises(TypeError, match="remove_adacache"):
+        copy.deepcopy(model)
+    with pytest.raises(RuntimeError, match="first call"):
+        adacache.compile_blocks(model)
+    with pytest.raises(RuntimeError, match="already applied"):
+        apply_adacache(model, CONFIG)
+    assert get_stats(model) == []
+    remove_adacache(model)  # removal before any call leaves the plain model
+    assert not hasattr(model, "_adacache")
+    plain = tiny.build()
+    assert torch.equal(model(**tiny.inputs(model))[0], plain(**tiny.inputs(plain))[0])
+
+
+def test_a_given_spec_wins_over_inference(monkeypatch):
+    tiny = TINY_MODELS["wan"]
+    monkeypatch.delitem(specs.MODEL_SPECS, tiny.class_name)
+    model = tiny.build()
+    spec = ModelSpec(block_lists=(specs.BlockList("blocks"),), cache_start=1, temporal_patch="patch_size[0]")
+    apply_adacache(model, CONFIG, spec=spec)
+    assert adacache.describe(model, print_source=False) is spec
+    remove_adacache(model)
