@@ -5,12 +5,27 @@ here from small configs with random weights, written to a folder with
 ``pipe.save_pretrained`` and loaded back with ``DiffusionPipeline.from_pretrained``
 from that folder only (works with ``HF_HUB_OFFLINE=1``).
 
-Two kinds are supported:
+The kinds, and how each calls its transformer under classifier-free guidance (CFG):
 
-* ``"wan"``: :class:`diffusers.WanPipeline`. The transformer is called twice per
-  step (cond, then uncond), each inside ``transformer.cache_context(...)``.
-* ``"latte"``: :class:`diffusers.LattePipeline`. One transformer call per step on
-  a batch of 2 (uncond + cond); no ``cache_context`` is opened.
+* ``"wan"``: :class:`diffusers.WanPipeline`. Two calls per step (cond, then uncond),
+  each inside ``transformer.cache_context(name, step_index=..., num_inference_steps=...)``.
+* ``"latte"``: :class:`diffusers.LattePipeline`. One call per step on a batch of 2
+  (uncond + cond); no ``cache_context`` is opened.
+* ``"cogvideox"``: :class:`diffusers.CogVideoXPipeline`. One batched call per step inside
+  ``cache_context("cond_uncond")`` (a name only: no step index or count).
+* ``"hunyuan_video"``: :class:`diffusers.HunyuanVideoPipeline` (Llama + CLIP text encoders).
+  Guidance-distilled; with ``true_cfg_scale > 1`` and a negative prompt (as in
+  ``TINY_PIPELINE_CALL``) two calls per step, ``cache_context("cond")`` then
+  ``cache_context("uncond")``, names only.
+* ``"ltx_video"``: :class:`diffusers.LTXPipeline`. One batched call per step inside
+  ``cache_context("cond_uncond")``, name only; packed (B, tokens, C) latents.
+* ``"mochi"``: :class:`diffusers.MochiPipeline`. One batched call per step inside
+  ``cache_context("cond_uncond")``, name only; its timesteps *rise* (inverted sigmas).
+* ``"allegro"``: :class:`diffusers.AllegroPipeline`. One batched call per step; no
+  ``cache_context``. It sets the scheduler's timesteps twice per call.
+
+Only Wan tells the step index and count through ``cache_context``; for the others AdaCache
+finds them in the scheduler's timesteps when applied to the pipeline.
 
 Typical use::
 
@@ -34,7 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["PIPELINE_KINDS", "TINY_PIPELINE_CALL", "load_tiny_pipeline", "save_tiny_pipeline"]
 
-PIPELINE_KINDS = ("wan", "latte")
+PIPELINE_KINDS = ("wan", "latte", "cogvideox", "hunyuan_video", "ltx_video", "mochi", "allegro")
 
 # Fast call kwargs per kind (prompt, num_inference_steps and generator come from the caller).
 TINY_PIPELINE_CALL: dict[str, dict[str, Any]] = {
@@ -60,6 +75,59 @@ TINY_PIPELINE_CALL: dict[str, dict[str, Any]] = {
         "mask_feature": True,
         "enable_temporal_attentions": True,
         # No max_sequence_length here: LattePipeline hard-codes 120 tokens and has no such argument.
+    },
+    "cogvideox": {
+        # VAE x4 spatial -> 8x8 latents, patch 2 -> 16 tokens per frame.
+        "height": 32,
+        "width": 32,
+        # VAE x4 temporal: (9 - 1) // 4 + 1 = 3 latent frames (= the transformer's sample_frames).
+        "num_frames": 9,
+        "guidance_scale": 5.0,  # > 1: CFG on, batched (uncond, cond) in a single call
+        "max_sequence_length": 16,  # must equal the transformer's max_text_seq_length
+        "output_type": "latent",
+    },
+    "hunyuan_video": {
+        # height/width multiples of 16; VAE x8 -> 4x4 latents, patch 2 -> 4 tokens per frame.
+        "height": 32,
+        "width": 32,
+        "num_frames": 9,  # VAE x4 temporal -> 3 latent frames
+        "guidance_scale": 6.0,  # embedded guidance (guidance-distilled model): no extra call
+        # True CFG: a negative prompt and true_cfg_scale > 1 make a second (uncond) call per step.
+        "true_cfg_scale": 4.0,
+        "negative_prompt": "blurry low quality",
+        # The default template is Llama-3's chat prompt with crop_start=95 for its real tokenizer; the tiny
+        # tokenizer has the header tokens as single special tokens: <|start_header_id|> <|end_header_id|> = 2.
+        "prompt_template": {"template": "<|start_header_id|><|end_header_id|>{}<|eot_id|>", "crop_start": 2},
+        "max_sequence_length": 16,
+        "output_type": "latent",
+    },
+    "ltx_video": {
+        # VAE x32 spatial -> 2x2 latents (patch 1: 4 tokens per frame), x8 temporal: 17 frames -> 3.
+        "height": 64,
+        "width": 64,
+        "num_frames": 17,
+        "guidance_scale": 3.0,  # > 1: CFG on, batched (uncond, cond) in a single call
+        "max_sequence_length": 16,
+        "output_type": "latent",
+    },
+    "mochi": {
+        # MochiPipeline hard-codes VAE x8 spatial, x6 temporal: 4x4 latents (patch 2: 4 tokens), 13 frames -> 3.
+        "height": 32,
+        "width": 32,
+        "num_frames": 13,
+        "guidance_scale": 4.5,  # > 1: CFG on, batched (uncond, cond) in a single call
+        "max_sequence_length": 16,
+        "output_type": "latent",
+    },
+    "allegro": {
+        # VAE x8 spatial -> 4x4 latents (patch 2: 4 tokens per frame); x4 temporal, odd count: 9 -> 3 frames.
+        "height": 32,
+        "width": 32,
+        "num_frames": 9,
+        "guidance_scale": 7.5,  # > 1: CFG on, batched (uncond, cond) in a single call
+        "max_sequence_length": 16,
+        "clean_caption": False,  # default True needs bs4 + ftfy
+        "output_type": "latent",
     },
 }
 
@@ -181,8 +249,257 @@ def _build_latte(tokenizer):
     )
 
 
+def _tiny_transformer(family: str, **overrides: Any):
+    """The transformer of ``family`` from :data:`adacache.testing.TINY_MODELS`, with config overrides (text widths
+    and sample sizes that must agree with the pipeline's other components)."""
+    import diffusers
+    import torch
+
+    from .testing import TINY_MODELS
+
+    tiny = TINY_MODELS[family]
+    model = getattr(diffusers, tiny.class_name)(**{**tiny.config, **overrides})
+    with torch.no_grad():
+        for name in tiny.randomize:  # zero-initialised parameters that would make a part of the network a no-op
+            model.get_parameter(name).normal_(0.0, 0.1)
+    return model
+
+
+def _build_cogvideox(tokenizer):
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
+    from transformers import T5Config, T5EncoderModel
+
+    call = TINY_PIPELINE_CALL["cogvideox"]
+    text_encoder = T5EncoderModel(T5Config(**_t5_config_kwargs(len(tokenizer)))).eval()
+    # Three blocks: spatial x4 (2 ** (blocks - 1)); both downsamples also halve time -> temporal x4.
+    vae = AutoencoderKLCogVideoX(
+        down_block_types=("CogVideoXDownBlock3D",) * 3,
+        up_block_types=("CogVideoXUpBlock3D",) * 3,
+        block_out_channels=(8, 8, 8),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        temporal_compression_ratio=4,
+        sample_height=call["height"],
+        sample_width=call["width"],
+    )
+    transformer = _tiny_transformer(
+        "cogvideox",
+        text_embed_dim=_TEXT_DIM,
+        max_text_seq_length=call["max_sequence_length"],
+        sample_height=call["height"] // 4,
+        sample_width=call["width"] // 4,
+        sample_frames=call["num_frames"],
+    )
+    # CogVideoX-2b's scheduler settings (v-prediction, zero-SNR, trailing spacing).
+    scheduler = CogVideoXDDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        set_alpha_to_one=True,
+        snr_shift_scale=3.0,
+        timestep_spacing="trailing",
+    )
+    return CogVideoXPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
+
+
+# Llama-3 chat headers, single special tokens in the tiny Llama tokenizer (HunyuanVideo's prompt template).
+_LLAMA_SPECIAL = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+def _build_llama_tokenizer():
+    """Llama-style BPE tokenizer (Metaspace, byte fallback) over single characters and "\u2581word" tokens."""
+    from transformers import LlamaTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, "\u2581": 4}
+    for token in _LLAMA_SPECIAL:
+        vocab[token] = len(vocab)
+    for c in _CHARS:
+        vocab.setdefault(c, len(vocab))
+    merges = []
+    for word in _WORDS:  # "\u2581" + w, built letter by letter: every prefix is a token
+        previous = "\u2581"
+        for c in word:
+            vocab.setdefault(previous + c, len(vocab))
+            if (previous, c) not in merges:
+                merges.append((previous, c))
+            previous += c
+    tokenizer = LlamaTokenizerFast(
+        vocab=vocab, merges=merges, pad_token="<pad>", padding_side="right", model_max_length=512
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(_LLAMA_SPECIAL)})
+    return tokenizer
+
+
+def _build_clip_tokenizer():
+    """CLIP-style BPE tokenizer over single characters ("c" inside a word, "c</w>" at its end), built offline."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in _CHARS.lower():
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _build_hunyuan_video(tokenizer):
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    del tokenizer  # HunyuanVideo tokenizes with Llama and CLIP, not T5
+    llama_tokenizer = _build_llama_tokenizer()
+    clip_tokenizer = _build_clip_tokenizer()
+    # The pipeline reads the third-to-last hidden state: two layers at least.
+    text_encoder = LlamaModel(
+        LlamaConfig(
+            vocab_size=len(llama_tokenizer),
+            hidden_size=_TEXT_DIM,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            pad_token_id=llama_tokenizer.pad_token_id,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    ).eval()
+    # Its pooler output (the end-of-text token's state) is the pooled projection: width = hidden_size.
+    text_encoder_2 = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(clip_tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            projection_dim=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,  # the pipeline pads CLIP prompts to 77 tokens
+            bos_token_id=clip_tokenizer.bos_token_id,
+            eos_token_id=clip_tokenizer.eos_token_id,
+            pad_token_id=clip_tokenizer.pad_token_id,
+        )
+    ).eval()
+    vae = AutoencoderKLHunyuanVideo(
+        latent_channels=4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        spatial_compression_ratio=8,
+        temporal_compression_ratio=4,
+        mid_block_add_attention=False,
+    )
+    transformer = _tiny_transformer("hunyuan_video", text_embed_dim=_TEXT_DIM, pooled_projection_dim=16)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    return HunyuanVideoPipeline(
+        text_encoder=text_encoder,
+        tokenizer=llama_tokenizer,
+        transformer=transformer,
+        vae=vae,
+        scheduler=scheduler,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=clip_tokenizer,
+    )
+
+
+def _build_ltx_video(tokenizer):
+    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline
+    from transformers import T5Config, T5EncoderModel
+
+    text_encoder = T5EncoderModel(T5Config(**_t5_config_kwargs(len(tokenizer)))).eval()
+    # Patch 4 then three space-time downsamples: x32 spatial, x8 temporal, as the released VAE.
+    vae = AutoencoderKLLTXVideo(
+        latent_channels=4,
+        block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1),
+        spatio_temporal_scaling=(True, True, True, False),
+        decoder_spatio_temporal_scaling=(True, True, True, False),
+        decoder_inject_noise=(False, False, False, False, False),
+        upsample_residual=(False, False, False, False),
+        upsample_factor=(1, 1, 1, 1),
+        patch_size=4,
+        patch_size_t=1,
+    )
+    transformer = _tiny_transformer("ltx_video", caption_channels=_TEXT_DIM)
+    # LTX-Video 0.9's scheduler: resolution-dependent shift, terminal sigma 0.1.
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True,
+        base_shift=0.95,
+        max_shift=2.05,
+        base_image_seq_len=1024,
+        max_image_seq_len=4096,
+        shift_terminal=0.1,
+    )
+    return LTXPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
+
+
+def _build_mochi(tokenizer):
+    from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiPipeline
+    from transformers import T5Config, T5EncoderModel
+
+    text_encoder = T5EncoderModel(T5Config(**_t5_config_kwargs(len(tokenizer)))).eval()
+    # Decoder x8 spatial, x6 temporal (the factors MochiPipeline hard-codes); its group norms want 32 groups.
+    vae = AutoencoderKLMochi(
+        latent_channels=4,
+        encoder_block_out_channels=(32, 32, 32, 32),
+        decoder_block_out_channels=(32, 32, 32, 32),
+        layers_per_block=(1, 1, 1, 1, 1),
+        add_attention_block=(False, False, False, False, False),
+        latents_mean=(0.0,) * 4,
+        latents_std=(1.0,) * 4,
+    )
+    transformer = _tiny_transformer(
+        "mochi", text_embed_dim=_TEXT_DIM, max_sequence_length=TINY_PIPELINE_CALL["mochi"]["max_sequence_length"]
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(invert_sigmas=True)  # Mochi runs its timesteps upwards
+    return MochiPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
+
+
+def _build_allegro(tokenizer):
+    from diffusers import AllegroPipeline, AutoencoderKLAllegro, EulerAncestralDiscreteScheduler
+    from transformers import T5Config, T5EncoderModel
+
+    call = TINY_PIPELINE_CALL["allegro"]
+    text_encoder = T5EncoderModel(T5Config(**_t5_config_kwargs(len(tokenizer)))).eval()
+    # Four blocks: x8 spatial (2 ** (blocks - 1)); two temporal downsamples: x4.
+    vae = AutoencoderKLAllegro(
+        block_out_channels=(8, 8, 8, 8),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        temporal_compression_ratio=4,
+        sample_size=call["height"],
+    )
+    transformer = _tiny_transformer(
+        "allegro",
+        caption_channels=_TEXT_DIM,
+        sample_height=call["height"] // 8,
+        sample_width=call["width"] // 8,
+        sample_frames=(call["num_frames"] - 1) // 4 + 1,
+    )
+    scheduler = EulerAncestralDiscreteScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
+    return AllegroPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
+
+
 def save_tiny_pipeline(kind: str, folder: str | os.PathLike, seed: int = 0) -> pathlib.Path:
-    """Build a tiny random pipeline of ``kind`` ("wan" or "latte"), save it to ``folder`` and return the path.
+    """Build a tiny random pipeline of ``kind`` (one of :data:`PIPELINE_KINDS`), save it to ``folder`` and return
+    the path.
 
     Weights are deterministic given ``seed``; the global torch RNG state is left untouched.
     """
@@ -191,7 +508,15 @@ def save_tiny_pipeline(kind: str, folder: str | os.PathLike, seed: int = 0) -> p
     if kind not in PIPELINE_KINDS:
         raise ValueError(f"unknown pipeline kind {kind!r}; expected one of {PIPELINE_KINDS}")
     folder = pathlib.Path(folder)
-    builder = {"wan": _build_wan, "latte": _build_latte}[kind]
+    builder = {
+        "wan": _build_wan,
+        "latte": _build_latte,
+        "cogvideox": _build_cogvideox,
+        "hunyuan_video": _build_hunyuan_video,
+        "ltx_video": _build_ltx_video,
+        "mochi": _build_mochi,
+        "allegro": _build_allegro,
+    }[kind]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         pipe = builder(_build_tokenizer())
