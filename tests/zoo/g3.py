@@ -230,12 +230,32 @@ _COSMOS3_FPS = 24.0  # Cosmos3OmniPipeline's default fps
 _COSMOS3_VAE_T = 4  # temporal compression of the Wan 2.2 VAE the pipeline uses
 
 
-def _cosmos3_inputs(tiny: TinyModel, model, batch_size: int, timestep: float, seed: int) -> dict:
-    from diffusers.pipelines.cosmos.pipeline_cosmos3_omni import (
-        get_3d_mrope_ids_text_tokens,
-        get_3d_mrope_ids_vae_tokens,
-    )
+def _cosmos3_mrope_ids(
+    cfg, text_len: int, frames: int, grid_h: int, grid_w: int, fps: float
+) -> torch.Tensor:
+    """(3, text_len + frames * grid_h * grid_w) mRoPE position ids, laid out as Cosmos3OmniPipeline does.
 
+    Text tokens: the same increasing position on all three axes. Vision tokens: (t, h, w) grid positions, t offset
+    past the text by unified_3d_mrope_temporal_modality_margin and (with fps modulation) rescaled to base_fps.
+    """
+    text = torch.arange(text_len, dtype=torch.float32)
+    offset = text_len + cfg.unified_3d_mrope_temporal_modality_margin
+    t = torch.arange(frames, dtype=torch.float32)
+    if cfg.enable_fps_modulation and frames > 1:
+        # tokens per second = fps / temporal compression, rescaled to the base frame rate's.
+        t = t / (fps / _COSMOS3_VAE_T) * (cfg.base_fps / _COSMOS3_VAE_T)
+    t = t + offset
+    h = torch.arange(grid_h, dtype=torch.float32)
+    w = torch.arange(grid_w, dtype=torch.float32)
+    if not cfg.unified_3d_mrope_reset_spatial_ids:
+        h, w = h + int(offset), w + int(offset)
+    grid = torch.stack(torch.meshgrid(t, h, w, indexing="ij")).flatten(1)
+    ids = torch.cat([text.expand(3, -1), grid], dim=1)
+    # Without fps modulation the pipeline builds integer ids (same values).
+    return ids if cfg.enable_fps_modulation else ids.long()
+
+
+def _cosmos3_inputs(tiny: TinyModel, model, batch_size: int, timestep: float, seed: int) -> dict:
     if batch_size != 1:
         raise NotImplementedError(
             "Cosmos3OmniTransformer has no batch dimension: one forward runs one packed sequence (the pipeline runs "
@@ -250,29 +270,17 @@ def _cosmos3_inputs(tiny: TinyModel, model, batch_size: int, timestep: float, se
     g = _generator(seed, 0)
     input_ids = torch.randint(0, cfg.vocab_size, (tiny.text_len,), generator=g)
     latents = torch.randn(1, cfg.latent_channel, f, h, w, generator=g)
-    # Text segment (Cosmos3OmniPipeline._prepare_text_segment): a causal prefix of und_len tokens.
+    # Text segment: a causal prefix of und_len tokens. Vision segment, text-to-video: no conditioning frame,
+    # every latent frame noisy (Cosmos3OmniPipeline._prepare_text_segment / _prepare_vision_segment).
     und_len = tiny.text_len
-    text_ids, next_offset = get_3d_mrope_ids_text_tokens(
-        und_len, temporal_offset=0, use_float_positions=cfg.enable_fps_modulation
-    )
-    # Vision segment (._prepare_vision_segment), text-to-video: no conditioning frame, every frame noisy.
     ph, pw = -(-h // p), -(-w // p)
     num_vision = f * ph * pw
-    vision_ids, _ = get_3d_mrope_ids_vae_tokens(
-        grid_t=f,
-        grid_h=ph,
-        grid_w=pw,
-        temporal_offset=next_offset + cfg.unified_3d_mrope_temporal_modality_margin,
-        reset_spatial_indices=cfg.unified_3d_mrope_reset_spatial_ids,
-        fps=_COSMOS3_FPS if cfg.enable_fps_modulation else None,
-        base_fps=float(cfg.base_fps),
-        temporal_compression_factor=_COSMOS3_VAE_T,
-    )
+    position_ids = _cosmos3_mrope_ids(cfg, und_len, f, ph, pw, _COSMOS3_FPS)
     vision_indexes = torch.arange(und_len, und_len + num_vision, dtype=torch.long)
     return {
         "input_ids": input_ids.to(device),
         "text_indexes": torch.arange(und_len, dtype=torch.long, device=device),
-        "position_ids": torch.cat([text_ids, vision_ids], dim=1).to(device),
+        "position_ids": position_ids.to(device),
         "und_len": und_len,
         "sequence_length": und_len + num_vision,
         "vision_tokens": [latents.to(device, dtype)],
@@ -315,8 +323,11 @@ ENTRIES: list[TinyModel] = [
             "tokens are frame-major (f, h, w), patch_size/patch_size_t are 1 in all checkpoints. timestep is (B,) "
             "(scheduler timestep, sigma*1000) and sigma=timestep is passed as the pipeline does; audio_timestep "
             "defaults to timestep. The connectors (not part of the transformer) turn the text padding into learned "
-            "registers and pass an all-ones mask; here the connector outputs are random. Attention modules "
-            "return a bare tensor."
+            "registers and pass an all-ones mask; here the connector outputs are random. The pipeline passes "
+            "video_coords/audio_coords precomputed with model.rope.prepare_video_coords / "
+            "audio_rope.prepare_audio_coords; passing num_frames/height/width/fps/audio_num_frames instead makes "
+            "the forward compute the same coordinates. CFG is batched ([uncond, cond]). Attention modules return "
+            "a bare tensor."
         ),
     ),
     TinyModel(
@@ -401,7 +412,6 @@ ENTRIES: list[TinyModel] = [
         latent_width=8,
         block_lists=("blocks",),
         mask_dtype="long",
-        timestep_key="timestep",
         randomize=(
             "plucker_embedder.proj.weight",  # zero-initialised: the post-attention Plucker input would vanish
             "plucker_embedder.proj.bias",
@@ -423,7 +433,10 @@ ENTRIES: list[TinyModel] = [
             "along the frame axis (per pixel), in the others softmax attention (bf16 SDPA even in fp32); both add "
             "a camera (UCPE) branch and return a tensor. Cross-attention: `cross_attn`. The FFN (GLUMBConvTemp) "
             "convolves 3 neighbouring frames. The adaLN modulation is per frame, so different frames of one "
-            "sample have different timesteps."
+            "sample have different timesteps. The pipeline batches CFG as [negative, positive] with the same "
+            "camera inputs; `mask` is an alias of encoder_attention_mask. Runs in float32 on CPU only: diffusers' "
+            "camera geometry (create_grid) refuses bfloat16 on CPU, and fp32 camera inputs then clash with bf16 "
+            "features in the UCPE einsum (bf16 is for GPU)."
         ),
     ),
     TinyModel(
@@ -466,7 +479,8 @@ ENTRIES: list[TinyModel] = [
             "Between blocks: nothing (controlnet residuals are added inside the block). attn1 self-attention "
             "returns a tensor. Real Text2World checkpoints set concat_padding_mask=True (needs torchvision; the "
             "pipeline's padding mask is all zeros) — here False. The pipeline's timesteps are EDM noise levels "
-            "(not 0..1000); Cosmos 2/2.5 pipelines pass (B, 1, T, 1, 1) per-frame timesteps and a condition_mask "
+            "(EDMEulerScheduler.precondition_noise(sigma), not 0..1000) and the latents are pre-scaled by c_in; "
+            "Cosmos 2/2.5 pipelines pass (B, 1, T, 1, 1) per-frame timesteps and a condition_mask "
             "channel. Temporal patch size: patch_size[0]. The pipeline runs cond and uncond as two calls."
         ),
     ),
