@@ -49,7 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["PIPELINE_KINDS", "TINY_PIPELINE_CALL", "load_tiny_pipeline", "save_tiny_pipeline"]
 
-PIPELINE_KINDS = ("wan", "latte", "cogvideox", "hunyuan_video", "ltx_video", "mochi", "allegro")
+PIPELINE_KINDS = ("wan", "latte", "cogvideox", "hunyuan_video", "ltx_video", "mochi", "allegro", "sana_video")
 
 # Fast call kwargs per kind (prompt, num_inference_steps and generator come from the caller).
 TINY_PIPELINE_CALL: dict[str, dict[str, Any]] = {
@@ -96,8 +96,8 @@ TINY_PIPELINE_CALL: dict[str, dict[str, Any]] = {
         "true_cfg_scale": 4.0,
         "negative_prompt": "blurry low quality",
         # The default template is Llama-3's chat prompt with crop_start=95 for its real tokenizer; the tiny
-        # tokenizer has the header tokens as single special tokens: <|start_header_id|> <|end_header_id|> = 2.
-        "prompt_template": {"template": "<|start_header_id|><|end_header_id|>{}<|eot_id|>", "crop_start": 2},
+        # tokenizer has the header tokens as single special tokens: <s> <|start_header_id|> <|end_header_id|> = 3.
+        "prompt_template": {"template": "<|start_header_id|><|end_header_id|>{}<|eot_id|>", "crop_start": 3},
         "max_sequence_length": 16,
         "output_type": "latent",
     },
@@ -127,6 +127,17 @@ TINY_PIPELINE_CALL: dict[str, dict[str, Any]] = {
         "guidance_scale": 7.5,  # > 1: CFG on, batched (uncond, cond) in a single call
         "max_sequence_length": 16,
         "clean_caption": False,  # default True needs bs4 + ftfy
+        "output_type": "latent",
+    },
+    "sana_video": {
+        # height/width multiples of 32; Wan VAE x8 -> 4x4 latents, patch 2 -> 4 tokens per frame.
+        "height": 32,
+        "width": 32,
+        "frames": 9,  # SanaVideoPipeline names it frames; VAE x4 temporal -> 3 latent frames
+        "guidance_scale": 4.5,  # > 1: CFG on, batched (uncond, cond) in a single call
+        "max_sequence_length": 16,
+        "use_resolution_binning": False,  # would snap 32x32 to a trained aspect-ratio bin (480p)
+        "complex_human_instruction": [],  # the default prepends a long instruction to the prompt
         "output_type": "latent",
     },
 }
@@ -316,8 +327,19 @@ def _build_llama_tokenizer():
     """Llama-style BPE tokenizer (Metaspace, byte fallback) over single characters and "\u2581word" tokens."""
     from transformers import LlamaTokenizerFast
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, "\u2581": 4}
-    for token in _LLAMA_SPECIAL:
+    return _build_metaspace_bpe(
+        LlamaTokenizerFast, {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"},
+        _LLAMA_SPECIAL,
+    )
+
+
+def _build_metaspace_bpe(tokenizer_class, special: dict[str, str], extra_special: tuple[str, ...] = ()):
+    """A sentencepiece-style BPE tokenizer of ``tokenizer_class`` (Llama, Gemma): special tokens, then single
+    characters, then every prefix of "\u2581word" for the word list, with the merges that build them. It adds the
+    BOS token, as the released ones do."""
+    vocab = {token: i for i, token in enumerate(special.values())}
+    vocab["\u2581"] = len(vocab)
+    for token in extra_special:
         vocab[token] = len(vocab)
     for c in _CHARS:
         vocab.setdefault(c, len(vocab))
@@ -329,10 +351,11 @@ def _build_llama_tokenizer():
             if (previous, c) not in merges:
                 merges.append((previous, c))
             previous += c
-    tokenizer = LlamaTokenizerFast(
-        vocab=vocab, merges=merges, pad_token="<pad>", padding_side="right", model_max_length=512
+    tokenizer = tokenizer_class(
+        vocab=vocab, merges=merges, add_bos_token=True, padding_side="right", model_max_length=512, **special
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": list(_LLAMA_SPECIAL)})
+    if extra_special:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(extra_special)})
     return tokenizer
 
 
@@ -497,6 +520,64 @@ def _build_allegro(tokenizer):
     )
 
 
+def _build_sana_video(tokenizer):
+    from diffusers import AutoencoderKLWan, DPMSolverMultistepScheduler, SanaVideoPipeline, SanaVideoTransformer3DModel
+    from transformers import Gemma2Config, Gemma2Model, GemmaTokenizerFast
+
+    del tokenizer  # Sana-Video tokenizes with Gemma 2's tokenizer
+    gemma_tokenizer = _build_metaspace_bpe(
+        GemmaTokenizerFast,
+        {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>", "mask_token": "<mask>"},
+    )
+    text_encoder = Gemma2Model(
+        Gemma2Config(
+            vocab_size=len(gemma_tokenizer),
+            hidden_size=_TEXT_DIM,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=128,
+            pad_token_id=gemma_tokenizer.pad_token_id,
+            bos_token_id=gemma_tokenizer.bos_token_id,
+            eos_token_id=gemma_tokenizer.eos_token_id,
+        )
+    ).eval()
+    # Wan 2.1's VAE layout (x8 spatial, x4 temporal), 4 latent channels.
+    vae = AutoencoderKLWan(
+        base_dim=3,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    )
+    transformer = SanaVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=4,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=16,
+        cross_attention_dim=32,  # = heads x head dim: captions are projected to it
+        caption_channels=_TEXT_DIM,
+        mlp_ratio=2.5,
+        patch_size=(1, 2, 2),
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=64,
+    )
+    # Sana-Video's scheduler: DPM-Solver++ on flow sigmas (shift 8).
+    scheduler = DPMSolverMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0, solver_order=2
+    )
+    return SanaVideoPipeline(
+        tokenizer=gemma_tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
+
+
 def save_tiny_pipeline(kind: str, folder: str | os.PathLike, seed: int = 0) -> pathlib.Path:
     """Build a tiny random pipeline of ``kind`` (one of :data:`PIPELINE_KINDS`), save it to ``folder`` and return
     the path.
@@ -516,6 +597,7 @@ def save_tiny_pipeline(kind: str, folder: str | os.PathLike, seed: int = 0) -> p
         "ltx_video": _build_ltx_video,
         "mochi": _build_mochi,
         "allegro": _build_allegro,
+        "sana_video": _build_sana_video,
     }[kind]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
