@@ -2,8 +2,13 @@
 
 WanVACE, WanAnimate, WanAnimate2, ChronoEdit, Helios, AnyFlow and AnyFlowFAR, each with a minimal config and the
 inputs its pipeline passes (shapes, dtypes, optional arguments), shrunk: 2 heads x 16 dims, 4 latent channels,
-16x16 latents.  Conditions (control video, pose, face, history, CLIP image tokens, KV caches) are random but
-deterministic, and sample ``i`` of a batch depends only on ``(seed, i)``.
+16x16 latents (8x8 for AnyFlowFAR).  Conditions (control video, pose, face, history, CLIP image tokens, KV caches)
+are random but deterministic, and sample ``i`` of a batch depends only on ``(seed, i)``.
+
+WanAnimate2 and AnyFlowFAR need a first pass that fills a KV cache (reference extraction, cache prefill) before a
+denoising call; ``inputs()`` runs it on a hook-free clone sharing the model's weights.  check_entry.py caveats, see
+their notes: both exceed 1 s on the first flex_attention call of a process, and WanAnimate2's list output (one
+tensor per sample) reads as 'batch 2 output shape'.
 """
 
 from __future__ import annotations
@@ -120,8 +125,8 @@ _WAN_VACE = TinyModel(
     notes=(
         "Two block lists, called in this order: vace_blocks (len 2 = len(vace_layers)) all run first, then blocks "
         "(len 4). A VACE block is called as block(hidden_states, encoder_hidden_states, control_hidden_states, temb, "
-        "rotary_emb): its first argument is the patch-embedded video tokens (the same tensor for every VACE block, "
-        "only read, and only by vace_blocks[0] which adds proj_in(control) to it); the stream it transforms is the "
+        "rotary_emb): its first argument is the patch-embedded video tokens (the same tensor for every VACE block; "
+        "only vace_blocks[0] reads it: control = proj_in(control) + hidden_states); the stream it transforms is the "
         "third argument, control_hidden_states. It returns a tuple (hint = proj_out(control), control), hint at "
         "index 0, the updated control tokens at index 1 (the next VACE block's input). Main blocks: "
         "block(hidden_states, encoder_hidden_states, temb, rotary_emb) -> bare tensor. Between main blocks: after "
@@ -401,7 +406,261 @@ _ANYFLOW = TinyModel(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Two-pass models (WanAnimate2, AnyFlowFAR): the pipeline first runs a pass that only fills a KV cache, then the
+# denoising calls read it. inputs() runs that first pass on a clone of the model that shares its weights but has none
+# of its hooks or patches, so the observed forward is the denoising call alone.
 
-ENTRIES: list[TinyModel] = [_WAN_VACE, _WAN_ANIMATE, _CHRONOEDIT, _HELIOS, _ANYFLOW]
+
+def _hook_free_clone(model):
+    clone = type(model).from_config(model.config)
+    clone.load_state_dict(model.state_dict(), strict=True, assign=True)  # shares the tensors: no copy, same dtype
+    return clone.eval()
+
+
+@contextlib.contextmanager
+def _eager_block_masks(model):
+    """Make the model's module build flex BlockMasks eagerly (its _compile=True costs about a minute on CPU)."""
+    module = sys.modules[type(model).__module__]
+    compiled = module.create_block_mask
+    module.create_block_mask = lambda *args, **kwargs: compiled(*args, **{**kwargs, "_compile": False})
+    try:
+        yield
+    finally:
+        module.create_block_mask = compiled
+
+
+# AnyFlowFAR: chunk-wise autoregressive. The observed call is a denoising step of the last chunk of
+# chunk_partition = (1, 3, 3, 3): the three earlier chunks (1 FAR-compressed, 2 full-resolution) are in the KV cache.
+
+_FAR_PARTITION = (1, 3, 3, 3)  # (1, 3, 3, 3, 3, 3, 3, 2) = 21 latent frames for the released 81-frame checkpoints
+
+
+def _anyflow_far_inputs(tiny: TinyModel, model, batch_size: int, timestep: float, seed: int) -> dict:
+    dtype, device = _dtype_device(model)
+    cfg = model.config
+    c, h, w = tiny.latent_channels, tiny.latent_height, tiny.latent_width
+    partition = list(_FAR_PARTITION)
+    past = sum(partition[:-1])
+    chunk, context, text = [], [], []
+    for i in range(batch_size):
+        g = _generator(seed, i)
+        chunk.append(torch.randn(partition[-1], c, h, w, generator=g))  # (F, C, H, W) per sample
+        text.append(torch.randn(tiny.text_len, tiny.text_dim, generator=g))
+        context.append(torch.randn(past, c, h, w, generator=g))  # the already generated (clean) latents
+    chunk, context, text = (torch.stack(x).to(device, dtype) for x in (chunk, context, text))
+
+    # KV cache allocated as AnyFlowFARPipeline does (batch = batch_size; 2 x with batched CFG).
+    full_tpf = (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
+    compressed_tpf = (h // cfg.compressed_patch_size[1]) * (w // cfg.compressed_patch_size[2])
+    shape = (2, batch_size, cfg.num_attention_heads)
+    kv_cache = {
+        layer: {
+            "full_cache": torch.zeros(
+                *shape, cfg.full_chunk_limit * max(partition) * full_tpf, cfg.attention_head_dim, device=device,
+                dtype=dtype,
+            ),
+            "compressed_cache": torch.zeros(
+                *shape, (len(partition) - cfg.full_chunk_limit + 1) * max(partition) * compressed_tpf,
+                cfg.attention_head_dim, device=device, dtype=dtype,
+            ),
+        }
+        for layer in range(cfg.num_layers)
+    }
+    # Cache prefill (AnyFlowFARPipeline.encode_kv_cache after chunk 2): all earlier frames at timestep 0.
+    clone = _hook_free_clone(model)
+    zeros = torch.zeros(batch_size, past, device=device)
+    with torch.no_grad():
+        clone(
+            hidden_states=context,
+            timestep=zeros,
+            r_timestep=zeros,
+            encoder_hidden_states=text,
+            chunk_partition=partition[:-1],
+            attention_mask=clone.build_attention_mask(
+                chunk_partition=partition[:-1], height=h, width=w, device=device, mode="cache"
+            ),
+            kv_cache=kv_cache,
+            kv_cache_flag={"num_cached_chunks": 0, "is_cache_step": True},
+            return_dict=False,
+        )
+    t, r = _anyflow_timesteps(batch_size, partition[-1], timestep)
+    return {
+        "hidden_states": chunk,
+        "timestep": t.to(device),
+        "r_timestep": r.to(device),
+        "encoder_hidden_states": text,
+        "chunk_partition": partition,
+        "kv_cache": kv_cache,
+        "kv_cache_flag": {"num_cached_chunks": len(partition) - 1, "is_cache_step": False},
+    }
+
+
+_ANYFLOW_FAR = TinyModel(
+    family="anyflow_far",
+    class_name="AnyFlowFARTransformer3DModel",
+    config={
+        **_ANYFLOW_BASE,
+        "compressed_patch_size": (1, 4, 4),
+        "full_chunk_limit": 3,
+        "chunk_partition": _FAR_PARTITION,
+    },
+    latent_frames=_FAR_PARTITION[-1],
+    latent_height=8,  # keeps the eager flex attention of the cache prefill small (100 tokens, padded to 128)
+    latent_width=8,
+    layout="bfchw",
+    block_lists=("blocks",),
+    make_inputs=_anyflow_far_inputs,
+    notes=(
+        "Chunk-wise autoregressive (FAR) AnyFlow. The pipeline's default path (use_kv_cache=True) makes two kinds "
+        "of forward call: denoising steps on the current chunk only (the observed call here: hidden_states (B, 3, "
+        "C, 8, 8) = chunk 4 of chunk_partition (1, 3, 3, 3), kv_cache holding chunks 1-3, kv_cache_flag "
+        "{num_cached_chunks: 3, is_cache_step: False}), and after each chunk a cache-prefill call (kv_cache_flag "
+        "is_cache_step=True, timestep 0, all frames generated so far, a flex BlockMask) that runs every block once "
+        "more, writes the K/V of all those frames into kv_cache, and returns (None, kv_cache): a caching wrapper "
+        "must let prefill calls through uncached and not count them as a step. Returns (sample, kv_cache) even with "
+        "return_dict=False. blocks (len 4), block(hidden_states, encoder_hidden_states, temb, rotary_emb, "
+        "attention_mask, kv_cache[layer], kv_cache_flag) -> bare tensor; text separate (cross-attention attn2). "
+        "Nothing between blocks. In a denoising step the blocks see only the current chunk's tokens (B, 3*16, 32), "
+        "frame-major, 3 token frames x 16 (8x8 latents); self-attention (attn1, tensor, flex backend only) also "
+        "attends to the cached K/V of earlier chunks (chunks beyond the last full_chunk_limit are 4x4-patch "
+        "compressed: 4 tokens/frame here). "
+        "Latent video (B, F, C, H, W), frame dim 1; temporal patch config.patch_size[0]. Timesteps per frame (B, F): "
+        "timestep and r_timestep as in AnyFlow. The first call in a process exceeds check_entry's 1 s: "
+        "flex_attention imports and traces torch's compile stack once (seconds); later calls, cache prefill "
+        "included, take about 0.2 s."
+    ),
+)
+
+
+# WanAnimate2: in-context reference video. Per segment, one "extract" call runs the driving-video latents through
+# every block (dense attention, fixed timestep 1) and stores each layer's pre-RoPE K/V in a WanAnimate2KVCache; every
+# denoising call ("cached") attends over the generation tokens plus, per frame, the cached reference tokens.
+
+_ANIMATE2_SEGMENT_FRAMES = 9  # pixel frames per segment (77 or 81 in the pipeline) -> (9 - 1) // 4 + 1 = 3 latent
+_ANIMATE2_CLIP_TOKENS = 4  # 257 in the pipeline; the width is fixed at 1280 by the model (MLPProj(1280, dim))
+
+
+def _wan_animate2_inputs(tiny: TinyModel, model, batch_size: int, timestep: float, seed: int) -> dict:
+    from diffusers.models.transformers.transformer_wan_animate_2 import WanAnimate2KVCache
+
+    dtype, device = _dtype_device(model)
+    cfg = model.config
+    c, h, w = tiny.latent_channels, tiny.latent_height, tiny.latent_width
+    ref_frames = (_ANIMATE2_SEGMENT_FRAMES - 1) // 4 + 1  # latent frames of a driving-video segment
+    gen_frames = ref_frames + 1  # plus the reference image's slot
+    ph, pw = cfg.patch_size[1], cfg.patch_size[2]
+    samples = []
+    for i in range(batch_size):
+        g = _generator(seed, i)
+        driving = torch.randn(c, ref_frames, h, w, generator=g)
+        ref_image = torch.randn(c, 1, h, w, generator=g)
+        prev_segment = torch.randn(c, ref_frames, h, w, generator=g)  # VAE latents of zero frames: first segment
+        mask_image = torch.ones(4, 1, h, w)  # i2v mask: reference image slot known
+        mask_segment = torch.zeros(4, ref_frames, h, w)  # no previous-segment frames (first segment)
+        samples.append(
+            {
+                "noise": torch.randn(c, gen_frames, h, w, generator=g),
+                "prompt": torch.randn(tiny.text_len, tiny.text_dim, generator=g),
+                "prompt_ref": torch.randn(tiny.text_len, tiny.text_dim, generator=g),
+                "clip": torch.randn(_ANIMATE2_CLIP_TOKENS, 1280, generator=g),
+                "driving": driving,
+                # The extract pass's condition: an all-ones i2v mask over the driving latents themselves.
+                "driving_condition": torch.cat([torch.ones(4, ref_frames, h, w), driving]),
+                "reference_latents": torch.cat(
+                    [torch.cat([mask_image, ref_image]), torch.cat([mask_segment, prev_segment])], dim=1
+                ),
+            }
+        )
+    s = {key: [x[key].to(device, dtype) for x in samples] for key in samples[0]}
+    clip = torch.stack(s["clip"])
+    # One row per sample: rope_apply loops over the rows (the pipeline runs batch 1 and passes one row).
+    grid_ref = torch.tensor([[ref_frames, h // ph, w // pw]] * batch_size, dtype=torch.long)
+
+    kv_cache = WanAnimate2KVCache(cfg.num_layers)
+    clone = _hook_free_clone(model)
+    with torch.no_grad():
+        clone(
+            s["driving"],
+            timestep=torch.full((batch_size,), float(timestep), device=device),  # ignored: extract uses t = 1
+            encoder_hidden_states=s["prompt_ref"],
+            encoder_hidden_states_image=clip,
+            condition_latents=s["driving_condition"],
+            kv_cache=kv_cache,
+            kv_cache_mode="extract",
+            seq_len=ref_frames * (h // ph) * (w // pw),
+            offset_grid_sizes=grid_ref,
+            return_dict=False,
+        )
+    # The in-context BlockMask is cached on the model per (latent frames, tokens per frame); build it eagerly.
+    origin_area = [h * 8, w * 8]  # pixels (VAE stride 8)
+    key = (_ANIMATE2_SEGMENT_FRAMES // 4 + 1, origin_area[0] * origin_area[1] // 256)
+    if key not in model.block_masks:
+        with _eager_block_masks(model):
+            model.block_masks[key] = model.create_mask(*key, device)
+    return {
+        "hidden_states": s["noise"],
+        "timestep": torch.full((batch_size,), float(timestep), device=device),
+        "encoder_hidden_states": s["prompt"],
+        "condition_latents": s["reference_latents"],
+        "kv_cache": kv_cache,
+        "kv_cache_mode": "cached",
+        "seq_len": gen_frames * (h // ph) * (w // pw),
+        "encoder_hidden_states_image": clip,
+        "reference_grid_sizes": grid_ref,
+        "origin_len": _ANIMATE2_SEGMENT_FRAMES,
+        "origin_area": origin_area,
+        "is_uncondtion": False,
+    }
+
+
+_WAN_ANIMATE2 = TinyModel(
+    family="wan_animate2",
+    class_name="WanAnimate2Transformer3DModel",
+    config={
+        "patch_size": (1, 2, 2),
+        "text_len": 2 * _TEXT_LEN,  # prompts are zero-padded to this many tokens inside the model (512 real)
+        "in_dim": 2 * _C + 4,  # noise + [i2v mask (4), condition latents]; 36 in the real model
+        "dim": _INNER,
+        "ffn_dim": 2 * _INNER,
+        "freq_dim": 32,
+        "text_dim": _TEXT_DIM,
+        "out_dim": _C,
+        "num_heads": _HEADS,
+        "num_layers": 4,
+        "cross_attn_norm": True,
+        "use_img_emb": True,  # CLIP projection MLPProj(1280, dim): 1.7M of the parameters
+    },
+    latent_frames=(_ANIMATE2_SEGMENT_FRAMES - 1) // 4 + 2,
+    block_lists=("blocks",),
+    make_inputs=_wan_animate2_inputs,
+    notes=(
+        "Per-sample lists, not batched tensors: hidden_states, encoder_hidden_states and condition_latents are "
+        "lists of (C, F, H, W) / (L, text_dim) tensors (the pipeline passes lists of one), and the output is "
+        "(list of (C_out, F, H, W) tensors,) - no batch dim. Two kinds of forward call per segment: one "
+        "kv_cache_mode='extract' call on the driving-video latents (fixed timestep 1, dense attention) that runs "
+        "every block once and fills the WanAnimate2KVCache with each layer's pre-RoPE reference K/V (its output is "
+        "discarded), then the denoising calls with kv_cache_mode='cached' (the observed call here): a caching "
+        "wrapper must let extract calls through uncached. In cached mode the self-attention runs on the flex "
+        "backend with a BlockMask cached in model.block_masks (built with torch.compile by create_mask; inputs() "
+        "builds it eagerly instead): generation frame f attends to every generation token plus the reference "
+        "tokens of frame f. blocks (len 4), block(hidden_states, kv_cache=layer cache, temb=..., "
+        "encoder_hidden_states=..., rotary_emb=..., ...) -> bare tensor; the video tokens are the first positional "
+        "argument; text separate (cross-attention cross_attn, plus an added K/V branch over the CLIP tokens). "
+        "Between blocks nothing, except that with is_uncondtion=True (the CFG uncond branch) block 9 is skipped "
+        "(not called at all; irrelevant with 4 layers). Tokens (B, F*H/2*W/2, 32) frame-major, 4 token frames x 64 "
+        "(frame 0 = the reference image slot, frames 1-3 = the segment). Latent video: hidden_states[i] (C, F, H, "
+        "W), frame dim 1 of each sample; temporal patch config.patch_size[0]. Self-attention submodule: self_attn "
+        "(returns a tensor). Timestep argument: timestep (B,). check_entry.py reports 'batch 2 output shape' for this "
+        "model only because its output is a list of per-sample tensors (first_tensor takes sample 0, which has no "
+        "batch dim); by hand, per sample, it passes every check (batch-2 sample 0 matches batch 1 to 1e-6). Its "
+        "first call in a process also exceeds 1 s: the first flex_attention call imports and traces torch's "
+        "compile stack (seconds); later calls, extract pass included, take about 0.1 s."
+    ),
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+ENTRIES: list[TinyModel] = [_WAN_VACE, _WAN_ANIMATE, _WAN_ANIMATE2, _CHRONOEDIT, _HELIOS, _ANYFLOW, _ANYFLOW_FAR]
 
 EXCLUDED: dict[str, str] = {}
