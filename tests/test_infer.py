@@ -108,16 +108,34 @@ class Twice(nn.Module):
         return hidden_states
 
 
-class Embedding(nn.Module):
-    """Adds an embedding before every block: no two blocks can share a cached span."""
+class Regrouping(nn.Module):
+    """Regroups the tokens (not a round trip) before its last block: no span ends where one could start."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList([Block(), Block(), Block()])
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.late = nn.ModuleList([Block(16)])
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
-            hidden_states = block(hidden_states + 1.0)
+            hidden_states = block(hidden_states)
+        return self.late[0](hidden_states.reshape(hidden_states.shape[0], -1, 16))
+
+
+class Adapters(nn.Module):
+    """Adds an adapter's output to the tokens after every other block (as ConsisID and Wan Animate do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([Block() for _ in range(4)])
+        self.adapters = nn.ModuleList([nn.Linear(8, 8) for _ in range(2)])
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, num_frames: int = 2) -> torch.Tensor:
+        hidden_states = hidden_states * (timestep.view(-1, 1, 1) / 1000)
+        for i, block in enumerate(self.blocks):
+            hidden_states = block(hidden_states)
+            if i % 2 == 0:
+                hidden_states = hidden_states + self.adapters[i // 2](hidden_states)
         return hidden_states
 
 
@@ -133,7 +151,7 @@ class NoBlocks(nn.Module):
 @pytest.mark.parametrize("model_class, message", [
     (Shrinking, "returns shape"),
     (Twice, "called 4 times for 2 blocks"),
-    (Embedding, "no span of blocks to cache"),
+    (Regrouping, "no block before the last takes tokens of the shape the last block returns"),
     (NoBlocks, "no nn.ModuleList of blocks"),
 ])
 def test_a_structure_it_cannot_be_sure_of_fails_on_the_first_call_and_changes_nothing(model_class, message):
@@ -151,6 +169,26 @@ def test_a_structure_it_cannot_be_sure_of_fails_on_the_first_call_and_changes_no
     with torch.no_grad():
         assert torch.equal(model(x, t), expected)
     assert not any(hasattr(b, "_adacache_block") for b in model.modules())
+
+
+def test_adapters_between_blocks_are_inside_the_span_and_a_repeated_step_is_exact():
+    model = Adapters()
+    spec = infer_spec(model, (torch.randn(1, 6, 8), torch.tensor([500.0])), {"num_frames": 2})
+    assert [b.attribute for b in spec.block_lists] == ["blocks"] and spec.cache_start == 0  # adapters left out
+    x = torch.randn(1, 6, 8)
+    inputs = [(x, torch.tensor([900.0])), (x * 0.5, torch.tensor([500.0])), (x * 0.5, torch.tensor([500.0]))]
+    with torch.no_grad():
+        plain = [model(*i, num_frames=2) for i in inputs]
+    apply_adacache(model, AdaCacheConfig(codebook={1e9: 2}))
+    with torch.no_grad():
+        cached = []
+        for step, i in enumerate(inputs):
+            with adacache.cache_context(model, "cond", step_index=step, num_inference_steps=6):
+                cached.append(model(*i, num_frames=2))
+    assert get_stats(model)[-1].skipped_steps == [3]
+    remove_adacache(model)
+    torch.testing.assert_close(cached[2], plain[2])  # step 3 repeats step 2: the residual reproduces it
+    assert torch.equal(cached[1], plain[1])
 
 
 def test_moreg_on_a_model_whose_frames_cannot_be_read_is_refused_and_moreg_off_works():

@@ -170,7 +170,6 @@ class _Runtime(_Bound):
         # call, so one swapped in after apply (pipe.scheduler = X.from_config(...)) is the one followed.
         self.pipeline_ref: Callable[[], Any] | None = None
         self._timesteps_cache: tuple[Any, list[float]] | None = None
-        self.passthrough_checked = False
         self.warned_unknown_steps = False
         self.last_call_t: float | None = None
         self.calls_at_t = 0
@@ -446,26 +445,23 @@ class _Runtime(_Bound):
         return output
 
     def _apply_cache(self, call: _Call, inputs: tuple) -> tuple:
-        """Skipped step at the last block: input + cached residual, per stream, after checking it is safe."""
+        """Skipped step at the last block: the first cached block's input + the cached stack residual, per stream.
+
+        The span is one unit from the first block's input to the last block's output: whatever the model does
+        between its blocks (a round-trip reshape, an adapter or control hint added to the tokens, a decoder that
+        restarts from the embeddings) was part of the residual measured on the computed step, so what reaches the
+        last block on a skipped step is not used. A stream the first block does not take passes as it arrives."""
         first, residuals = call.first_inputs, call.state.residuals
-        for name, now, cached in zip(("video", "text"), inputs, residuals):
-            if cached is not None and now.shape != cached.shape:
+        for name, start, cached in zip(("video", "text"), first, residuals):
+            if cached is not None and (start is None or start.shape != cached.shape):
                 raise ValueError(
-                    f"AdaCache: the {name} tokens have shape {tuple(now.shape)} at step {call.step} (branch "
-                    f"{call.branch!r}) but the cached residual has {tuple(cached.shape)}: the batch size or "
+                    f"AdaCache: the {name} tokens have shape {tuple(getattr(start, 'shape', ()))} at step {call.step} "
+                    f"(branch {call.branch!r}) but the cached residual has {tuple(cached.shape)}: the batch size or "
                     "resolution changed within a generation. Call adacache.reset_state(model) to start a new one, "
                     "or name each differently shaped call with its own cache_context."
                 )
-        if inputs[0] is not first[0] and not self.passthrough_checked:
-            # Something ran between the blocks. It is only allowed to permute tokens in a way that round-trips.
-            if not torch.equal(inputs[0], first[0]):
-                raise ValueError(
-                    "AdaCache: on a skipped step the last cached block did not receive what the first one did: the "
-                    "model changes the hidden states between blocks (an added embedding, a concatenation). Start "
-                    "the cached span after that point with ModelSpec(cache_start=...)."
-                )
-            self.passthrough_checked = True
-        return tuple(now + _like(cached, now, call) if cached is not None else now for now, cached in zip(inputs, residuals))
+        return tuple(start + _like(cached, start, call) if cached is not None else now
+                     for now, start, cached in zip(inputs, first, residuals))
 
     def _store_cache(self, call: _Call, outputs: tuple) -> None:
         """Computed step, after the last block: let the schedule choose the next rate from the probe, then keep
@@ -485,6 +481,14 @@ class _Runtime(_Bound):
         if schedule.rate == 1 or last_step:
             state.peak_bytes = max(state.peak_bytes, state.cache_bytes())
             return  # the next step is computed: no residual needed
+        for name, out, start in zip(("video", "text"), outputs, call.first_inputs):
+            if out is not None and start is not None and out.shape != start.shape:
+                raise ValueError(
+                    f"AdaCache: the {name} tokens enter the cached span at {self.blocks[self.first][0]} with shape "
+                    f"{tuple(start.shape)} but leave it at {self.blocks[self.last][0]} with shape {tuple(out.shape)}, "
+                    "so no residual spans them; start the span at a block whose input has the last block's output "
+                    "shape (ModelSpec(cache_start=...))"
+                )
         residuals = tuple(  # detached: a grad-enabled call must not keep its graph alive in the cache
             (out - first).detach() if out is not None and first is not None else None
             for out, first in zip(outputs, call.first_inputs)

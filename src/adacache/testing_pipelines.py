@@ -23,9 +23,16 @@ The kinds, and how each calls its transformer under classifier-free guidance (CF
   ``cache_context("cond_uncond")``, name only; its timesteps *rise* (inverted sigmas).
 * ``"allegro"``: :class:`diffusers.AllegroPipeline`. One batched call per step; no
   ``cache_context``. It sets the scheduler's timesteps twice per call.
+* ``"sana_video"``: :class:`diffusers.SanaVideoPipeline` (Gemma 2 text encoder, Wan VAE).
+  One batched call per step; no ``cache_context``.
+* ``"hunyuan_video15"``: :class:`diffusers.HunyuanVideo15Pipeline` (Qwen2.5-VL text model with
+  a chat template, ByT5). Its guider makes two calls per step, ``cache_context("pred_cond")``
+  then ``cache_context("pred_uncond")``, names only. It takes no ``callback_on_step_end``.
+  :func:`load_tiny_pipeline` shrinks its fixed text lengths.
 
 Only Wan tells the step index and count through ``cache_context``; for the others AdaCache
-finds them in the scheduler's timesteps when applied to the pipeline.
+finds them in the scheduler's timesteps when applied to the pipeline. AdaCache's registry
+has no spec for the Sana-Video and HunyuanVideo 1.5 transformers (tests pass one).
 
 Typical use::
 
@@ -49,7 +56,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["PIPELINE_KINDS", "TINY_PIPELINE_CALL", "load_tiny_pipeline", "save_tiny_pipeline"]
 
-PIPELINE_KINDS = ("wan", "latte", "cogvideox", "hunyuan_video", "ltx_video", "mochi", "allegro", "sana_video")
+PIPELINE_KINDS = (
+    "wan", "latte", "cogvideox", "hunyuan_video", "ltx_video", "mochi", "allegro", "sana_video", "hunyuan_video15",
+)
 
 # Fast call kwargs per kind (prompt, num_inference_steps and generator come from the caller).
 TINY_PIPELINE_CALL: dict[str, dict[str, Any]] = {
@@ -140,9 +149,18 @@ TINY_PIPELINE_CALL: dict[str, dict[str, Any]] = {
         "complex_human_instruction": [],  # the default prepends a long instruction to the prompt
         "output_type": "latent",
     },
+    "hunyuan_video15": {
+        # VAE x16 spatial -> 2x2 latents (patch 1: 4 tokens per frame); x4 temporal: 9 frames -> 3.
+        "height": 32,
+        "width": 32,
+        "num_frames": 9,
+        # CFG comes from the pipeline's guider component (ClassifierFreeGuidance, scale 6): two calls per step.
+        # Text lengths are pipeline attributes, not call arguments: load_tiny_pipeline makes them small.
+        "output_type": "latent",
+    },
 }
 
-# Text encoder sizes shared by both kinds.
+# Text encoder width shared by the kinds (T5, Llama, Gemma, Qwen).
 _TEXT_DIM = 32
 
 # Small word list for the offline tokenizer; unknown words fall back to characters.
@@ -578,6 +596,107 @@ def _build_sana_video(tokenizer):
     )
 
 
+# Qwen2.5's chat format, the part HunyuanVideo 1.5 uses (a system and a user message, then the assistant's turn).
+_QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _build_qwen_tokenizer():
+    """Qwen2-style byte-level BPE tokenizer: the 256 byte symbols, then every prefix of " word" ("\u0120word")
+    for the word list with the merges that build them; with the chat template."""
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {token: i for i, token in enumerate(specials)}
+    for symbol in bytes_to_unicode().values():
+        vocab.setdefault(symbol, len(vocab))
+    merges = []
+    for word in _WORDS:
+        previous = "\u0120"  # the byte-level symbol of a space
+        for c in word:
+            vocab.setdefault(previous + c, len(vocab))
+            if (previous, c) not in merges:
+                merges.append((previous, c))
+            previous += c
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, padding_side="right", model_max_length=2048)
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
+    tokenizer.chat_template = _QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _build_hunyuan_video15(tokenizer):
+    from diffusers import (
+        AutoencoderKLHunyuanVideo15,
+        ClassifierFreeGuidance,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideo15Pipeline,
+        HunyuanVideo15Transformer3DModel,
+    )
+    from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
+
+    del tokenizer  # HunyuanVideo 1.5 tokenizes with Qwen2.5 (chat template) and ByT5
+    qwen_tokenizer = _build_qwen_tokenizer()
+    # The pipeline reads the third-to-last hidden state: two layers at least. Head dim 8: M-RoPE sections 1+1+2.
+    text_encoder = Qwen2_5_VLTextModel(
+        Qwen2_5_VLTextConfig(
+            vocab_size=len(qwen_tokenizer),
+            hidden_size=_TEXT_DIM,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [1, 1, 2]},
+            pad_token_id=qwen_tokenizer.pad_token_id,
+            bos_token_id=None,
+            eos_token_id=qwen_tokenizer.eos_token_id,
+        )
+    ).eval()
+    byt5_tokenizer = ByT5Tokenizer()  # bytes: no vocabulary to download
+    byt5_config = _t5_config_kwargs(len(byt5_tokenizer))
+    byt5_config.update(d_model=16, num_heads=2)
+    text_encoder_2 = T5EncoderModel(T5Config(**byt5_config)).eval()
+    vae = AutoencoderKLHunyuanVideo15(
+        latent_channels=4,
+        block_out_channels=(8, 8, 8, 8, 8),
+        layers_per_block=1,
+        spatial_compression_ratio=16,
+        temporal_compression_ratio=4,
+    )
+    # Input channels: latents | condition latents | condition mask (zeros in text-to-video).
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=2 * 4 + 1,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=4,
+        num_refiner_layers=1,
+        mlp_ratio=2.0,
+        patch_size=1,
+        patch_size_t=1,
+        qk_norm="rms_norm",
+        text_embed_dim=_TEXT_DIM,
+        text_embed_2_dim=16,
+        image_embed_dim=16,
+        rope_axes_dim=(4, 6, 6),  # sums to the head dim
+        task_type="t2v",
+        use_meanflow=False,
+    )
+    return HunyuanVideo15Pipeline(
+        text_encoder=text_encoder,
+        tokenizer=qwen_tokenizer,
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=byt5_tokenizer,
+        guider=ClassifierFreeGuidance(guidance_scale=6.0),
+    )
+
+
 def save_tiny_pipeline(kind: str, folder: str | os.PathLike, seed: int = 0) -> pathlib.Path:
     """Build a tiny random pipeline of ``kind`` (one of :data:`PIPELINE_KINDS`), save it to ``folder`` and return
     the path.
@@ -598,6 +717,7 @@ def save_tiny_pipeline(kind: str, folder: str | os.PathLike, seed: int = 0) -> p
         "mochi": _build_mochi,
         "allegro": _build_allegro,
         "sana_video": _build_sana_video,
+        "hunyuan_video15": _build_hunyuan_video15,
     }[kind]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -608,7 +728,12 @@ def save_tiny_pipeline(kind: str, folder: str | os.PathLike, seed: int = 0) -> p
 
 
 def load_tiny_pipeline(folder: str | os.PathLike) -> DiffusionPipeline:
-    """Load a pipeline saved by :func:`save_tiny_pipeline` (local files only), on CPU in float32."""
+    """Load a pipeline saved by :func:`save_tiny_pipeline` (local files only), on CPU in float32.
+
+    HunyuanVideo 1.5 fixes its text lengths in the pipeline's ``__init__``, not in a config (1000 Qwen tokens after
+    a 108-token system prompt, 256 ByT5 tokens, 729 image tokens: ~0.5 s a step here); the loaded tiny one gets
+    small ones, and a short system prompt with its own crop length (see :func:`_shrink_hunyuan_video15`).
+    """
     import torch
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
@@ -623,4 +748,18 @@ def load_tiny_pipeline(folder: str | os.PathLike) -> DiffusionPipeline:
         diffusers_logging.set_verbosity(verbosity)
     pipe.to("cpu")
     pipe.set_progress_bar_config(disable=True)
+    if type(pipe).__name__ == "HunyuanVideo15Pipeline":
+        _shrink_hunyuan_video15(pipe)
     return pipe
+
+
+def _shrink_hunyuan_video15(pipe) -> None:
+    """Small fixed lengths for a tiny HunyuanVideo15Pipeline (instance attributes its __init__ sets): 16 Qwen and
+    16 ByT5 tokens, 8 image tokens, and a one-line system prompt whose chat-template prefix is cropped exactly, as
+    the 108 tokens of the released one are."""
+    pipe.system_message = "Describe the video."
+    prefix = f"<|im_start|>system\n{pipe.system_message}<|im_end|>\n<|im_start|>user\n"
+    pipe.prompt_template_encode_start_idx = len(pipe.tokenizer(prefix)["input_ids"])
+    pipe.tokenizer_max_length = 16
+    pipe.tokenizer_2_max_length = 16
+    pipe.vision_num_semantic_tokens = 8

@@ -57,8 +57,6 @@ class _Event:
     text_in: torch.Tensor | None
     text_argument: str | None
     output: Any
-    glue_ok: bool = True  # the block received (a reshape of) what the previous block returned
-    glue_why: str = ""
 
 
 @dataclass
@@ -159,46 +157,32 @@ def _tensors(output: Any) -> list[tuple[int | None, torch.Tensor]]:
     return []
 
 
-def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """b is a reshape or permutation of a (what a round-tripping layout change between blocks does)."""
-    if a is b:
-        return True
-    if a.numel() != b.numel() or a.dtype != b.dtype:
-        return False
-    if a.shape == b.shape and torch.equal(a, b):
-        return True
-    if a.numel() > 50_000_000:
-        return False  # too big to compare by sorting: treat as a break (the span then starts later)
-    return torch.equal(a.detach().flatten().sort().values, b.detach().flatten().sort().values)
-
-
 def _watch(model: torch.nn.Module, lists: dict[str, torch.nn.ModuleList], call) -> _Watch:
     watch = _Watch()
     handles = []
-    previous: dict[str, Any] = {}  # the last block output's video and text tensors
 
     def on_block(list_name: str, index: int, names: list[str]):
         def hook(module, args, kwargs, output):
-            hidden_name = _hidden_argument(names, args, kwargs)
-            if hidden_name is None:
-                return
-            hidden = _bound(names, args, kwargs, hidden_name)
-            text, text_argument = None, None
-            for text_name in _TEXT_NAMES:
-                value = _bound(names, args, kwargs, text_name)
-                if isinstance(value, torch.Tensor):
-                    text, text_argument = value, text_name
-                    break
-            event = _Event(list_name, index, hidden_name, hidden, text, text_argument, output)
-            last = previous.get("event")
-            if last is not None:
-                video_out, text_out = _streams_of(last)
-                if video_out is None or not _same_values(video_out, hidden):
-                    event.glue_ok, event.glue_why = False, "its video tokens are not what the previous block returned"
-                elif text_out is not None and text is not None and text.shape == text_out.shape and not _same_values(text_out, text):
-                    event.glue_ok, event.glue_why = False, "its text tokens are not what the previous block returned"
-            previous["event"] = event
-            watch.events.append(event)
+            bound = {n: v for n, v in zip(names, args)} | dict(kwargs)
+            tensors = {n: v for n, v in bound.items() if isinstance(v, torch.Tensor)}
+            returned = {tuple(t.shape) for _, t in _tensors(output)}
+            streams = [n for n, v in tensors.items() if tuple(v.shape) in returned]  # arguments a block returns
+            if not streams:
+                hidden_name = _hidden_argument(names, args, kwargs)
+                if hidden_name is None:
+                    return
+                streams = [hidden_name]
+            # the video tokens: the argument named so, else the largest stream (text and audio are shorter)
+            named = [n for n in _HIDDEN_NAMES if n in streams]
+            hidden_name = named[0] if named else max(streams, key=lambda n: tensors[n].numel())
+            others = [n for n in streams if n != hidden_name and tensors[n].shape != tensors[hidden_name].shape]
+            others += [n for n in streams if n != hidden_name and n not in others]
+            preferred = [n for n in _TEXT_NAMES if n in others] + [n for n in others if n not in _TEXT_NAMES]
+            if not preferred:  # a text argument the block reads but does not return
+                preferred = [n for n in _TEXT_NAMES if n in tensors]
+            text_argument = preferred[0] if preferred else None
+            text = tensors.get(text_argument) if text_argument else None
+            watch.events.append(_Event(list_name, index, hidden_name, tensors[hidden_name], text, text_argument, output))
 
         return hook
 
@@ -235,16 +219,6 @@ def _is_attention(module: torch.nn.Module) -> bool:
     except ImportError:  # pragma: no cover
         pass
     return "attention" in type(module).__name__.lower() and hasattr(module, "forward")
-
-
-def _streams_of(event: _Event) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    spec = _block_spec_of(event, check=False)
-    if spec is None:
-        return None, None
-    tensors = dict(_tensors(event.output))
-    video = tensors.get(spec.output_hidden_states_index)
-    text = tensors.get(spec.output_encoder_hidden_states_index) if spec.output_encoder_hidden_states_index is not None else None
-    return video, text
 
 
 def _block_spec_of(event: _Event, check: bool = True) -> BlockSpec | None:
@@ -349,31 +323,42 @@ def _build_spec(model, lists, watch: _Watch, args, kwargs, moreg: bool) -> Model
             f"{name}: no list of transformer blocks found among its ModuleLists ({found or 'none'})"
             + (f"; {'; '.join(why_not)}" if why_not else "") + _how_to(name)
         )
-    events = [e for e in watch.events if e.list_name in block_lists]
-    # 2. call order
-    order = list(dict.fromkeys(e.list_name for e in events))
-    sequence = [(e.list_name, e.index) for e in events]
-    sequential = [(n, i) for n in order for i in range(len(lists[n]))]
-    lengths = {len(lists[n]) for n in order}
-    interleaved = [(n, i) for i in range(len(lists[order[0]])) for n in order] if len(lengths) == 1 else None
-    if sequence == sequential:
-        interleave = False
-    elif len(order) > 1 and sequence == interleaved:
-        interleave = True
-    else:
+    # 2. call order: list after list, or interleaved. Lists whose calls fall irregularly between the blocks of
+    # the others (adapters: a face cross-attention after every k-th block) are left out: they run between the
+    # cached blocks, inside the span, like any other code there.
+    order = interleave = None
+    names = list(dict.fromkeys(e.list_name for e in watch.events if e.list_name in block_lists))
+    for subset in _subsets_largest_first(names, lambda n: len(lists[n])):
+        events = [e for e in watch.events if e.list_name in subset]
+        interleave = _statable_order(events, subset, lists)
+        if interleave is not None:
+            order = subset
+            break
+    if order is None:
+        sequence = [(e.list_name, e.index) for e in watch.events if e.list_name in block_lists]
         raise InferenceError(
             f"{name}: its blocks ran in an order a ModelSpec cannot state (neither list after list nor interleaved): "
             f"{', '.join(f'{n}.{i}' for n, i in sequence[:12])}{', ...' if len(sequence) > 12 else ''}" + _how_to(name)
         )
-    # 3. the cached span: after the last block that received something else than the previous block's output
-    cache_start = 0
-    for position, event in enumerate(events):
-        if position and not event.glue_ok:
-            cache_start = position
-    if cache_start >= len(events) - 1:
+    block_lists = {n: block_lists[n] for n in order}
+    # 3. the cached span: from the first block whose input has the last block's output shape, per stream (a
+    # block on another layout, Latte's spatial blocks, cannot open a span that a temporal block closes)
+    last_spec = block_lists[events[-1].list_name]
+    last_out = dict(_tensors(events[-1].output))
+    video_out = last_out.get(last_spec.output_hidden_states_index)
+    text_out = last_out.get(last_spec.output_encoder_hidden_states_index) if last_spec.output_encoder_hidden_states_index is not None else None
+    cache_start = next(
+        (i for i, e in enumerate(events[:-1])
+         if video_out is not None and e.hidden_in.shape == video_out.shape
+         and (text_out is None or block_lists[e.list_name].encoder_hidden_states_argument is None
+              or (e.text_in is not None and e.text_in.shape == text_out.shape))),
+        None,
+    )
+    if cache_start is None:
         raise InferenceError(
-            f"{name}: between its last two blocks the model changes the tokens ({events[-1].glue_why}), so there is "
-            f"no span of blocks to cache" + _how_to(name)
+            f"{name}: no block before the last takes tokens of the shape the last block returns "
+            f"({tuple(video_out.shape) if video_out is not None else None}), so no span of blocks can be cached"
+            + _how_to(name)
         )
     # 4. frames and token layout for MoReg
     timestep_argument = _timestep_argument(model, args, kwargs)
@@ -420,6 +405,25 @@ def _build_spec(model, lists, watch: _Watch, args, kwargs, moreg: bool) -> Model
         frames_dim=frames_dim,
         temporal_patch=temporal_patch,
     )
+
+
+def _subsets_largest_first(names: list[str], size) -> list[list[str]]:
+    """Every non-empty subset of `names` (in their order), most blocks first."""
+    from itertools import combinations
+
+    subsets = [list(c) for k in range(len(names), 0, -1) for c in combinations(names, k)]
+    return sorted(subsets, key=lambda c: -sum(size(n) for n in c))
+
+
+def _statable_order(events: list[_Event], order: list[str], lists) -> bool | None:
+    """False: the lists ran one after another (in `order`); True: interleaved; None: neither."""
+    sequence = [(e.list_name, e.index) for e in events]
+    if sequence == [(n, i) for n in order for i in range(len(lists[n]))]:
+        return False
+    lengths = {len(lists[n]) for n in order}
+    if len(order) > 1 and len(lengths) == 1 and sequence == [(n, i) for i in range(lengths.pop()) for n in order]:
+        return True
+    return None
 
 
 def _merge(specs: list[BlockSpec], events: list[_Event]) -> BlockSpec | None:

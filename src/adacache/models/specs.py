@@ -64,10 +64,11 @@ class BlockList:
 class ModelSpec:
     """Where the blocks are and how to read the model's inputs. See the registry below for examples.
 
-    Between two cached blocks the model may only change the layout of the tokens (reshape, permute) in a way
-    that round-trips: on a skipped step every block passes its input through, and the last one must receive
-    exactly what the first one did. Anything else (an added embedding, a concatenation) must sit outside the
-    cached span: start it later with `cache_start`.
+    The cached span is one unit, from the first cached block's input to the last one's output: on a skipped step
+    the last block returns that input plus the stack residual of the last computed step, whatever the model does
+    between the blocks (reshapes, adapters or control hints added to the tokens). So the first block's input and
+    the last block's output must have the same shape, per stream; where they do not (Latte's spatial and temporal
+    blocks see different layouts), start the span later with `cache_start`.
     """
 
     # Block lists in call order; with `interleave`, the model calls list0[0], list1[0], list0[1], list1[1], ...
@@ -220,3 +221,8 @@ def _describe_unknown_model(model: torch.nn.Module) -> str:
         "Blocks returning (video, text) tuples need BlockSpec(encoder_hidden_states_argument=..., "
         "output_hidden_states_index=0, output_encoder_hidden_states_index=1)."
     )
+
+
+# Video transformer classes of diffusers that AdaCache cannot cache, and why (the README's model table says the
+# same; tests/test_sweep.py checks that both agree with what the sweep finds).
+UNSUPPORTED: dict[str, str] = {}
