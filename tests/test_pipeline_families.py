@@ -6,12 +6,19 @@ How each family calls its transformer under classifier-free guidance (CFG), as c
   ``cache_context("cond_uncond")``: a name only, no step index or count;
 - HunyuanVideo with true CFG (``true_cfg_scale > 1`` and a negative prompt): two calls per step on a batch of 1,
   ``cache_context("cond")`` then ``cache_context("uncond")``, names only;
+- HunyuanVideo 1.5: its guider (ClassifierFreeGuidance) makes two calls per step on a batch of 1,
+  ``cache_context("pred_cond")`` then ``cache_context("pred_uncond")``, names only;
 - Allegro, Sana-Video: one call per step on a batch of 2, no ``cache_context`` at all.
 
 None tells the step index or count, so AdaCache, applied to the pipeline, reads them from the scheduler.
 
-AdaCache's registry does not know SanaVideoTransformer3DModel: its tests pass the spec below.
+AdaCache's registry knows neither SanaVideoTransformer3DModel nor HunyuanVideo15Transformer3DModel: their tests
+pass the specs below. HunyuanVideo15Pipeline takes no callback_on_step_end: its generations are stopped from a
+forward hook on the transformer instead.
 """
+
+import inspect
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -19,43 +26,55 @@ import torch
 
 from adacache import AdaCacheConfig, get_stats, remove_adacache
 from adacache import apply_adacache as _apply_adacache
-from adacache.models.specs import BlockList, ModelSpec
+from adacache.models.specs import BlockList, BlockSpec, ModelSpec
 from adacache.testing_pipelines import TINY_PIPELINE_CALL, load_tiny_pipeline, save_tiny_pipeline
 
 STEPS = 6
+STOP_AT = 3  # interrupted generations stop after this step
 SKIP_ALL = AdaCacheConfig(codebook={1e9: 100})
 ALWAYS_COMPUTE = AdaCacheConfig(codebook={1.0: 1})
 MILD = AdaCacheConfig(codebook={0.05: 3, 0.5: 2, 1e9: 1})
 
-# kind -> (CFG branch names, transformer calls per step, batch size of each call)
+# kind -> (CFG branch names in call order, batch size of each call)
 CFG_PATTERN = {
-    "cogvideox": ({"cond_uncond"}, 1, 2),
-    "hunyuan_video": ({"cond", "uncond"}, 2, 1),
-    "ltx_video": ({"cond_uncond"}, 1, 2),
-    "mochi": ({"cond_uncond"}, 1, 2),
-    "allegro": ({"default"}, 1, 2),
-    "sana_video": ({"default"}, 1, 2),
+    "cogvideox": (["cond_uncond"], 2),
+    "hunyuan_video": (["cond", "uncond"], 1),
+    "ltx_video": (["cond_uncond"], 2),
+    "mochi": (["cond_uncond"], 2),
+    "allegro": (["default"], 2),
+    "sana_video": (["default"], 2),
+    "hunyuan_video15": (["pred_cond", "pred_uncond"], 1),
 }
 KINDS = list(CFG_PATTERN)
 
-# Sana-Video: one list of blocks taking hidden_states (B, F*H*W, C) frame-major and returning a bare tensor (text
-# is a separate argument, not returned), self-attention at attn1; nothing runs between blocks (controlnet residuals
-# are added there only when given); hidden_states enter as (B, C, F, H, W), temporal patch patch_size[0].
-SPECS = {"sana_video": ModelSpec(block_lists=(BlockList("transformer_blocks"),), temporal_patch="patch_size[0]")}
+# Specs for the transformers AdaCache's registry lacks, by class name.
+SPECS = {
+    # One list of blocks taking hidden_states (B, F*H*W, C) frame-major and returning a bare tensor (text is a
+    # separate argument, not returned), self-attention at attn1; nothing runs between blocks (controlnet residuals
+    # are added there only when given); hidden_states enter as (B, C, F, H, W).
+    "SanaVideoTransformer3DModel": ModelSpec(
+        block_lists=(BlockList("transformer_blocks"),), temporal_patch="patch_size[0]"),
+    # Dual-stream blocks: block(hidden_states, encoder_hidden_states, temb, mask, rope) -> (video, text), both
+    # updated; self-attention at block.attn (returns (video, text)); nothing between blocks; hidden_states enter as
+    # (B, 2C+1, F, H, W) (latents | condition | mask).
+    "HunyuanVideo15Transformer3DModel": ModelSpec(
+        block_lists=(BlockList("transformer_blocks", BlockSpec(
+            encoder_hidden_states_argument="encoder_hidden_states", output_hidden_states_index=0,
+            output_encoder_hidden_states_index=1, attention="attn")),),
+        temporal_patch="patch_size_t"),
+}
 
 
 def apply_adacache(target, config):
-    """apply_adacache with the family's spec where the registry lacks one (the test's family is read off the
-    transformer's class)."""
+    """apply_adacache, with the spec of the transformer's class where the registry lacks one."""
     transformer = getattr(target, "transformer", target)
-    spec = {"SanaVideoTransformer3DModel": SPECS["sana_video"]}.get(type(transformer).__name__)
-    _apply_adacache(target, config, spec=spec)
+    _apply_adacache(target, config, spec=SPECS.get(type(transformer).__name__))
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads cost more than they give, and keep runs reproducible
+    torch.set_num_threads(1)  # tiny tensors: threads cost more than they give
     yield
     torch.set_num_threads(threads)
 
@@ -81,15 +100,51 @@ class Stop(Exception):
     pass
 
 
-def stop_after_step_3(pipe, i, t, kwargs):
-    if i == 2:
-        raise Stop
-    return {}
+def generate_stopped(kind, pipe, how, seed=1):
+    """A generation stopped after step STOP_AT: "raise" raises out of the pipeline (nothing after the loop runs: no
+    reset of the hooks), "interrupt" sets the pipeline's interrupt flag (the loop runs out without calling the
+    transformer), "raise_mid_step" raises right after step STOP_AT's first transformer call (with split CFG, the
+    other branch is a step behind). Through callback_on_step_end where the pipeline takes one, else from a forward
+    hook on the transformer after the step's last call."""
+    branches = len(CFG_PATTERN[kind][0])
+    if how != "raise_mid_step" and "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
+        def callback(p, i, t, kwargs):
+            if i == STOP_AT - 1:
+                if how == "raise":
+                    raise Stop
+                p._interrupt = True
+            return {}
+
+        run = lambda: generate(kind, pipe, seed=seed, callback_on_step_end=callback)  # noqa: E731
+        handle = None
+    else:
+        last_call = (STOP_AT - 1) * branches + (1 if how == "raise_mid_step" else branches)
+        calls = []
+
+        def hook(module, args, output):
+            calls.append(1)
+            if len(calls) == last_call:
+                if how == "interrupt":
+                    pipe._interrupt = True
+                else:
+                    raise Stop
+
+        handle = pipe.transformer.register_forward_hook(hook)
+        run = lambda: generate(kind, pipe, seed=seed)  # noqa: E731
+    try:
+        if how == "interrupt":
+            run()
+        else:
+            with pytest.raises(Stop):
+                run()
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 def test_cfg_call_pattern(family):
     kind, pipe, _ = family
-    branches, calls_per_step, batch = CFG_PATTERN[kind]
+    branches, batch = CFG_PATTERN[kind]
     seen = []
     handle = pipe.transformer.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append(kwargs.get("hidden_states", args[0] if args else None).shape[0]),
@@ -98,7 +153,7 @@ def test_cfg_call_pattern(family):
         generate(kind, pipe)
     finally:
         handle.remove()
-    assert seen == [batch] * (calls_per_step * STEPS)
+    assert seen == [batch] * (len(branches) * STEPS)
 
 
 def test_rate_one_is_bit_identical(family):
@@ -110,7 +165,7 @@ def test_rate_one_is_bit_identical(family):
     finally:
         remove_adacache(pipe)
     assert np.array_equal(frames, reference)
-    assert {s.branch for s in stats} == CFG_PATTERN[kind][0]
+    assert [s.branch for s in stats] == CFG_PATTERN[kind][0]
     assert all(s.computed_steps == list(range(1, STEPS + 1)) and not s.skipped_steps for s in stats)
 
 
@@ -122,7 +177,7 @@ def test_permissive_codebook_skips_middle_steps_and_computes_the_last_two(family
         stats = get_stats(pipe)
     finally:
         remove_adacache(pipe)
-    assert {s.branch for s in stats} == CFG_PATTERN[kind][0]
+    assert [s.branch for s in stats] == CFG_PATTERN[kind][0]
     for s in stats:  # step 1 is forced, step 2 has no distance yet, N-1 and N are forced
         assert s.num_steps == STEPS and s.steps_seen == STEPS and not s.notes, str(s)
         assert s.computed_steps == [1, 2, STEPS - 1, STEPS] and s.skipped_steps == list(range(3, STEPS - 1))
@@ -135,47 +190,36 @@ def test_removal_after_an_aborted_generation_is_bit_identical(family):
     apply_adacache(pipe, SKIP_ALL)
     try:
         generate(kind, pipe)
-        with pytest.raises(Stop):  # leaves a generation half done, with a residual cached
-            generate(kind, pipe, callback_on_step_end=stop_after_step_3)
+        generate_stopped(kind, pipe, "raise")  # leaves a generation half done, with a residual cached
     finally:
         remove_adacache(pipe)
     assert np.array_equal(generate(kind, pipe), reference)
 
 
-@pytest.mark.parametrize("how", ["raise", "interrupt"])
+@pytest.mark.parametrize("how", ["raise", "interrupt", "raise_mid_step"])
 def test_generation_after_an_interrupted_one_equals_a_fresh_one(family, how, monkeypatch):
     kind, pipe, _ = family
     if how == "interrupt":
-        # The pipeline's own interrupt flag: the loop runs out without calling the transformer. diffusers resets
-        # stateful hooks at the end of each call; without that reset AdaCache must find the new generation itself.
+        # diffusers resets stateful hooks at the end of each call; without that reset AdaCache must find the new
+        # generation itself (an exception skips the reset anyway).
         monkeypatch.setattr(pipe, "maybe_free_model_hooks", lambda: None)
-
-        def stop(p, i, t, kwargs):
-            if i == 2:
-                p._interrupt = True
-            return {}
-    else:  # an exception out of the pipeline: nothing after the loop runs, no reset
-        stop = stop_after_step_3
-    branches = len(CFG_PATTERN[kind][0])
+    names = CFG_PATTERN[kind][0]
     apply_adacache(pipe, MILD)
     try:
         fresh = generate(kind, pipe)
-        fresh_stats = get_stats(pipe)[-branches:]
-        if how == "raise":
-            with pytest.raises(Stop):
-                generate(kind, pipe, seed=1, callback_on_step_end=stop)
-        else:
-            generate(kind, pipe, seed=1, callback_on_step_end=stop)
-        interrupted_stats = get_stats(pipe)[-branches:]
+        fresh_stats = get_stats(pipe)[-len(names):]
+        generate_stopped(kind, pipe, how)
+        stopped_stats = get_stats(pipe)[-len(names):]
         again = generate(kind, pipe)
-        stats = get_stats(pipe)[-branches:]
+        stats = get_stats(pipe)[-len(names):]
     finally:
         remove_adacache(pipe)
-    assert all(s.steps_seen == 3 for s in interrupted_stats), [str(s) for s in interrupted_stats]
+    seen = [STOP_AT - (how == "raise_mid_step" and i > 0) for i in range(len(names))]
+    assert [(s.branch, s.steps_seen) for s in stopped_stats] == list(zip(names, seen))
     assert np.array_equal(fresh, again)
     assert [(s.branch, s.computed_steps, s.rates) for s in stats] == [
         (s.branch, s.computed_steps, s.rates) for s in fresh_stats]
-    assert all(s.computed_steps[-2:] == [STEPS - 1, STEPS] for s in stats)
+    assert all(s.computed_steps[-2:] == [STEPS - 1, STEPS] and s.skipped_steps for s in stats)
 
 
 def test_transformer_alone_splits_branches_and_finds_generations_but_not_the_step_count(family, monkeypatch):
@@ -191,8 +235,8 @@ def test_transformer_alone_splits_branches_and_finds_generations_but_not_the_ste
         stats = get_stats(pipe.transformer)
     finally:
         remove_adacache(pipe.transformer)
-    branches = CFG_PATTERN[kind][0]
-    assert [s.branch for s in stats] == sorted(branches) * 2
-    assert [s.steps_seen for s in stats] == [STEPS] * len(branches) + [4] * len(branches)
+    names = CFG_PATTERN[kind][0]
+    assert [s.branch for s in stats] == names * 2
+    assert [s.steps_seen for s in stats] == [STEPS] * len(names) + [4] * len(names)
     assert all(s.computed_steps == [1, 2] and s.num_steps is None for s in stats)
     assert all(any("unknown" in n for n in s.notes) for s in stats)
