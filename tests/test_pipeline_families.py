@@ -8,17 +8,23 @@ How each family calls its transformer under classifier-free guidance (CFG), as c
   ``cache_context("cond")`` then ``cache_context("uncond")``, names only;
 - HunyuanVideo 1.5: its guider (ClassifierFreeGuidance) makes two calls per step on a batch of 1,
   ``cache_context("pred_cond")`` then ``cache_context("pred_uncond")``, names only;
+- SkyReels-V2 (text-to-video): two calls per step on a batch of 1, ``cache_context("cond")`` then
+  ``cache_context("uncond")``, names only (unlike Wan's, which carry the step index and count);
+- SkyReels-V2 diffusion forcing (asynchronous, ar_step=1): as SkyReels-V2, with per-frame timesteps and
+  num_inference_steps + 2 loop iterations for 3 latent frames;
 - Allegro, Sana-Video: one call per step on a batch of 2, no ``cache_context`` at all.
 
 None tells the step index or count, so AdaCache, applied to the pipeline, reads them from the scheduler.
 
 AdaCache's registry knows neither SanaVideoTransformer3DModel nor HunyuanVideo15Transformer3DModel: their tests
 pass the specs below. HunyuanVideo15Pipeline takes no callback_on_step_end: its generations are stopped from a
-forward hook on the transformer instead.
+forward hook on the transformer instead. The SkyReels-V2 pipelines call ftfy.fix_text without checking that ftfy is
+installed (diffusers 0.42.1); where it is not, their modules get an identity stand-in (what ftfy does to this
+ASCII prompt).
 """
 
 import inspect
-from dataclasses import replace
+import types
 
 import numpy as np
 import pytest
@@ -44,8 +50,13 @@ CFG_PATTERN = {
     "allegro": (["default"], 2),
     "sana_video": (["default"], 2),
     "hunyuan_video15": (["pred_cond", "pred_uncond"], 1),
+    "skyreels_v2": (["cond", "uncond"], 1),
+    "skyreels_v2_df": (["cond", "uncond"], 1),
 }
 KINDS = list(CFG_PATTERN)
+# Denoising loop iterations per generation, where they are not the step count: asynchronous diffusion forcing
+# starts each of the 3 latent frames one iteration after the previous one.
+ITERATIONS = {"skyreels_v2_df": STEPS + 2}
 
 # Specs for the transformers AdaCache's registry lacks, by class name.
 SPECS = {
@@ -83,11 +94,17 @@ def _one_thread():
 def family(request, tmp_path_factory):
     """(kind, pipeline, reference frames of the never-patched pipeline at STEPS steps, seed 0)."""
     kind = request.param
-    pipe = load_tiny_pipeline(save_tiny_pipeline(kind, tmp_path_factory.mktemp(kind)))
-    reference = generate(kind, pipe)
-    assert np.array_equal(generate(kind, pipe), reference), "the pipeline itself is not deterministic"
-    assert np.isfinite(reference).all()
-    return kind, pipe, reference
+    with pytest.MonkeyPatch.context() as patch:
+        if kind.startswith("skyreels_v2"):
+            from diffusers.pipelines.skyreels_v2 import pipeline_skyreels_v2, pipeline_skyreels_v2_diffusion_forcing
+            for module in (pipeline_skyreels_v2, pipeline_skyreels_v2_diffusion_forcing):
+                if not hasattr(module, "ftfy"):
+                    patch.setattr(module, "ftfy", types.SimpleNamespace(fix_text=lambda text: text), raising=False)
+        pipe = load_tiny_pipeline(save_tiny_pipeline(kind, tmp_path_factory.mktemp(kind)))
+        reference = generate(kind, pipe)
+        assert np.array_equal(generate(kind, pipe), reference), "the pipeline itself is not deterministic"
+        assert np.isfinite(reference).all()
+        yield kind, pipe, reference
 
 
 def generate(kind, pipe, steps=STEPS, seed=0, **kwargs):
@@ -153,7 +170,7 @@ def test_cfg_call_pattern(family):
         generate(kind, pipe)
     finally:
         handle.remove()
-    assert seen == [batch] * (len(branches) * STEPS)
+    assert seen == [batch] * (len(branches) * ITERATIONS.get(kind, STEPS))
 
 
 def test_rate_one_is_bit_identical(family):
@@ -166,23 +183,48 @@ def test_rate_one_is_bit_identical(family):
         remove_adacache(pipe)
     assert np.array_equal(frames, reference)
     assert [s.branch for s in stats] == CFG_PATTERN[kind][0]
-    assert all(s.computed_steps == list(range(1, STEPS + 1)) and not s.skipped_steps for s in stats)
+    n = ITERATIONS.get(kind, STEPS)
+    assert all(s.computed_steps == list(range(1, n + 1)) and not s.skipped_steps for s in stats)
 
 
-def test_permissive_codebook_skips_middle_steps_and_computes_the_last_two(family):
-    kind, pipe, reference = family
+@pytest.fixture(scope="module")
+def permissive(family):
+    """(kind, frames, stats) of one generation with the permissive codebook, AdaCache removed afterwards."""
+    kind, pipe, _ = family
     apply_adacache(pipe, SKIP_ALL)
     try:
         frames = generate(kind, pipe)
         stats = get_stats(pipe)
     finally:
         remove_adacache(pipe)
+    return kind, frames, stats
+
+
+def test_permissive_codebook_skips_steps_and_computes_the_first_and_last_two(family, permissive):
+    kind, frames, stats = permissive
+    n = ITERATIONS.get(kind, STEPS)
     assert [s.branch for s in stats] == CFG_PATTERN[kind][0]
-    for s in stats:  # step 1 is forced, step 2 has no distance yet, N-1 and N are forced
-        assert s.num_steps == STEPS and s.steps_seen == STEPS and not s.notes, str(s)
-        assert s.computed_steps == [1, 2, STEPS - 1, STEPS] and s.skipped_steps == list(range(3, STEPS - 1))
+    for s in stats:
+        assert s.steps_seen == n and len(s.computed_steps) < n, str(s)
+        assert s.computed_steps[:2] == [1, 2] and s.computed_steps[-2:] == [n - 1, n], str(s)
     assert np.isfinite(frames).all()
-    assert not np.array_equal(frames, reference)  # the skipped steps really reused the cache
+    assert not np.array_equal(frames, family[2])  # the skipped steps really reused the cache
+
+
+@pytest.mark.parametrize("family", [
+    pytest.param(kind, marks=pytest.mark.xfail(strict=True, reason=(
+        "AdaCache takes the scheduler's step count (6) as the generation's length, but asynchronous diffusion "
+        "forcing runs 8 loop iterations (num_inference_steps + ar_step * (frames - 1)); every step from 5 on is "
+        "forced, so it computes [1, 2, 5, 6, 7, 8] instead of [1, 2, 7, 8], and GenerationStats.num_steps (6) is "
+        "below steps_seen (8)")))
+    if kind in ITERATIONS else kind for kind in KINDS], indirect=True)
+def test_permissive_codebook_computes_exactly_the_first_two_and_last_two(family, permissive):
+    """Step 1 is forced, step 2 has no distance yet, N-1 and N are forced; nothing else with rate 100."""
+    kind, _, stats = permissive
+    n = ITERATIONS.get(kind, STEPS)
+    for s in stats:
+        assert s.computed_steps == [1, 2, n - 1, n] and s.skipped_steps == list(range(3, n - 1)), str(s)
+        assert s.num_steps == n and not s.notes, str(s)
 
 
 def test_removal_after_an_aborted_generation_is_bit_identical(family):
@@ -219,7 +261,8 @@ def test_generation_after_an_interrupted_one_equals_a_fresh_one(family, how, mon
     assert np.array_equal(fresh, again)
     assert [(s.branch, s.computed_steps, s.rates) for s in stats] == [
         (s.branch, s.computed_steps, s.rates) for s in fresh_stats]
-    assert all(s.computed_steps[-2:] == [STEPS - 1, STEPS] and s.skipped_steps for s in stats)
+    n = ITERATIONS.get(kind, STEPS)
+    assert all(s.computed_steps[-2:] == [n - 1, n] and s.skipped_steps for s in stats)
 
 
 def test_transformer_alone_splits_branches_and_finds_generations_but_not_the_step_count(family, monkeypatch):
@@ -237,6 +280,7 @@ def test_transformer_alone_splits_branches_and_finds_generations_but_not_the_ste
         remove_adacache(pipe.transformer)
     names = CFG_PATTERN[kind][0]
     assert [s.branch for s in stats] == names * 2
-    assert [s.steps_seen for s in stats] == [STEPS] * len(names) + [4] * len(names)
+    extra = ITERATIONS.get(kind, STEPS) - STEPS  # loop iterations beyond the step count
+    assert [s.steps_seen for s in stats] == [STEPS + extra] * len(names) + [4 + extra] * len(names)
     assert all(s.computed_steps == [1, 2] and s.num_steps is None for s in stats)
     assert all(any("unknown" in n for n in s.notes) for s in stats)
