@@ -35,7 +35,8 @@ The kinds, and how each calls its transformer under classifier-free guidance (CF
 * ``"skyreels_v2_df"``: :class:`diffusers.SkyReelsV2DiffusionForcingPipeline`, the same components,
   asynchronous diffusion forcing (``ar_step=1``): per-frame timesteps, and
   ``num_inference_steps + ar_step * (latent frames - 1)`` loop iterations of two calls each
-  (``cache_context("cond")``, ``cache_context("uncond")``, names only).
+  (``cache_context("cond")``, ``cache_context("uncond")``, names only). A long video (``num_frames=17,
+  overlap_history=5``) is denoised in three windows of 3 latent frames, the first two kept as prefix.
 
 Only Wan tells the step index and count through ``cache_context``; for the others AdaCache
 finds them in the scheduler's timesteps when applied to the pipeline. AdaCache's registry
