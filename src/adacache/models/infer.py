@@ -362,7 +362,13 @@ def _build_spec(model, lists, watch: _Watch, args, kwargs, moreg: bool) -> Model
         )
     # 4. frames and token layout for MoReg
     timestep_argument = _timestep_argument(model, args, kwargs)
-    frames_argument, frames_dim, temporal_patch, frames, batch, per_frame = _frames(model, args, kwargs)
+    readings, temporal_patch, batch = _frames(model, args, kwargs)
+    probe_list = events[min(max((len(events) - 1) // 2, cache_start), len(events) - 1)].list_name
+    probe_tokens = next(e for e in events if e.list_name == probe_list).hidden_in
+    # the first reading of the latent's shape under which the probe's tokens fit its frames (and, where the
+    # patch size tells it, the tokens per frame)
+    fitting = [r for r in readings if _token_layout(probe_tokens, batch, r[2], r[3]) is not None]
+    frames_argument, frames_dim, frames, per_frame = (fitting or readings or [(None, None, None, None)])[0]
     layouts = {}
     for list_name in order:
         first = next(e for e in events if e.list_name == list_name)
@@ -383,7 +389,6 @@ def _build_spec(model, lists, watch: _Watch, args, kwargs, moreg: bool) -> Model
                     attention, attention_layout = sub, own
                     break
         specs[list_name] = BlockSpec(**{**spec.__dict__, "attention": attention, "attention_layout": attention_layout})
-    probe_list = events[min(max((len(events) - 1) // 2, cache_start), len(events) - 1)].list_name
     if layouts[probe_list] is None:
         if moreg:
             raise InferenceError(
@@ -456,6 +461,9 @@ def _timestep_argument(model, args, kwargs) -> str:
     for name in _TIMESTEP_NAMES:
         if name in names:
             return name
+    for name in names:  # a per-modality name: Cosmos 3's vision_timesteps
+        if name.endswith(("timestep", "timesteps")) and isinstance(_bound(names, args, kwargs, name), torch.Tensor):
+            return name
     raise InferenceError(
         f"{type(model).__name__}.forward has no timestep argument among {_TIMESTEP_NAMES} (its arguments: "
         f"{', '.join(names)}); describe it with ModelSpec(timestep_argument=...)" + _how_to(type(model).__name__)
@@ -469,9 +477,9 @@ def _config_value(model, name: str) -> Any:
     return getattr(model, name, None)
 
 
-def _frames(model, args, kwargs) -> tuple[str | None, int | None, int | str, int | None, int | None, int | None]:
-    """(frames_argument, frames_dim, temporal_patch, token frames of this call, batch size, tokens per frame
-    where the spatial patch size tells it)."""
+def _frames(model, args, kwargs) -> tuple[list[tuple[str | None, int | None, int | None, int | None]], int | str, int | None]:
+    """([(frames_argument, frames_dim, token frames of this call, tokens per frame where the spatial patch tells
+    it)] candidate readings, most likely first; temporal_patch; batch size)."""
     names = _argument_names(model)
     hidden_name = _hidden_argument(names, args, kwargs)
     hidden = _bound(names, args, kwargs, hidden_name) if hidden_name else None
@@ -485,25 +493,31 @@ def _frames(model, args, kwargs) -> tuple[str | None, int | None, int | str, int
     else:
         temporal_patch, pt = 1, 1
     if not isinstance(hidden, torch.Tensor):
-        return None, None, temporal_patch, None, None, None
+        return [], temporal_patch, None
     batch = hidden.shape[0]
     spatial = patch[-1] if isinstance(patch, (tuple, list)) and patch else patch
-    if hidden.dim() == 5:
-        channels = _config_value(model, "in_channels")
-        if hidden.shape[1] == channels and hidden.shape[2] != channels:
-            dim = 2
-        elif hidden.shape[2] == channels and hidden.shape[1] != channels:
-            dim = 1
-        else:  # as many frames as channels: the forward's own unpacking of the shape tells which is which
-            dim = _frames_dim_from_source(model, hidden_name) or 2
-        h, w = hidden.shape[-2:]
+
+    def reading(dim: int, h: int, w: int) -> tuple:
         per_frame = (h // spatial) * (w // spatial) if isinstance(spatial, int) and spatial > 0 else None
-        return hidden_name, dim, temporal_patch, max(1, -(-hidden.shape[dim] // pt)), batch, per_frame
+        return hidden_name, dim, max(1, -(-hidden.shape[dim] // pt)), per_frame
+
+    if hidden.dim() == 5:
+        s = hidden.shape
+        channels = _config_value(model, "in_channels")
+        first = reading(2, s[3], s[4])  # (B, C, F, H, W), the common layout
+        if s[2] == channels and s[1] != channels:
+            first = reading(1, s[3], s[4])  # (B, F, C, H, W): CogVideoX
+        elif s[1] == channels == s[2]:  # as many frames as channels: the forward's unpacking of the shape tells
+            dim = _frames_dim_from_source(model, hidden_name)
+            first = reading(dim or 2, s[3], s[4])
+        # then every other reading, channels last (B, F, H, W, C: Kandinsky 5) included; the token count decides
+        others = [reading(2, s[3], s[4]), reading(1, s[3], s[4]), reading(1, s[2], s[3])]
+        return [first, *[r for r in others if r != first]], temporal_patch, batch
     for name in _FRAMES_NAMES:
         value = _bound(names, args, kwargs, name)
         if isinstance(value, int) or (isinstance(value, torch.Tensor) and value.numel() == 1):
-            return name, None, temporal_patch, max(1, int(value) // pt), batch, None
-    return None, None, temporal_patch, None, batch, None
+            return [(name, None, max(1, int(value) // pt), None)], temporal_patch, batch
+    return [], temporal_patch, batch
 
 
 def _frames_dim_from_source(model, hidden_name: str) -> int | None:

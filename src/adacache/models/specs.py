@@ -226,3 +226,23 @@ def _describe_unknown_model(model: torch.nn.Module) -> str:
 # Video transformer classes of diffusers that AdaCache cannot cache, and why (the README's model table says the
 # same; tests/test_sweep.py checks that both agree with what the sweep finds).
 UNSUPPORTED: dict[str, str] = {}
+
+# Classes AdaCache caches but whose frames MoReg cannot read from the inputs (MoReg needs AdaCacheConfig(moreg=False)
+# or a hand-written spec there); the README's model table says the same, checked by tests/test_sweep.py.
+NO_MOREG: dict[str, str] = {
+    "Cosmos3OmniTransformer": "takes its video as a list of per-item tensors inside one packed text+video sequence: "
+                              "no batched latent or frame count to read",
+    "HeliosTransformer3DModel": "its blocks see the history frames' tokens before the noisy chunk's, so the token "
+                                "count does not split into the chunk's frames",
+    "HunyuanVideoFramepackTransformer3DModel": "its blocks see the packed history (clean, 2x and 4x) tokens before "
+                                               "the noisy window's, so the token count does not split into frames",
+    "JoyImageEditTransformer3DModel": "an image-editing model: its 'frames' are the target and reference images, "
+                                      "not time, so there is no motion to read",
+    "JoyImageEditPlusTransformer3DModel": "an image-editing model: its 'frames' are the target and reference "
+                                          "images, not time, so there is no motion to read",
+    "MiniMaxH3Transformer3DModel": "one packed sequence of text, audio and video tokens, with no frame count among "
+                                   "its arguments",
+    "SanaWMLTX2RefinerTransformer3DModel": "takes the chunk's video tokens packed, with no frame count among its "
+                                           "arguments",
+    "WanAnimate2Transformer3DModel": "takes its video as a list of per-sample tensors without a batch dimension",
+}
