@@ -32,6 +32,8 @@ import numpy as np
 import pytest
 import torch
 
+import adacache
+
 from adacache import AdaCacheConfig, get_stats, remove_adacache
 from adacache import apply_adacache as _apply_adacache
 from adacache.models.specs import BlockList, BlockSpec, ModelSpec
@@ -60,7 +62,8 @@ KINDS = list(CFG_PATTERN)
 # starts each of the 3 latent frames one iteration after the previous one.
 ITERATIONS = {"skyreels_v2_df": STEPS + 2}
 
-# Specs for the transformers AdaCache's registry lacks, by class name.
+# Specs for the transformers AdaCache's registry lacks, derived by hand from the diffusers source; AdaCache infers
+# its own on the first call, and test_the_inferred_spec_is_the_hand_derived_one compares the two.
 SPECS = {
     # One list of blocks taking hidden_states (B, F*H*W, C) frame-major and returning a bare tensor (text is a
     # separate argument, not returned), self-attention at attn1; nothing runs between blocks (controlnet residuals
@@ -79,9 +82,8 @@ SPECS = {
 
 
 def apply_adacache(target, config):
-    """apply_adacache, with the spec of the transformer's class where the registry lacks one."""
-    transformer = getattr(target, "transformer", target)
-    _apply_adacache(target, config, spec=SPECS.get(type(transformer).__name__))
+    """apply_adacache; a transformer the registry lacks gets its spec inferred on its first call."""
+    _apply_adacache(target, config)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -187,6 +189,22 @@ def test_rate_one_is_bit_identical(family):
     assert [s.branch for s in stats] == CFG_PATTERN[kind][0]
     n = ITERATIONS.get(kind, STEPS)
     assert all(s.computed_steps == list(range(1, n + 1)) and not s.skipped_steps for s in stats)
+
+
+def test_the_inferred_spec_is_the_hand_derived_one(family):
+    """Where the registry has no spec, the one inferred on the first call through the real pipeline is the one
+    derived by hand from the diffusers source (SPECS)."""
+    kind, pipe, _ = family
+    expected = SPECS.get(type(pipe.transformer).__name__)
+    if expected is None:
+        pytest.skip("registered spec")
+    apply_adacache(pipe, ALWAYS_COMPUTE)
+    try:
+        generate(kind, pipe, steps=2)
+        inferred = adacache.describe(pipe, print_source=False)
+    finally:
+        remove_adacache(pipe)
+    assert inferred == expected
 
 
 @pytest.fixture(scope="module")

@@ -313,11 +313,6 @@ def _build_spec(model, lists, watch: _Watch, args, kwargs, moreg: bool) -> Model
             why_not.append(f"{list_name}: its blocks take or return their streams in different ways")
             continue
         block_lists[list_name] = merged
-    # Lists that carry far fewer tokens than the widest one work on something else (a text refiner's blocks).
-    widest = max((max(e.hidden_in.numel() for e in calls[n]) for n in block_lists), default=0)
-    for list_name in list(block_lists):
-        if max(e.hidden_in.numel() for e in calls[list_name]) * 2 < widest:
-            del block_lists[list_name]
     if not block_lists:
         raise InferenceError(
             f"{name}: no list of transformer blocks found among its ModuleLists ({found or 'none'})"
@@ -340,7 +335,19 @@ def _build_spec(model, lists, watch: _Watch, args, kwargs, moreg: bool) -> Model
             f"{name}: its blocks ran in an order a ModelSpec cannot state (neither list after list nor interleaved): "
             f"{', '.join(f'{n}.{i}' for n, i in sequence[:12])}{', ...' if len(sequence) > 12 else ''}" + _how_to(name)
         )
+    if not interleave and len(order) > 1:
+        # Lists run one after another: keep the run of lists that pass the video tokens on in one shape, and of
+        # those runs the last (the one the output comes from); a text refiner's blocks before the main stack form
+        # a run of their own.
+        runs, shapes = [[order[0]]], {n: tuple(next(e for e in watch.events if e.list_name == n).hidden_in.shape) for n in order}
+        for previous, current in zip(order, order[1:]):
+            if shapes[previous] == shapes[current]:
+                runs[-1].append(current)
+            else:
+                runs.append([current])
+        order = runs[-1]
     block_lists = {n: block_lists[n] for n in order}
+    events = [e for e in watch.events if e.list_name in order]
     # 3. the cached span: from the first block whose input has the last block's output shape, per stream (a
     # block on another layout, Latte's spatial blocks, cannot open a span that a temporal block closes)
     last_spec = block_lists[events[-1].list_name]
