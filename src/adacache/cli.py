@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from .config import PRESETS, AdaCacheConfig, ConfigError
+from .extras import MissingExtra, missing_for_cli
 from .interrupts import Terminated, sigterm_as_interrupt
 
 if TYPE_CHECKING:
@@ -600,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca.set_defaults(run=_calibrate)
 
     se = commands.add_parser("serve", help="a web page: prompt -> uncached and AdaCache videos side by side, times, "
-                                           "speed-up, PSNR and the probe distance per step (needs adacache[serve])")
+                                           "speed-up, PSNR and the probe distance per step (part of adacache[all])")
     se.add_argument("--model", default=None, help="diffusers pipeline id or local folder (default: the embedded model)")
     se.add_argument("--codebook", action="append", default=[], metavar="FILE",
                     help="a JSON config file to offer besides auto and the presets; repeatable; checked at start-up")
@@ -642,9 +643,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)  # malformed or out-of-range numbers end here: usage error, exit 2
     args.argv = list(sys.argv[1:] if argv is None else argv)  # reports quote the command that made them
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    missing = missing_for_cli(getattr(args, "command", ""))
+    if missing:
+        print(f"adacache: error: {missing}", file=sys.stderr)
+        return 2
     try:
         with sigterm_as_interrupt():  # SIGTERM unwinds like Ctrl-C, so `finally` blocks clean up
             return args.run(args)
+    except MissingExtra as error:
+        print(f"adacache: error: {error}", file=sys.stderr)
+        return 2
     except (ConfigError, ValueError, FloatingPointError, FileNotFoundError) as error:
         print(f"adacache: error: {error}", file=sys.stderr)
         return 2

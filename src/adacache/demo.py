@@ -53,7 +53,10 @@ def build_demo_model(seed: int = 0) -> torch.nn.Module:
 def denoise(model: torch.nn.Module, num_steps: int, seed: int, progress: bool = True) -> torch.Tensor:
     """Flow-matching Euler loop with the real diffusers scheduler; returns the final latents."""
     from diffusers import FlowMatchEulerDiscreteScheduler
-    from tqdm.auto import tqdm
+
+    from .extras import need
+
+    tqdm = need("tqdm.auto", "adacache demo").tqdm
 
     generator = torch.Generator().manual_seed(seed)
     latents = torch.randn(DEMO_LATENT_SHAPE, generator=generator)

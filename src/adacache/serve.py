@@ -12,7 +12,7 @@ Three layers, each usable without the one above it:
 
 One generation at a time per model: a model with AdaCache refuses concurrent calls (see hooks.py), so the page's
 generate event runs with a gradio concurrency limit of 1 (the queue holds the rest) and under a lock as well.
-gradio is an optional dependency (`pip install "adacache[serve]"`), imported only here and only when needed.
+gradio is an optional dependency (`pip install "adacache[all]"`), imported only here and only when needed.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ DEFAULT_STEPS = 30
 MIN_STEPS, MAX_STEPS = 4, 100
 DEFAULT_GUIDANCE = 4.0
 AUTO = "auto"
-GRADIO_MISSING = 'the web page needs gradio: pip install "adacache[serve]"'
+GRADIO_MISSING = 'the web page needs gradio: pip install "adacache[all]"'
 PAGE_VIDEO_SIZE = 256  # tiny clips are upscaled (nearest neighbour, whole factors) to about this many pixels high
 KEEP_RUNS = 8  # a run's videos stay in the temporary folder until this many newer runs exist
 QUEUE_SIZE = 16  # generations waiting for the model; more are refused with gradio's "queue is full"
@@ -134,7 +134,9 @@ def distance_plot(stats: Sequence["GenerationStats"], num_steps: int,
     """The probe distance at each computed step (markers and line, with the rate chosen there), the skipped steps
     shaded, the codebook's thresholds as dashed lines; below, one row per branch: which steps were computed.
     A matplotlib Figure made without pyplot (no global state; safe in a server's worker threads)."""
-    from matplotlib.figure import Figure
+    from .extras import need
+
+    Figure = need("matplotlib.figure", "The web page's plot").Figure
     from matplotlib.patches import Patch
     from matplotlib.ticker import MaxNLocator
 

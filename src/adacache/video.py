@@ -93,8 +93,10 @@ def _check_written(path: str, frames: int) -> None:
 
 def write_video(frames, path: str | os.PathLike, fps: int = 8, scale: int = 1) -> Path:
     """Write (T, H, W, 3) frames to .mp4 (H.264 via imageio-ffmpeg) or .gif, atomically."""
-    import imageio.v2 as imageio
+    from .extras import need
 
+    imageio = need("imageio.v2", "Writing video")
+    need("imageio_ffmpeg", "Writing video") if str(path).lower().endswith(".mp4") else None
     path = check_writable(path)
     array = upscale(to_uint8(frames), scale)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)

@@ -420,8 +420,9 @@ def train(out_dir: str | os.PathLike, config: TrainConfig, progress: bool = True
     between two steps and is not saved; the checkpoint on disk stands, and the next resume trains from it, with
     log lines past it dropped (`_trim_log`).
     """
-    from tqdm.auto import tqdm
+    from ..extras import need
 
+    tqdm = need("tqdm.auto", "Training the embedded model").tqdm
     out = Path(out_dir)
     state = _check_run_folder(out, config)  # before anything is written
     try:

@@ -149,10 +149,9 @@ def load_clip(clip: Any) -> torch.Tensor:
 
 def _read_video(path: str) -> np.ndarray:
     """All frames of a video or GIF file as a uint8 array (T, H, W, C)."""
-    try:
-        import imageio.v3 as iio
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(f"reading {path!r} needs imageio: pip install imageio imageio-ffmpeg") from e
+    from ..extras import need
+
+    iio = need("imageio.v3", f"Reading {path!r}")
     try:
         return np.asarray(iio.imread(path, index=None))
     except (ImportError, ValueError) as e:

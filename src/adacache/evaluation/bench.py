@@ -191,8 +191,9 @@ class Bench:
                 write_atomic(path, json.dumps(mine, indent=2) + "\n")
 
     def run(self) -> list[dict[str, Any]]:
-        from tqdm.auto import tqdm
+        from ..extras import need
 
+        tqdm = need("tqdm.auto", "adacache bench").tqdm
         records = load_records(self.out)
         done = {(r["video"], r["method"]) for r in records if r.get("status") in ("ok", "skipped")}
         # a video whose baseline record is lost is measured again with every method, so that its speed-ups all

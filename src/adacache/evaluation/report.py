@@ -211,8 +211,9 @@ def _object_cell(m: dict[str, Any]) -> str:
 
 def plots(report: dict[str, Any], folder: Path) -> list[Path]:
     """pareto.png and motion.png; matplotlib's Agg backend (no display needed)."""
-    import matplotlib
+    from ..extras import need
 
+    matplotlib = need("matplotlib", "Plotting benchmark results")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
