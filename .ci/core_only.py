@@ -12,7 +12,7 @@ import torch
 import adacache
 from adacache.testing import tiny_model
 
-for module in ("tqdm", "imageio", "matplotlib", "accelerate", "gradio"):
+for module in ("imageio", "matplotlib", "accelerate", "gradio"):  # (tqdm comes with huggingface-hub)
     assert importlib.util.find_spec(module) is None, f"{module} came with the light install"
 
 tiny = tiny_model("wan")
