@@ -148,8 +148,9 @@ def test_bad_input_errors():
     apply_adacache(model, spec=TOY_SPEC)
     with pytest.raises(RuntimeError, match="already applied"):
         apply_adacache(model, spec=TOY_SPEC)
-    with pytest.raises(ValueError, match=r"(?s)does not know the model class 'ToyDiT'.*ModelSpec\(block_lists=\(BlockList\(\"blocks\"\)"):
-        apply_adacache(ToyDiT())
+    unknown = ToyDiT()  # no registered spec: accepted, its spec inferred on the first call (tests/test_infer.py)
+    apply_adacache(unknown)
+    assert unknown._adacache.spec is None
     with pytest.raises(TypeError, match="pipeline with a .transformer"):
         apply_adacache(object())
 
