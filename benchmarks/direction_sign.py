@@ -27,26 +27,28 @@ from adacache.embedded.train import build_pipeline, load_checkpoint
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 
 
-def load(source: str | None):
+def load(source: str | None, raw: bool = False):
     if source is None:
         return EmbeddedVideoPipeline.from_embedded(), "shipped weights"
     if source.endswith(".pt"):
         state, config = load_checkpoint(source)
         pipe = build_pipeline(config.size, config.seed, config.architecture, config.frame_channel)
-        pipe.transformer.load_state_dict(state["ema_transformer"])
-        pipe.text_encoder.load_state_dict(state["ema_text_encoder"])
-        return pipe, f"{source} (EMA weights, step {state['step']})"
+        prefix = "" if raw else "ema_"
+        pipe.transformer.load_state_dict(state[prefix + "transformer"])
+        pipe.text_encoder.load_state_dict(state[prefix + "text_encoder"])
+        return pipe, f"{source} ({'raw' if raw else 'EMA'} weights, step {state['step']})"
     return EmbeddedVideoPipeline.from_pretrained(source, local_files_only=True), source
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", nargs="?", default=None, help="checkpoint .pt or pipeline folder (default: shipped)")
+    parser.add_argument("--raw", action="store_true", help="a checkpoint's raw weights rather than their EMA (early in a run, the EMA lags)")
     parser.add_argument("--clips", type=int, default=48)
     parser.add_argument("--seed", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    pipe, name = load(args.source)
+    pipe, name = load(args.source, args.raw)
     rng = np.random.default_rng(args.seed)
     specs = []
     while len(specs) < args.clips:

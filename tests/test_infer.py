@@ -151,8 +151,7 @@ class NoBlocks(nn.Module):
 @pytest.mark.parametrize("model_class, message", [
     (Shrinking, "returns shape"),
     (Twice, "called 4 times for 2 blocks"),
-    (Regrouping, "no block before the last takes tokens of the shape the last block returns"),
-    (NoBlocks, "no nn.ModuleList of blocks"),
+    (NoBlocks, "no nn.ModuleList of blocks within"),
 ])
 def test_a_structure_it_cannot_be_sure_of_fails_on_the_first_call_and_changes_nothing(model_class, message):
     model = model_class()
@@ -169,6 +168,12 @@ def test_a_structure_it_cannot_be_sure_of_fails_on_the_first_call_and_changes_no
     with torch.no_grad():
         assert torch.equal(model(x, t), expected)
     assert not any(hasattr(b, "_adacache_block") for b in model.modules())
+
+
+def test_a_stack_whose_tokens_are_regrouped_caches_the_blocks_after_the_regrouping():
+    model = Regrouping()  # blocks on (1, 6, 8), then one block on the tokens regrouped to (1, 3, 16)
+    spec = infer_spec(model, (torch.randn(1, 6, 8), torch.tensor([500.0])), moreg=False)
+    assert [b.attribute for b in spec.block_lists] == ["late"]  # the last run of blocks handing tokens on
 
 
 def test_adapters_between_blocks_are_inside_the_span_and_a_repeated_step_is_exact():
@@ -240,3 +245,124 @@ def test_a_given_spec_wins_over_inference(monkeypatch):
     apply_adacache(model, CONFIG, spec=spec)
     assert adacache.describe(model, print_source=False) is spec
     remove_adacache(model)
+
+
+# --- defects found by a hostile review of inference -------------------------------------------------------------
+def test_the_watched_pass_keeps_no_activation():
+    from adacache.models.infer import _candidate_lists, _watch
+
+    model = Adapters()
+    x = torch.randn(1, 6, 8)
+    watch = _watch(model, _candidate_lists(model), lambda: model(x, torch.tensor([500.0])))
+    kept = [t for e in watch.events for t in (e.hidden_in, e.text_in, *[o for o in (e.output if isinstance(e.output, tuple) else (e.output,))])
+            if isinstance(t, torch.Tensor)]
+    assert kept and all(t.device.type == "meta" for t in kept)
+
+
+def test_a_config_that_does_not_fit_the_inferred_model_is_refused_on_every_call():
+    model = Adapters()
+    x, t = torch.randn(1, 6, 8), torch.tensor([500.0])
+    apply_adacache(model, AdaCacheConfig(probe_block=7))
+    for _ in range(2):  # never half-installed: the second call is refused the same way
+        with pytest.raises(ValueError, match="probe_block=7 is out of range"):
+            model(x, t)
+        assert model._adacache.spec is None and not any(hasattr(b, "_adacache_block") for b in model.modules())
+    remove_adacache(model)
+
+
+class InPlace(nn.Module):
+    """Adds to its input in place, draws noise from the global generator and pops from its kwargs dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(), Block()])
+
+    def forward(self, hidden_states, timestep, attention_kwargs=None):
+        hidden_states += 1.0
+        hidden_states = hidden_states + 0.1 * torch.randn(hidden_states.shape)
+        scale = (attention_kwargs or {}).pop("scale", 1.0)
+        for block in self.blocks:
+            hidden_states = block(hidden_states) * scale
+        return hidden_states
+
+
+def test_the_first_call_returns_what_a_plain_call_would():
+    model = InPlace()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        expected = model(torch.ones(1, 6, 8), torch.tensor([500.0]), {"scale": 2.0})
+    apply_adacache(model, AdaCacheConfig(moreg=False))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        got = model(torch.ones(1, 6, 8), torch.tensor([500.0]), {"scale": 2.0})
+    remove_adacache(model)
+    assert torch.equal(got, expected)
+
+
+class HeadAndEmbedders(nn.Module):
+    """Condition embedders (a ModuleList applied to separate inputs) before the blocks, a Sequential head after."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cond = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+        self.blocks = nn.ModuleList([Block(), Block(), Block()])
+        self.head = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8))
+
+    def forward(self, hidden_states, timestep, ref, mask):
+        hidden_states = hidden_states + self.cond[0](ref) + self.cond[1](mask)
+        for block in self.blocks:
+            hidden_states = block(hidden_states)
+        return self.head(hidden_states)
+
+
+class ImgTxt(nn.Module):
+    """Flux-style names, text longer than the image tokens."""
+
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, img, txt):
+            return img + self.a(img), txt + self.b(txt)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([self.Pair(), self.Pair()])
+
+    def forward(self, hidden_states, timestep, txt):
+        img = hidden_states
+        for block in self.blocks:
+            img, txt = block(img, txt)
+        return img
+
+
+def test_embedders_heads_names_and_single_blocks():
+    x, t = torch.randn(1, 6, 8), torch.tensor([500.0])
+    spec = infer_spec(HeadAndEmbedders(), (x, t, torch.randn(1, 6, 8), torch.randn(1, 6, 8)), moreg=False)
+    assert [b.attribute for b in spec.block_lists] == ["blocks"] and spec.cache_start == 0
+    spec = infer_spec(ImgTxt(), (x, t, torch.randn(1, 20, 8)), moreg=False)
+    block = spec.block_lists[0].block
+    assert (block.hidden_states_argument, block.encoder_hidden_states_argument) == ("img", "txt")
+    single = Flat1()
+    spec = infer_spec(single, (x, t), moreg=False)
+    assert spec.block_lists == (specs.BlockList("blocks", specs.BlockSpec(attention=None)),)
+
+
+class Flat1(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([Block()])
+
+    def forward(self, hidden_states, timestep):
+        return self.blocks[0](hidden_states)
+
+
+def test_a_text_refiner_as_long_as_the_video_is_not_part_of_the_stack(monkeypatch):
+    tiny = TINY_MODELS["hunyuan_video"]
+    model = tiny.build()
+    inputs = tiny.inputs(model, batch_size=1)
+    n = inputs["hidden_states"].shape[2] * (inputs["hidden_states"].shape[3] // 2) * (inputs["hidden_states"].shape[4] // 2)
+    inputs["encoder_hidden_states"] = torch.randn(1, n, inputs["encoder_hidden_states"].shape[-1])  # text == video tokens
+    inputs["encoder_attention_mask"] = torch.ones(1, n, dtype=inputs["encoder_attention_mask"].dtype)
+    assert infer_spec(model, (), inputs) == specs.MODEL_SPECS[tiny.class_name]

@@ -644,7 +644,7 @@ def _context_hook_class():
             try:  # entered inside the try: a Ctrl-C right after the lock is taken still releases it
                 holding = runtime.enter()
                 if runtime.spec is None:
-                    _infer_and_install(runtime, module, args, kwargs, lambda: self.call_original(*args, **kwargs))
+                    _infer_and_install(runtime, module, args, kwargs, self.call_original)
                 runtime.context = self.cache_context
                 runtime.begin_call(args, kwargs)
                 output = self.call_original(*args, **kwargs)
@@ -837,14 +837,20 @@ def _install_blocks(runtime: _Runtime) -> None:
 
 
 def _infer_and_install(runtime: _Runtime, model: torch.nn.Module, args: tuple, kwargs: dict,
-                       call_original: Callable[[], Any]) -> None:
+                       call_original: Callable[..., Any]) -> None:
     """First call of a model without a spec: watch one uncached forward, infer the spec, install the blocks.
-    The watched forward's output is discarded (the real call follows), so a model whose structure cannot be
-    inferred fails here, before anything is cached."""
-    spec = infer_spec(model, args, kwargs, call=call_original, moreg=runtime.config.moreg)
-    runtime.configure(model, spec)
+    The watched forward runs on copies of the arguments with the random state restored afterwards, and its output
+    is discarded: the real call that follows sees exactly what a plain call would (a forward that adds to its input
+    in place, draws noise or pops from a kwargs dict included). Anything failing here leaves the runtime as it was
+    (no spec, no wrapped block), so every later call tries again and fails the same way until fixed."""
+    watched_args, watched_kwargs = _copied(args), _copied(kwargs)
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        spec = infer_spec(model, args, kwargs, call=lambda: call_original(*watched_args, **watched_kwargs),
+                          moreg=runtime.config.moreg)
     count = len(runtime.restore)
     try:
+        runtime.configure(model, spec)
         _install_blocks(runtime)
     except BaseException:
         for _, undo in reversed(runtime.restore[count:]):
@@ -854,6 +860,20 @@ def _infer_and_install(runtime: _Runtime, model: torch.nn.Module, args: tuple, k
         raise
     logger.info("AdaCache inferred the spec of %s (adacache.describe(model) prints it):\n%s", runtime.model_name,
                 spec_source(spec, runtime.model_name))
+
+
+def _copied(value: Any) -> Any:
+    """Tensors cloned, containers and dicts copied (one level of nesting in each): the watched pass may change
+    them in place without touching the caller's."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copied(v) for v in value]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_copied(v) for v in value)
+    return value
 
 
 def remove_adacache(target: Any) -> None:

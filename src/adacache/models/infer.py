@@ -35,8 +35,9 @@ from .specs import TOKEN_LAYOUTS, BlockList, BlockSpec, ModelSpec
 
 __all__ = ["InferenceError", "infer_spec", "spec_source", "diffusers_video_transformers"]
 
-_HIDDEN_NAMES = ("hidden_states", "x", "hidden_state", "tokens")
-_TEXT_NAMES = ("encoder_hidden_states", "context", "text_hidden_states")
+_HIDDEN_NAMES = ("hidden_states", "x", "hidden_state", "tokens", "img", "image", "video", "vis", "visual", "latents",
+                 "sample", "gen_seq")
+_TEXT_NAMES = ("encoder_hidden_states", "context", "text_hidden_states", "txt", "text", "und_seq")
 _TIMESTEP_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas", "time_step")
 _FRAMES_NAMES = ("num_frames", "latent_num_frames", "video_length", "num_latent_frames")
 _MAX_DEPTH = 3  # how deep under the model block lists are looked for
@@ -56,7 +57,9 @@ class _Event:
     hidden_in: torch.Tensor
     text_in: torch.Tensor | None
     text_argument: str | None
-    output: Any
+    output: Any  # the block's output with every tensor replaced by a meta tensor of its shape (no memory held)
+    chained: bool = False  # its video tokens follow from what the previous block call returned (see _follows)
+    pair_cost: dict | None = None  # for streams of equal shapes: (video index, text index) -> distance to inputs
 
 
 @dataclass
@@ -115,7 +118,7 @@ def _candidate_lists(model: torch.nn.Module) -> dict[str, torch.nn.ModuleList]:
     def walk(module: torch.nn.Module, prefix: str, depth: int) -> None:
         for name, child in module.named_children():
             path = f"{prefix}{name}"
-            if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)) and len(child):
+            if isinstance(child, torch.nn.ModuleList) and len(child):  # (a Sequential is a layer: a head, an MLP)
                 found[path] = child  # blocks or not: the watched call tells
                 continue
             if depth < _MAX_DEPTH:
@@ -157,9 +160,33 @@ def _tensors(output: Any) -> list[tuple[int | None, torch.Tensor]]:
     return []
 
 
+def _meta(value: Any) -> Any:
+    """`value` with its tensors replaced by meta tensors of the same shape and dtype: what inference keeps of a
+    block call, so that the watched pass holds no activation beyond what the plain forward does."""
+    if isinstance(value, torch.Tensor):
+        return torch.empty(value.shape, dtype=value.dtype, device="meta")
+    if isinstance(value, list):
+        return [_meta(v) for v in value]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_meta(v) for v in value)
+    return value
+
+
+def _follows(previous: torch.Tensor, hidden: torch.Tensor) -> bool:
+    """Whether a block's input is the previous block's output carried on: the same tensor, or one pointing the same
+    way (cosine similarity over 0.5: a residual stream with an adapter's output added or a scale applied). An
+    embedder of a separate input, or the video tokens after a text refiner, point elsewhere (about 0)."""
+    if previous is hidden:
+        return True
+    a, b = previous.detach().flatten().float(), hidden.detach().flatten().float()
+    norms = a.norm() * b.norm()
+    return bool(norms > 0) and float(a @ b / norms) > 0.5
+
+
 def _watch(model: torch.nn.Module, lists: dict[str, torch.nn.ModuleList], call) -> _Watch:
     watch = _Watch()
     handles = []
+    last_output: list[torch.Tensor | None] = [None]  # the previous block call's video output, for `chained`
 
     def on_block(list_name: str, index: int, names: list[str]):
         def hook(module, args, kwargs, output):
@@ -172,17 +199,31 @@ def _watch(model: torch.nn.Module, lists: dict[str, torch.nn.ModuleList], call) 
                 if hidden_name is None:
                     return
                 streams = [hidden_name]
-            # the video tokens: the argument named so, else the largest stream (text and audio are shorter)
+            # the video tokens: the argument named so; else the largest stream not named as text
             named = [n for n in _HIDDEN_NAMES if n in streams]
-            hidden_name = named[0] if named else max(streams, key=lambda n: tensors[n].numel())
+            unnamed = [n for n in streams if n not in _TEXT_NAMES] or streams
+            hidden_name = named[0] if named else max(unnamed, key=lambda n: tensors[n].numel())
             others = [n for n in streams if n != hidden_name and tensors[n].shape != tensors[hidden_name].shape]
             others += [n for n in streams if n != hidden_name and n not in others]
             preferred = [n for n in _TEXT_NAMES if n in others] + [n for n in others if n not in _TEXT_NAMES]
             if not preferred:  # a text argument the block reads but does not return
                 preferred = [n for n in _TEXT_NAMES if n in tensors]
             text_argument = preferred[0] if preferred else None
-            text = tensors.get(text_argument) if text_argument else None
-            watch.events.append(_Event(list_name, index, hidden_name, tensors[hidden_name], text, text_argument, output))
+            hidden, text = tensors[hidden_name], tensors.get(text_argument) if text_argument else None
+            previous = last_output[0]
+            chained = previous is not None and previous.shape == hidden.shape and _follows(previous, hidden)
+            pair_cost = None
+            outs = _tensors(output)
+            if text is not None and text.shape == hidden.shape:  # equal shapes: which output stays closest to which input
+                pair_cost = {(i, j): float((a - hidden).norm() + (b - text).norm())
+                             for i, a in outs for j, b in outs if i != j and a.shape == b.shape == hidden.shape}
+            video_out = [t for _, t in outs if t.shape == hidden.shape]
+            if len(video_out) > 1 and pair_cost:  # streams of one shape: the output that stays closest to the video
+                best = min(pair_cost, key=pair_cost.get)[0]
+                video_out = [t for i, t in outs if i == best]
+            last_output[0] = video_out[0] if len(video_out) == 1 else None
+            watch.events.append(_Event(list_name, index, hidden_name, _meta(hidden), _meta(text), text_argument,
+                                       _meta(output), chained, pair_cost))
 
         return hook
 
@@ -204,6 +245,7 @@ def _watch(model: torch.nn.Module, lists: dict[str, torch.nn.ModuleList], call) 
         with torch.no_grad():
             call()
     finally:
+        last_output[0] = None
         for handle in handles:
             handle.remove()
     return watch
@@ -247,11 +289,8 @@ def _block_spec_of(event: _Event, check: bool = True) -> BlockSpec | None:
         if not pairs:
             two_streams = False
         else:
-            def cost(pair: tuple[int, int]) -> float:
-                out = dict(tensors)
-                return float((out[pair[0]] - event.hidden_in).norm() + (out[pair[1]] - event.text_in).norm())
-
-            video_index, text_index = min(pairs, key=cost)
+            costs = event.pair_cost or {}
+            video_index, text_index = min(pairs, key=lambda pair: costs.get(pair, float("inf")))
     elif two_streams:
         if len(video_at) != 1 or len(text_at) != 1:
             return fail(f"returns several tensors of one stream's shape: {[tuple(t.shape) for _, t in tensors]}")
@@ -281,7 +320,8 @@ def infer_spec(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = N
     lists = _candidate_lists(model)
     name = type(model).__name__
     if not lists:
-        raise InferenceError(f"{name} has no nn.ModuleList of blocks; describe it with a ModelSpec")
+        raise InferenceError(f"{name} has no nn.ModuleList of blocks within {_MAX_DEPTH} levels of submodules"
+                             + _how_to(name))
     watch = _watch(model, lists, call if call is not None else (lambda: model.forward(*args, **kwargs)))
     return _build_spec(model, lists, watch, args, kwargs, moreg)
 
@@ -307,6 +347,12 @@ def _build_spec(model, lists, watch: _Watch, args, kwargs, moreg: bool) -> Model
                 _block_spec_of(bad, check=True)
             except InferenceError as error:
                 why_not.append(str(error))
+            continue
+        positions = [i for i, e in enumerate(watch.events) if e.list_name == list_name]
+        adjacent = [b for a, b in zip(positions, positions[1:]) if b == a + 1]
+        if adjacent and not any(watch.events[b].chained for b in adjacent):
+            why_not.append(f"{list_name}: its modules do not pass the tokens on to one another (embedders of "
+                           "separate inputs, not a stack of blocks)")
             continue
         merged = _merge(specs, events)
         if merged is None:
@@ -336,12 +382,13 @@ def _build_spec(model, lists, watch: _Watch, args, kwargs, moreg: bool) -> Model
             f"{', '.join(f'{n}.{i}' for n, i in sequence[:12])}{', ...' if len(sequence) > 12 else ''}" + _how_to(name)
         )
     if not interleave and len(order) > 1:
-        # Lists run one after another: keep the run of lists that pass the video tokens on in one shape, and of
-        # those runs the last (the one the output comes from); a text refiner's blocks before the main stack form
-        # a run of their own.
+        # Lists run one after another: keep the run of lists that hand the video tokens on to each other (the next
+        # list's first block takes what the previous list's last one returned), and of those runs the last (the one
+        # the output comes from); a text refiner's blocks before the main stack form a run of their own.
         runs, shapes = [[order[0]]], {n: tuple(next(e for e in watch.events if e.list_name == n).hidden_in.shape) for n in order}
+        first_event = {n: next(e for e in watch.events if e.list_name == n) for n in order}
         for previous, current in zip(order, order[1:]):
-            if shapes[previous] == shapes[current]:
+            if shapes[previous] == shapes[current] and first_event[current].chained:
                 runs[-1].append(current)
             else:
                 runs.append([current])
@@ -355,7 +402,7 @@ def _build_spec(model, lists, watch: _Watch, args, kwargs, moreg: bool) -> Model
     video_out = last_out.get(last_spec.output_hidden_states_index)
     text_out = last_out.get(last_spec.output_encoder_hidden_states_index) if last_spec.output_encoder_hidden_states_index is not None else None
     cache_start = next(
-        (i for i, e in enumerate(events[:-1])
+        (i for i, e in enumerate(events)
          if video_out is not None and e.hidden_in.shape == video_out.shape
          and (text_out is None or block_lists[e.list_name].encoder_hidden_states_argument is None
               or (e.text_in is not None and e.text_in.shape == text_out.shape))),
@@ -363,7 +410,7 @@ def _build_spec(model, lists, watch: _Watch, args, kwargs, moreg: bool) -> Model
     )
     if cache_start is None:
         raise InferenceError(
-            f"{name}: no block before the last takes tokens of the shape the last block returns "
+            f"{name}: no block takes tokens of the shape the last block returns "
             f"({tuple(video_out.shape) if video_out is not None else None}), so no span of blocks can be cached"
             + _how_to(name)
         )
