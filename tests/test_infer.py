@@ -366,3 +366,38 @@ def test_a_text_refiner_as_long_as_the_video_is_not_part_of_the_stack(monkeypatc
     inputs["encoder_hidden_states"] = torch.randn(1, n, inputs["encoder_hidden_states"].shape[-1])  # text == video tokens
     inputs["encoder_attention_mask"] = torch.ones(1, n, dtype=inputs["encoder_attention_mask"].dtype)
     assert infer_spec(model, (), inputs) == specs.MODEL_SPECS[tiny.class_name]
+
+
+class ListBlocks(nn.Module):
+    """Blocks returning [video, text] lists, and a forward that appends to what they return."""
+
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, hidden_states, encoder_hidden_states):
+            return [hidden_states + self.a(hidden_states), encoder_hidden_states + self.b(encoder_hidden_states)]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([self.Pair(), self.Pair(), self.Pair()])
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states):
+        for block in self.blocks:
+            out = block(hidden_states, encoder_hidden_states)
+            out.append(None)  # a list method: a tuple would break here
+            hidden_states, encoder_hidden_states = out[0], out[1]
+        return hidden_states
+
+
+def test_blocks_returning_lists_get_lists_back_on_skipped_steps():
+    model = ListBlocks()
+    apply_adacache(model, AdaCacheConfig(codebook={1e9: 2}, moreg=False))
+    x, text = torch.randn(1, 6, 8), torch.randn(1, 3, 8)
+    with torch.no_grad():
+        for step in range(4):
+            with adacache.cache_context(model, "cond", step_index=step, num_inference_steps=6):
+                model(x, torch.tensor([900.0 - 100 * step]), text)
+    assert get_stats(model)[-1].skipped_steps == [3]
+    remove_adacache(model)

@@ -194,6 +194,7 @@ class _Runtime(_Bound):
         self.probe_layout = (probe_spec.attention_layout if attention else None) or probe_spec.token_layout
         self.temporal_patch = spec.temporal_patch_size(model)
         self.block_parameters = [list(inspect.signature(b.forward).parameters) for _, b, _ in self.blocks]
+        self.list_outputs: set[int] = set()  # blocks seen returning a list rather than a tuple
 
     @property
     def current(self) -> _Call | None:
@@ -417,14 +418,20 @@ class _Runtime(_Bound):
         if call.compute:
             return None
         if index != self.last:
-            return _make_output(block_spec, *inputs)
+            return self._as_returned(index, _make_output(block_spec, *inputs))
         call.reached_last = True
-        return _make_output(block_spec, *self._apply_cache(call, inputs))
+        return self._as_returned(index, _make_output(block_spec, *self._apply_cache(call, inputs)))
+
+    def _as_returned(self, index: int, output: Any) -> Any:
+        """A skipped block's output in the container its computed calls returned (a list, for some blocks)."""
+        return list(output) if index in self.list_outputs and isinstance(output, tuple) else output
 
     def after_block(self, index: int, args: tuple, kwargs: dict, output: Any) -> Any:
         call = self.current
         if call is None or not call.compute:
             return output
+        if isinstance(output, list):
+            self.list_outputs.add(index)
         _, _, block_spec = self.blocks[index]
         if index == self.probe_index:
             if self.probe_point == "block":
