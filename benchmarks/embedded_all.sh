@@ -9,8 +9,11 @@ weights=src/adacache/embedded/weights
 mkdir -p runs
 # 1. the EMA weights of the checkpoint become the shipped pipeline folder
 adacache train --out "$run" --export "$weights"
-# 2. quality of the model, uncached (README's quality table)
+# 2. quality of the model, uncached (README's quality table), on the seeds of every earlier figure and on a second
+# set of seeds no one looked at while training; and the probe of the direction word's sign
 python benchmarks/embedded_quality.py --json runs/quality-uncached.json | tee runs/quality-uncached.txt
+python benchmarks/embedded_quality.py --seeds 2 3 | tee runs/quality-uncached-seeds23.txt
+python benchmarks/direction_sign.py | tee runs/direction-sign.txt
 # 3. the shipped codebooks: calibrated for 2.5x wall clock at 30 and at 100 steps, checked on held-out prompts
 adacache calibrate --speedup 2.5 --num-prompts 6 --check 12 -o "$weights/adacache.json" | tee runs/calibrate-30.txt
 adacache calibrate --steps 100 --speedup 2.5 --num-prompts 4 --check 6 -o "$weights/adacache-100.json" \
@@ -27,3 +30,7 @@ adacache bench --num-prompts 12 --seeds 0 -o runs/bench-30 --no-progress | tee r
 adacache bench --steps 100 --num-prompts 6 --seeds 0 -o runs/bench-100 --no-progress | tee runs/bench-100.txt
 adacache bench --num-prompts 12 --seeds 0 --methods none,auto,benchmarks/codebooks/embedded-30-moreg.json \
   --no-flops -o runs/bench-moreg --no-progress | tee runs/bench-moreg.txt
+# 6. how much of each frame is background (BENCHMARKS.md), and calibration under load (10 minutes; nothing else
+# may run meanwhile)
+python benchmarks/background_share.py | tee runs/background-share.txt
+python benchmarks/calibrate_under_load.py | tee runs/calibrate-under-load.txt
