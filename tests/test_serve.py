@@ -251,7 +251,8 @@ def test_serve_without_gradio_is_one_error(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)
     assert main(["serve", "--no-browser"]) == 2
-    assert capsys.readouterr().err == 'adacache: error: the web page needs gradio: pip install "adacache[serve]"\n'
+    assert capsys.readouterr().err == ('adacache: error: the command line needs gradio, which the light install (pip '
+                                       'install adacache) leaves out: pip install "adacache[all]"\n')
     assert list(tmp_path.iterdir()) == []  # its temporary folder is gone
     assert "GRADIO_TEMP_DIR" not in os.environ
 
