@@ -96,7 +96,8 @@ def write_video(frames, path: str | os.PathLike, fps: int = 8, scale: int = 1) -
     from .extras import need
 
     imageio = need("imageio.v2", "Writing video")
-    need("imageio_ffmpeg", "Writing video") if str(path).lower().endswith(".mp4") else None
+    if str(path).lower().endswith(".mp4"):
+        need("imageio_ffmpeg", "Writing MP4")
     path = check_writable(path)
     array = upscale(to_uint8(frames), scale)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)

@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import inspect
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from .specs import TOKEN_LAYOUTS, BlockList, BlockSpec, ModelSpec
+from .specs import BlockList, BlockSpec, ModelSpec
 
 __all__ = ["InferenceError", "infer_spec", "spec_source", "diffusers_video_transformers"]
 
@@ -442,7 +442,7 @@ def _build_spec(model, lists, watch: _Watch, args, kwargs, moreg: bool) -> Model
                 if own is not None and own != layouts.get(list_name):
                     attention, attention_layout = sub, own
                     break
-        specs[list_name] = BlockSpec(**{**spec.__dict__, "attention": attention, "attention_layout": attention_layout})
+        specs[list_name] = replace(spec, attention=attention, attention_layout=attention_layout)
     if layouts[probe_list] is None:
         if moreg:
             raise InferenceError(
@@ -453,7 +453,7 @@ def _build_spec(model, lists, watch: _Watch, args, kwargs, moreg: bool) -> Model
             )
         frames_argument, frames_dim = None, None
     final = tuple(
-        BlockList(n, BlockSpec(**{**specs[n].__dict__, "token_layout": layouts[n] or "b(ts)c"})) for n in order
+        BlockList(n, replace(specs[n], token_layout=layouts[n] or "b(ts)c")) for n in order
     )
     return ModelSpec(
         block_lists=final,
@@ -629,5 +629,3 @@ def _how_to(name: str) -> str:
     return (f". Describe {name} by hand: adacache.apply_adacache(model, config, spec=ModelSpec(...)) or "
             f"adacache.register_model({name!r}, spec); see adacache.ModelSpec and BlockSpec")
 
-
-assert set(TOKEN_LAYOUTS) == {"b(ts)c", "(bt)sc", "(bs)tc"}
