@@ -36,6 +36,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 DEFAULT_PRESET = "opensora-30-fast"
 
 PROBE_POINTS = ("auto", "block", "attention")
+STORES = ("reuse", "forecast")
 
 
 class ConfigError(ValueError):
@@ -81,6 +82,10 @@ class AdaCacheConfig:
     # Only for pipelines that tell neither the step index nor the step count (no `cache_context`, no scheduler
     # known): the number of denoising steps, so the last two can be forced. Leave None otherwise.
     num_inference_steps: int | None = None
+    # What a skipped step adds to the first cached block's input (core/store.py): "reuse" the residual of the last
+    # computed step as it is (the paper's and the default), or "forecast" it, extrapolating the last two computed
+    # residuals to the skipped step, first order in the step index (one more cached tensor per stream).
+    store: str = "reuse"
     # Finished generations kept for `get_stats` (per transformer).
     stats_history: int = 8
 
@@ -136,6 +141,11 @@ class AdaCacheConfig:
             raise ConfigError(f"probe_point must be one of {PROBE_POINTS} or a submodule path, got {self.probe_point!r}")
         if self.num_inference_steps is not None and (not _is_int(self.num_inference_steps) or self.num_inference_steps < 1):
             raise ConfigError(f"num_inference_steps must be a positive int or None, got {self.num_inference_steps!r}")
+        if self.store not in STORES:
+            raise ConfigError(f"store must be one of {STORES}, got {self.store!r}")
+        if self.paper_mode and self.store != "reuse":
+            raise ConfigError("paper_mode reproduces the authors' plain reuse of the cached residual; use "
+                              "store='reuse' with paper_mode=True, or paper_mode=False to forecast")
         if not _is_int(self.stats_history) or not 1 <= self.stats_history <= 100_000:
             raise ConfigError(f"stats_history must be an int from 1 to 100000, got {self.stats_history!r}")
         object.__setattr__(self, "_checked", True)

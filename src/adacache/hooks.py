@@ -741,7 +741,7 @@ def apply_adacache(
         config = AdaCacheConfig.from_dict(config)
     elif not isinstance(config, AdaCacheConfig):
         config = AdaCacheConfig.load(config)
-    models = _models_of(target)
+    models = transformers_of(target)
     done = []
     try:
         for model in models:
@@ -755,7 +755,9 @@ def apply_adacache(
         raise
 
 
-def _models_of(target: Any) -> list[torch.nn.Module]:
+def transformers_of(target: Any) -> list[torch.nn.Module]:
+    """The transformers AdaCache works on: the model itself, or a pipeline's `.transformer` (and `.transformer_2`,
+    Wan 2.2's second expert). A torch.compile'd model or an object with neither is a TypeError saying what to pass."""
     if isinstance(target, torch.nn.Module):
         if type(target).__name__ == "OptimizedModule":
             raise TypeError(
@@ -886,7 +888,7 @@ def _copied(value: Any) -> Any:
 def remove_adacache(target: Any) -> None:
     """Undo apply_adacache: the model (or every transformer of the pipeline) is back to its exact uncached self.
     Blocks compiled with compile_blocks go back to their uncompiled forward."""
-    runtimes = [(model, _runtime_of(model)) for model in _models_of(target) if _RUNTIME_ATTRIBUTE in model.__dict__]
+    runtimes = [(model, _runtime_of(model)) for model in transformers_of(target) if _RUNTIME_ATTRIBUTE in model.__dict__]
     if not runtimes:
         raise RuntimeError("AdaCache is not applied to this model; nothing to remove")
     # all or nothing: every check before any undo, so a refusal leaves AdaCache whole and a retry can succeed
@@ -909,7 +911,7 @@ def describe(target: Any, *args: Any, print_source: bool = True, **kwargs: Any) 
     its first call); else, with example forward inputs (`describe(model, **inputs)`), the spec inferred from one
     forward call with them; else the registered spec. A model with none of those is an error saying what to pass.
     """
-    model = _models_of(target)[0]
+    model = transformers_of(target)[0]
     runtime = model.__dict__.get(_RUNTIME_ATTRIBUTE)
     origin = None
     if runtime is not None and _runtime_of(model).spec is not None:
@@ -936,7 +938,7 @@ def describe(target: Any, *args: Any, print_source: bool = True, **kwargs: Any) 
 
 def reset_state(target: Any) -> None:
     """Forget every generation in progress: the next call starts a new generation (its stats are kept)."""
-    for model in _models_of(target):
+    for model in transformers_of(target):
         _runtime_of(model).reset()
 
 
@@ -945,7 +947,7 @@ def get_stats(target: Any) -> list[GenerationStats]:
     motion scores and the cache memory held. For a pipeline with two transformers (Wan 2.2), both, each
     GenerationStats naming its `model`."""
     stats = []
-    for name, model in zip(("transformer", "transformer_2"), _models_of(target)):
+    for name, model in zip(("transformer", "transformer_2"), transformers_of(target)):
         for entry in _runtime_of(model).stats():
             entry.model = name
             stats.append(entry)

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..hooks import _models_of, get_stats
+from ..hooks import transformers_of, get_stats
 from .methods import Method, parse_methods
 from .metrics import LPIPS, TransformerMeter, as_video, frame_motion, held_tensor_bytes, object_psnr, psnr, ssim
 
@@ -216,7 +216,7 @@ class Bench:
                           "make it a writable file or pass another --out folder") from None
         bar = tqdm(total=len(todo), desc=f"bench (rank {self.rank})" if self.world > 1 else "bench",
                    disable=not self.progress)
-        with TransformerMeter(_models_of(self.pipe)) as meter, sink:
+        with TransformerMeter(transformers_of(self.pipe)) as meter, sink:
             self.meter = meter
             self._warm_up(todo)
             for video in self.videos:
@@ -292,7 +292,7 @@ class Bench:
         peak_held = None
         if method.kind == "diffusers":
             peak_held = 0
-            models = _models_of(self.pipe)
+            models = transformers_of(self.pipe)
 
             def watch(module, args, output):
                 nonlocal peak_held
@@ -406,7 +406,7 @@ def _fingerprint(pipe: Any) -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    for model in _models_of(pipe):
+    for model in transformers_of(pipe):
         for name, tensor in sorted(model.state_dict().items()):
             digest.update(name.encode())
             head = tensor.detach().flatten()[:1024]  # no full copy of a large model's weights

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from ..config import AdaCacheConfig
-from ..hooks import _models_of, apply_adacache, get_stats, remove_adacache
+from ..hooks import transformers_of, apply_adacache, get_stats, remove_adacache
 from .metrics import TransformerMeter, as_video, psnr
 
 logger = logging.getLogger(__name__)
@@ -237,7 +237,7 @@ class Calibrator:
         if config is not None:
             apply_adacache(self.pipe, config)
         try:
-            with TransformerMeter(_models_of(self.pipe)) as meter:  # the denoising loop's time, as bench measures
+            with TransformerMeter(transformers_of(self.pipe)) as meter:  # the denoising loop's time, as bench measures
                 output = self.pipe(prompt, num_inference_steps=self.steps, guidance_scale=self.guidance,
                                    generator=torch.Generator().manual_seed(seed), **self.call)
             seconds = meter.seconds
@@ -302,7 +302,7 @@ class Calibrator:
         computed: list[float] = []
         skipped: list[float] = []
         for _ in range(max(2, math.ceil(samples / skippable))):
-            with _StepClock(_models_of(self.pipe)) as clock:
+            with _StepClock(transformers_of(self.pipe)) as clock:
                 self.generate(config, prompt, seed)
             more_computed, more_skipped = clock.split(self._last_stats, self.steps)
             computed += more_computed

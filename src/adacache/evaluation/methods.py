@@ -33,7 +33,7 @@ import torch
 
 from .. import compat
 from ..config import PRESETS, AdaCacheConfig, ConfigError
-from ..hooks import _models_of, apply_adacache, remove_adacache
+from ..hooks import transformers_of, apply_adacache, remove_adacache
 
 PEERS = ("fbc", "pab", "magcache", "taylorseer", "fastercache")
 PEER_NAMES = {
@@ -81,7 +81,7 @@ class Method:
         """Why this method cannot run on `pipe` (at this guidance scale, when given), or None."""
         if self.kind != "diffusers":
             return None
-        models = _models_of(pipe)
+        models = transformers_of(pipe)
         if not all(hasattr(m, "enable_cache") for m in models):
             return f"{type(models[0]).__name__} has no diffusers cache support (no CacheMixin.enable_cache)"
         return _PEER_SUPPORT[self.peer](pipe, models, guidance)
@@ -91,14 +91,14 @@ class Method:
         if self.kind == "adacache":
             apply_adacache(pipe, self.adacache)
         elif self.kind == "diffusers":
-            for model in _models_of(pipe):
+            for model in transformers_of(pipe):
                 model.enable_cache(_PEER_CONFIG[self.peer](self, pipe, model, steps, run))
 
     def remove(self, pipe: Any) -> None:
         if self.kind == "adacache":
             remove_adacache(pipe)
         elif self.kind == "diffusers":
-            for model in _models_of(pipe):
+            for model in transformers_of(pipe):
                 if getattr(model, "is_cache_enabled", False):
                     model.disable_cache()
             for handle in self.state.pop("handles", []):
@@ -236,7 +236,7 @@ def _timestep_callback(method: Method, pipe: Any) -> Callable[[], int]:
             seen["t"] = int(torch.as_tensor(t).float().flatten()[0])
 
     handles = method.state.setdefault("handles", [])
-    for model in _models_of(pipe):
+    for model in transformers_of(pipe):
         handles.append(model.register_forward_pre_hook(remember, with_kwargs=True))
     return lambda: seen["t"]
 
