@@ -15,7 +15,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Schedule": ".algorithm", "lookup_rate": ".algorithm", "motion_score": ".algorithm", "relative_l1": ".algorithm",
+    "Schedule": ".core.decision", "lookup_rate": ".core.decision", "motion_score": ".core.decision",
+    "relative_l1": ".core.decision",
     "PRESETS": ".config", "AdaCacheConfig": ".config", "ConfigError": ".config",
     "GenerationStats": ".hooks", "apply_adacache": ".hooks", "cache_context": ".hooks", "compile_blocks": ".hooks",
     "get_stats": ".hooks", "remove_adacache": ".hooks", "reset_state": ".hooks", "describe": ".hooks",

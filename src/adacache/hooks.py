@@ -35,15 +35,16 @@ from typing import Any, Callable, Mapping
 import torch
 
 from . import compat
-from .algorithm import Schedule
 from .config import AdaCacheConfig
+from .core.clock import StepClock
+from .core.decision import Schedule
+from .core.store import ResidualStore, make_store
 from .models.infer import infer_spec, spec_source
 from .models.specs import BlockSpec, ModelSpec, registered_spec, spec_for
 
 logger = logging.getLogger(__name__)
 
 _HOOK_NAME = "adacache"
-_MAX_AUTO_BRANCHES = 8
 _RUNTIME_ATTRIBUTE = "_adacache"
 
 
@@ -83,21 +84,23 @@ class GenerationStats:
 
 @dataclass
 class _BranchState:
-    """One CFG branch's generation in progress."""
+    """One CFG branch's generation in progress: its decision and its residual store."""
 
     schedule: Schedule
+    store: ResidualStore
     generation: int
-    last_t: float | None = None
-    direction: int | None = None  # +1 rising or -1 falling timesteps, once two calls have been seen
-    timesteps: Any = None  # the scheduler's timesteps object this generation started with
-    residuals: tuple[torch.Tensor, torch.Tensor | None] | None = None  # cached (video, text) stack residuals
     peak_bytes: int = 0
     thread: int | None = None  # the thread that made this generation's last call
     layout: Any = None  # the shape of the model's frames argument: fixed within a generation
 
+    @property
+    def residuals(self) -> tuple[torch.Tensor | None, ...] | None:
+        """The latest stored residual per stream (video, text), or None."""
+        return self.store.latest
+
     def cache_bytes(self) -> int:
-        tensors = [*(self.residuals or ()), self.schedule.prev_probe]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        probe = self.schedule.prev_probe
+        return self.store.nbytes() + (probe.numel() * probe.element_size() if probe is not None else 0)
 
     def stats(self, branch: str) -> GenerationStats:
         s = self.schedule
@@ -171,8 +174,7 @@ class _Runtime(_Bound):
         self.pipeline_ref: Callable[[], Any] | None = None
         self._timesteps_cache: tuple[Any, list[float]] | None = None
         self.warned_unknown_steps = False
-        self.last_call_t: float | None = None
-        self.calls_at_t = 0
+        self.clock = StepClock(config.num_inference_steps)
         self.probe_slot: list[torch.Tensor | None] = [None]  # filled by the attention forward hook
         # What remove_adacache undoes, in reverse: (check, undo) pairs. Every check runs before anything is undone,
         # and returns why the undo cannot be done (something wrapped the forward afterwards) or None.
@@ -258,76 +260,41 @@ class _Runtime(_Bound):
 
     # -- a transformer call begins: which branch, which step, compute or skip? --
     def begin_call(self, args: tuple, kwargs: dict) -> None:
-        """Which CFG branch and step this call is, from the best source available: diffusers' cache_context
-        (name, step_index, num_inference_steps), else the scheduler's timesteps (pipeline-level apply), else the
-        timestep's own sequence. A new generation starts when the step index does not advance, when the scheduler
-        was set anew, or when the timestep turns back against its direction."""
+        """Which CFG branch and step this call is (the step clock, core/clock.py, from diffusers' cache_context,
+        the pipeline's scheduler or the timestep), and whether its blocks run."""
         context = self.context
-        branch, step_index, num_steps = None, None, None
-        if context is not None:
-            branch, step_index, num_steps = context.name, context.step_index, context.num_inference_steps
+        name, step_index, num_steps = (context.name, context.step_index, context.num_inference_steps) if context \
+            is not None else (None, None, None)
         # The timestep is read (a device sync on GPU) only when the context does not say which step this is.
-        t = self._timestep(args, kwargs) if branch is None or step_index is None else None
-        if branch is None:  # no cache_context: the k-th call at the same timestep is branch k
-            self.calls_at_t = self.calls_at_t + 1 if t == self.last_call_t else 0
-            if self.calls_at_t >= _MAX_AUTO_BRANCHES:
-                raise RuntimeError(
-                    f"AdaCache: {self.calls_at_t + 1} calls in a row at timestep {t} and no cache_context: name each "
-                    "call's branch with `with model.cache_context(name):` (or adacache.cache_context for custom models)"
-                )
-            branch = "default" if self.calls_at_t == 0 else f"default.{self.calls_at_t}"
-        self.last_call_t = t
-        state = self.states.get(branch)
-        timesteps = self._scheduler_timesteps()
-        told_step = step_index is not None  # by the cache context: then it alone marks new generations
-        if step_index is None and timesteps is not None and t is not None:
-            after = state.schedule.last_step if state is not None and state.timesteps is timesteps[0] else 0
-            step_index = _find_step(timesteps[1], t, after)
-            if step_index is not None and num_steps is None:
-                num_steps = len(timesteps[1])
-        if num_steps is None:
-            num_steps = self.config.num_inference_steps
-
-        if state is None:
-            new_generation = True
-        elif step_index is not None:
-            new_generation = step_index + 1 <= state.schedule.last_step
-        else:
-            new_generation = _turns_back(state, t)
-        if not told_step and timesteps is not None and state is not None and state.timesteps is not timesteps[0]:
-            new_generation = True  # the scheduler was set for a new run
-        if state is not None and not new_generation and num_steps not in (None, state.schedule.num_steps):
-            new_generation = True
+        t = self._timestep(args, kwargs) if self.clock.needs_timestep(name, step_index) else None
+        tick = self.clock.read(name=name, step_index=step_index, num_steps=num_steps, t=t,
+                               timesteps=self._scheduler_timesteps())
+        branch, state = tick.branch, self.states.get(tick.branch)
         frames_value = self._argument(self.spec.frames_argument, args, kwargs)
         layout = tuple(frames_value.shape) if isinstance(frames_value, torch.Tensor) else frames_value
         thread = threading.get_ident()
-        if not new_generation and state.thread != thread:
+        if not tick.new_generation and state.thread != thread:
             raise RuntimeError(
                 f"AdaCache: a call from another thread continues generation {state.generation} (branch {branch!r}) "
                 f"of this {self.model_name}, which an earlier call from a different thread began. Threads must not "
                 "share a model with AdaCache while generating: give each thread its own model, or let one thread "
                 "finish (or call adacache.reset_state(model)) before another starts."
             )
-        if not new_generation and layout != state.layout:
+        if not tick.new_generation and layout != state.layout:
             raise ValueError(
                 f"AdaCache: the model's {self.spec.frames_argument!r} changed from {state.layout} to {layout} within "
                 f"generation {state.generation} (branch {branch!r}): the cached residual belongs to the old shape. "
                 "Call adacache.reset_state(model) to start a new generation, or name each differently shaped call "
                 "with its own cache_context."
             )
-        if new_generation:
-            state = self._new_generation(branch, num_steps)
-            state.timesteps = timesteps[0] if timesteps is not None else None
+        self.clock.commit(tick)
+        if tick.new_generation:
+            state = self._new_generation(branch, tick.num_steps)
             state.layout = layout
         state.thread = thread
-        step = step_index + 1 if step_index is not None else state.schedule.last_step + 1
-        if state.last_t is not None and t is not None and t != state.last_t:
-            state.direction = 1 if t > state.last_t else -1
-        state.schedule.last_step, state.last_t = step, t
-
-        compute = state.schedule.is_computed(step, have_cache=state.residuals is not None)
-        (state.schedule.computed_steps if compute else state.schedule.skipped_steps).append(step)
-        self.current = _Call(branch, state, step, compute, self._frames(frames_value))
+        compute = state.schedule.is_computed(tick.step, have_cache=state.store.holds)
+        (state.schedule.computed_steps if compute else state.schedule.skipped_steps).append(tick.step)
+        self.current = _Call(branch, state, tick.step, compute, self._frames(frames_value))
 
     def _scheduler_timesteps(self) -> tuple[Any, list[float]] | None:
         """(the pipeline's current scheduler's timesteps object, as floats), converted once per set_timesteps; None
@@ -359,7 +326,8 @@ class _Runtime(_Bound):
         if old is not None:
             self.history.append(old.stats(branch))
         self.generations += 1
-        state = _BranchState(Schedule(self.config, num_steps=num_steps), generation=self.generations)
+        state = _BranchState(Schedule(self.config, num_steps=num_steps), make_store(self.config),
+                             generation=self.generations)
         if num_steps is None:
             state.schedule.note(
                 "the number of inference steps is unknown (no cache_context with num_inference_steps, no scheduler): "
@@ -452,13 +420,14 @@ class _Runtime(_Bound):
         return output
 
     def _apply_cache(self, call: _Call, inputs: tuple) -> tuple:
-        """Skipped step at the last block: the first cached block's input + the cached stack residual, per stream.
+        """Skipped step at the last block: the first cached block's input + the store's residual for this step, per
+        stream (core/store.py: the last computed one, or a forecast of it).
 
         The span is one unit from the first block's input to the last block's output: whatever the model does
         between its blocks (a round-trip reshape, an adapter or control hint added to the tokens, a decoder that
         restarts from the embeddings) was part of the residual measured on the computed step, so what reaches the
         last block on a skipped step is not used. A stream the first block does not take passes as it arrives."""
-        first, residuals = call.first_inputs, call.state.residuals
+        first, residuals = call.first_inputs, call.state.store.produce(call.step)
         for name, start, cached in zip(("video", "text"), first, residuals):
             if cached is not None and (start is None or start.shape != cached.shape):
                 raise ValueError(
@@ -471,9 +440,9 @@ class _Runtime(_Bound):
                      for now, start, cached in zip(inputs, first, residuals))
 
     def _store_cache(self, call: _Call, outputs: tuple) -> None:
-        """Computed step, after the last block: let the schedule choose the next rate from the probe, then keep
-        the stack residual (output - input, per stream) if a later step will reuse it."""
-        state, schedule = call.state, call.state.schedule
+        """Computed step, after the last block: let the schedule choose the next rate from the probe, then give the
+        store the stack residual (output - input, per stream) if it wants it."""
+        state, schedule, store = call.state, call.state.schedule, call.state.store
         if call.probe is None:
             raise RuntimeError(f"AdaCache: the probe at {self.blocks[self.probe_index][0]} produced nothing")
         framed = _probe_frames(call.probe, self.probe_layout, call.frames)
@@ -484,12 +453,13 @@ class _Runtime(_Bound):
         last_step = schedule.num_steps is not None and call.step >= schedule.num_steps
         if last_step:
             schedule.prev_probe = None  # the generation is over: hold nothing
-        state.residuals = None
-        if schedule.rate == 1 or last_step:
+        if last_step or not store.wants(schedule.rate):
+            store.clear()
             state.peak_bytes = max(state.peak_bytes, state.cache_bytes())
-            return  # the next step is computed: no residual needed
+            return  # no skipped step will ask: no residual needed
         for name, out, start in zip(("video", "text"), outputs, call.first_inputs):
             if out is not None and start is not None and out.shape != start.shape:
+                store.clear()
                 raise ValueError(
                     f"AdaCache: the {name} tokens enter the cached span at {self.blocks[self.first][0]} with shape "
                     f"{tuple(start.shape)} but leave it at {self.blocks[self.last][0]} with shape {tuple(out.shape)}, "
@@ -507,9 +477,10 @@ class _Runtime(_Bound):
                     f"{self.blocks[self.last][0]} at step {call.step} (branch {call.branch!r}); not caching it, "
                     "the next step is computed"
                 )
+                store.clear()
                 schedule.reset_after_bad_cache(call.step)
                 return
-        state.residuals = residuals
+        store.put(call.step, residuals)
         state.peak_bytes = max(state.peak_bytes, state.cache_bytes())
 
     # -- stats --
@@ -521,6 +492,7 @@ class _Runtime(_Bound):
         for branch, state in self.states.items():
             self.history.append(state.stats(branch))
         self.states.clear()
+        self.clock.forget()
         self.current = None
 
 
@@ -534,25 +506,6 @@ def _like(cached: torch.Tensor, now: torch.Tensor, call: _Call) -> torch.Tensor:
         f"{now.device}: the model's dtype or device changed within a generation"
     )
     return cached.to(device=now.device, dtype=now.dtype)
-
-
-def _find_step(timesteps: list[float], t: float, after: int) -> int | None:
-    """Index of t in the scheduler's timesteps: the first match at or after `after` (schedulers such as Heun repeat
-    timesteps), else the first match; None when t is not there (a stale or unrelated scheduler)."""
-    tolerance = 1e-4 * max(1.0, abs(t))
-    matches = [i for i, value in enumerate(timesteps) if abs(value - t) <= tolerance]
-    if not matches:
-        return None
-    return next((i for i in matches if i >= after), matches[0])
-
-
-def _turns_back(state: "_BranchState", t: float | None) -> bool:
-    """Timestep-only fallback: a new generation when t repeats or moves against the run's direction (timesteps
-    fall in most schedulers and rise in some, such as Mochi's)."""
-    if t is None or state.last_t is None or t == state.last_t:
-        return True
-    direction = 1 if t > state.last_t else -1
-    return state.direction is not None and direction != state.direction
 
 
 def _scheduler_of(pipeline: Any) -> Any:
