@@ -336,3 +336,29 @@ def test_calibrate_with_moreg_fits_its_normalisation_to_the_model(tiny_pipe):
     result = calibrator.calibrate(speedup=2.0, wall_clock=False, iterations=3)
     assert result.config.moreg and result.config.moreg_norm == pytest.approx(norm)
     assert result.about["moreg_norm"] == pytest.approx(norm)
+
+
+def test_flops_are_counted_exactly_and_on_a_module_graph_with_a_cycle():
+    """The FLOP counter counts totals only (metrics.total_flop_counter): torch's own per-module tracking walks a
+    module's children and never ends where they form a cycle, as cache-dit's cached blocks and their transformer do
+    while it runs. A torch whose FlopCounterMode changed fails here."""
+    from adacache.evaluation.metrics import TransformerMeter
+
+    class Looped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 8)
+            self.inner = torch.nn.Module()
+            self.inner.outer = self  # a child that holds its parent: the cycle
+
+        def forward(self, x):
+            return self.linear(x)
+
+    model = Looped()
+    with TransformerMeter([model]) as meter:
+        meter.reset(count_flops=True)
+        model(torch.ones(2, 4))
+        assert meter.flops == 2 * 2 * 4 * 8  # one (2, 4) x (4, 8) matmul: a multiply and an add each
+        meter.reset(count_flops=True)
+        model(torch.ones(3, 4))
+        assert meter.flops == 2 * 3 * 4 * 8

@@ -17,6 +17,10 @@ what to do (`BenchFolderError`, a ValueError): a records line cut short or not a
 baseline video that is missing or unreadable is generated again and checked against its record; a video whose
 baseline record is lost is measured again with every method; run.json that is not the settings object, records
 without run.json, and a folder where a file belongs (or a file where a folder belongs) are refused.
+
+The bench knows a method only through `methods.Method`: apply, remove, unsupported (a reason: the method is
+recorded as skipped), held_bytes (read after the generation, or after every transformer call of the untimed pass
+for methods that drop their state at the end of a call) and stats (record fields such as computed_steps).
 """
 
 from __future__ import annotations
@@ -29,48 +33,22 @@ import os
 import statistics
 import tempfile
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..hooks import transformers_of, get_stats
+from ..hooks import transformers_of
+from .folder import BenchFolderError, BenchSettings, finite, refuse, write_atomic
 from .methods import Method, parse_methods
-from .metrics import LPIPS, TransformerMeter, as_video, frame_motion, held_tensor_bytes, object_psnr, psnr, ssim
+from .metrics import LPIPS, TransformerMeter, as_video, frame_motion, object_psnr, psnr, ssim
+from .report import write_report
+
+__all__ = ["Bench", "BenchFolderError", "BenchSettings", "check_folder", "finite", "load_records", "prepare_folder",
+           "read_prompts", "run_bench", "write_atomic"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class BenchSettings:
-    """What a run measures; saved as run.json, and a resumed run must match it."""
-
-    model: str  # "embedded" or the diffusers pipeline id / folder
-    prompts: list[str]
-    methods: list[str]
-    seeds: list[int] = field(default_factory=lambda: [0])
-    steps: int = 30
-    guidance: float = 4.0
-    repeats: int = 1  # timed generations per video and method; the median counts
-    warmup: int = 1  # untimed generations per method at the start of each process
-    flops: bool = True  # count the transformer FLOPs in an extra pass per video and method
-    call: dict[str, Any] = field(default_factory=dict)  # extra pipeline arguments (height, width, num_frames)
-
-    def __post_init__(self) -> None:
-        if not self.prompts or any(not isinstance(p, str) or not p.strip() for p in self.prompts):
-            raise ValueError("the prompt set is empty or holds an empty prompt; give one prompt per line")
-        if not self.seeds or any(not isinstance(s, int) or s < 0 for s in self.seeds):
-            raise ValueError(f"seeds must be non-negative integers, got {self.seeds}")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds are listed twice: {self.seeds}")
-        if self.steps < 1 or self.repeats < 1 or self.warmup < 0:
-            raise ValueError("steps and repeats must be positive, warmup zero or more")
-
-    def videos(self) -> list[tuple[str, int, str, int]]:
-        """(video id, prompt index, prompt, seed) for every prompt x seed."""
-        return [(f"p{i:03d}-s{seed}", i, p, seed) for i, p in enumerate(self.prompts) for seed in self.seeds]
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
@@ -97,27 +75,6 @@ def prepare_folder(out: str | os.PathLike) -> Path:
     return out
 
 
-class BenchFolderError(ValueError):
-    """The output folder holds something a run cannot resume from; the message names the file and what to do."""
-
-
-def _refuse(path: Path, problem: str, remedy: str | None = None) -> BenchFolderError:
-    remedy = remedy or f"delete the folder {path.parent} (or that file) or pass another --out folder"
-    return BenchFolderError(f"{path} {problem}; {remedy}")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as error:
-        if tmp.is_file():
-            tmp.unlink()
-        raise _refuse(path, f"cannot be written ({error.strerror or error})",
-                      "make it a writable file (delete what is there) or pass another --out folder") from None
-
-
 # Files a bench writes in its folder (records.rank<R>.jsonl and videos/<id>.npy besides), each checked to be a file.
 _FOLDER_FILES = ("run.json", "report.json", "report.md", "pareto.png", "motion.png")
 
@@ -127,20 +84,20 @@ def check_folder(out: Path) -> None:
     paths = [out / name for name in _FOLDER_FILES] + sorted(out.glob("records.rank*.jsonl"))
     videos = out / "videos"
     if videos.exists() and not videos.is_dir():
-        raise _refuse(videos, "is not a folder (the bench keeps its baseline videos there)",
-                      "delete it, or pass another --out folder")
+        raise refuse(videos, "is not a folder (the bench keeps its baseline videos there)",
+                     "delete it, or pass another --out folder")
     if videos.is_dir():
         paths += sorted(videos.glob("*.npy"))
     for path in paths:
         if path.exists() and not path.is_file():
-            raise _refuse(path, "is not a file (the bench writes a file there)",
-                          "delete it, or pass another --out folder")
+            raise refuse(path, "is not a file (the bench writes a file there)",
+                         "delete it, or pass another --out folder")
 
 
 class Bench:
     """Runs a `BenchSettings` on a pipeline into a folder; `run()` returns this process's records."""
 
-    def __init__(self, pipe: Any, settings: BenchSettings, out: str | os.PathLike, *, tuned: str | None = None,
+    def __init__(self, pipe: Any, settings: BenchSettings, out: str | os.PathLike, *, tuned: Any = None,
                  rank: int = 0, world: int = 1, progress: bool = True) -> None:
         self.pipe, self.settings, self.rank, self.world, self.progress = pipe, settings, rank, world, progress
         self.methods: list[Method] = parse_methods(settings.methods, tuned)
@@ -171,11 +128,11 @@ class Bench:
             try:
                 theirs = json.loads(path.read_bytes().decode("utf-8"))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-                raise _refuse(path, f"is not a readable settings file ({error}), so the records beside it cannot be "
-                                    "matched to settings", remedy) from None
+                raise refuse(path, f"is not a readable settings file ({error}), so the records beside it cannot be "
+                                   "matched to settings", remedy) from None
             if not isinstance(theirs, dict) or not set(theirs) & set(expected):
-                raise _refuse(path, f"holds {type(theirs).__name__} JSON, not the settings a bench writes, so the "
-                                    "records beside it cannot be matched to settings", remedy)
+                raise refuse(path, f"holds {type(theirs).__name__} JSON, not the settings a bench writes, so the "
+                                   "records beside it cannot be matched to settings", remedy)
             if theirs != expected:
                 changed = sorted(k for k in set(expected) | set(theirs) if expected.get(k) != theirs.get(k))
                 raise ValueError(
@@ -185,8 +142,8 @@ class Bench:
         else:
             written = [p for p in self.out.glob("records.rank*.jsonl") if p.stat().st_size]
             if written:
-                raise _refuse(path, f"is missing, but {written[0].name} holds records: the settings they were "
-                                    "measured with are unknown", remedy)
+                raise refuse(path, f"is missing, but {written[0].name} holds records: the settings they were "
+                                   "measured with are unknown", remedy)
             if self.rank == 0:
                 write_atomic(path, json.dumps(mine, indent=2) + "\n")
 
@@ -212,8 +169,8 @@ class Bench:
         try:
             sink = records_path.open("a")
         except OSError as error:
-            raise _refuse(records_path, f"cannot be appended to ({error.strerror or error})",
-                          "make it a writable file or pass another --out folder") from None
+            raise refuse(records_path, f"cannot be appended to ({error.strerror or error})",
+                         "make it a writable file or pass another --out folder") from None
         bar = tqdm(total=len(todo), desc=f"bench (rank {self.rank})" if self.world > 1 else "bench",
                    disable=not self.progress)
         with TransformerMeter(transformers_of(self.pipe)) as meter, sink:
@@ -225,7 +182,7 @@ class Bench:
                     continue
                 reference = self._reference(video, sink, records)
                 for method in pending:
-                    if method.kind != "none":  # the baseline's record is written by _reference
+                    if not method.is_baseline:  # the baseline's record is written by _reference
                         bar.set_postfix_str(f"{video[0]} {method.name}")
                         _append(sink, self._measure(video, method, reference))
                     bar.update(1)
@@ -246,7 +203,7 @@ class Bench:
             return
         _, _, prompt, seed = todo[0][0]
         for method in self.methods:
-            if method.unsupported(self.pipe, self.settings.guidance):
+            if method.unsupported(self.pipe, self.settings.guidance, self.settings.steps):
                 continue
             try:
                 self._with(method, lambda: [self._generate(prompt, seed) for _ in range(self.settings.warmup)])
@@ -255,7 +212,8 @@ class Bench:
 
     def _with(self, method: Method, work):
         try:  # a method that fails to enable on a second transformer must not stay on the first
-            method.apply(self.pipe, self.settings.steps, run=lambda: self._generate(*self._first_video()))
+            method.apply(self.pipe, self.settings.steps, run=lambda: self._generate(*self._first_video()),
+                         guidance=self.settings.guidance)
             return work()
         finally:
             method.remove(self.pipe)
@@ -266,39 +224,42 @@ class Bench:
         _, _, prompt, seed = self.settings.videos()[0]
         return prompt, seed
 
-    def _timed(self, method: Method, prompt: str, seed: int) -> tuple[np.ndarray, list[float], list[Any], int | None]:
+    def _timed(self, method: Method, prompt: str, seed: int
+               ) -> tuple[np.ndarray, list[float], dict[str, Any], int | None]:
         """Generate `repeats` times, the method applied afresh each time (some caches keep state across
-        generations): the frames, AdaCache stats and cache memory of the first, every wall time."""
-        seconds, video, stats, cache_bytes = [], None, [], None
+        generations): the frames, the method's stats (record fields) and held memory of the first, every wall
+        time. The memory is read here for methods whose state outlives the generation (AdaCache's peak), else in
+        `_counted`."""
+        seconds, video, stats, held = [], None, {}, None
         for i in range(self.settings.repeats):
 
-            def generate() -> tuple[np.ndarray, list[Any]]:
+            def generate() -> tuple[np.ndarray, dict[str, Any], int | None]:
                 self.meter.reset()  # here, so that a method's own set-up run (MagCache's calibration) is not timed
                 if torch.cuda.is_available():
                     torch.cuda.reset_peak_memory_stats()
-                return self._generate(prompt, seed), _adacache_stats(self.pipe)
+                frames = self._generate(prompt, seed)
+                return (frames, method.stats(self.pipe),
+                        None if method.watch_memory_live else method.held_bytes(self.pipe))
 
-            frames, first_stats = self._with(method, generate)
+            frames, first_stats, first_held = self._with(method, generate)
             seconds.append(self.meter.seconds)
             if video is None:
-                video, stats = frames, first_stats
-        cache_bytes = sum(s["cache_bytes"] for s in stats) if stats else None  # AdaCache's peak, from its stats
-        return video, seconds, stats, cache_bytes
+                video, stats, held = frames, first_stats, first_held
+        return video, seconds, stats, held
 
     def _counted(self, method: Method, prompt: str, seed: int) -> tuple[int | None, int | None]:
         """An untimed pass with the method applied: the transformer FLOPs (when the settings ask for them) and, for
-        diffusers' caches, the most memory their hooks held after any transformer call (diffusers pipelines drop
-        hook state at the end of a call, so it is read during the generation, not after)."""
-        peak_held = None
-        if method.kind == "diffusers":
+        methods that drop their state at the end of a pipeline call (`Method.watch_memory_live`), the most memory
+        they held after any transformer call, read during the generation."""
+        peak_held, handles = None, []
+        if method.watch_memory_live:
             peak_held = 0
-            models = transformers_of(self.pipe)
 
             def watch(module, args, output):
                 nonlocal peak_held
-                peak_held = max(peak_held, sum(held_tensor_bytes(m) for m in models))
+                peak_held = max(peak_held, method.held_bytes(self.pipe) or 0)
 
-            handles = [m.register_forward_hook(watch) for m in models]
+            handles = [m.register_forward_hook(watch) for m in transformers_of(self.pipe)]
         elif not self.settings.flops:
             return None, None
 
@@ -312,9 +273,8 @@ class Bench:
         try:
             flops = self._with(method, work)
         finally:
-            if method.kind == "diffusers":
-                for handle in handles:
-                    handle.remove()
+            for handle in handles:
+                handle.remove()
         return flops, peak_held
 
     def _reference(self, video: tuple, sink, records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -328,7 +288,7 @@ class Bench:
         peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
         flops, _ = self._counted(self.methods[0], prompt, seed)
         _save_video(path, frames)
-        record = self._record(video, self.methods[0], frames, seconds, flops, [], peak, None, reference=None)
+        record = self._record(video, self.methods[0], frames, seconds, flops, {}, peak, None, reference=None)
         _append(sink, record)
         return {"frames": frames, "record": record}
 
@@ -343,10 +303,10 @@ class Bench:
         logger.warning("%s %s: generating the baseline video again (its recorded time is kept)", path, problem)
         frames = self._generate(prompt, seed)
         if not _matches(frames, record):
-            raise _refuse(path, f"{problem}, and generating it again gave another video than the one the records of "
-                                f"{record['video']} were measured against (motion {frame_motion(frames):.6g}, recorded "
-                                f"{record.get('motion')})",
-                          f"delete the folder {self.out} or pass another --out folder")
+            raise refuse(path, f"{problem}, and generating it again gave another video than the one the records of "
+                               f"{record['video']} were measured against (motion {frame_motion(frames):.6g}, recorded "
+                               f"{record.get('motion')})",
+                         f"delete the folder {self.out} or pass another --out folder")
         _save_video(path, frames)
         return frames
 
@@ -354,7 +314,7 @@ class Bench:
         vid, index, prompt, seed = video
         base = {"video": vid, "prompt_index": index, "prompt": prompt, "seed": seed, "method": method.name,
                 "family": method.family}
-        reason = method.unsupported(self.pipe, self.settings.guidance)
+        reason = method.unsupported(self.pipe, self.settings.guidance, self.settings.steps)
         if reason:
             return {**base, "status": "skipped", "reason": reason}
         try:
@@ -376,11 +336,7 @@ class Bench:
             "seconds": statistics.median(seconds), "seconds_all": seconds, "flops": flops,
             "peak_memory_bytes": peak, "cache_bytes": cache_bytes, "motion": frame_motion(frames),
         }
-        if stats:
-            record["computed_steps"] = max(len(s["computed_steps"]) for s in stats)
-            record["steps"] = max(s["steps_seen"] for s in stats)
-            record["adacache"] = [{k: s[k] for k in ("branch", "model", "computed_steps", "rates", "distances", "motion")}
-                                  for s in stats]
+        record.update(stats)  # what the method reports of itself: computed_steps, steps, its own details
         if reference is not None:
             ref = reference["record"]
             a, b = reference["frames"].astype(np.float32), frames.astype(np.float32)
@@ -440,8 +396,8 @@ def _save_video(path: Path, frames: np.ndarray) -> None:
         np.save(tmp, frames)
         os.replace(tmp, path)
     except OSError as error:
-        raise _refuse(path, f"cannot be written ({error.strerror or error})", "make the videos folder writable "
-                      "(delete what is in the way) or pass another --out folder") from None
+        raise refuse(path, f"cannot be written ({error.strerror or error})", "make the videos folder writable "
+                     "(delete what is in the way) or pass another --out folder") from None
 
 
 def _drop_unfinished_line(path: Path) -> None:
@@ -455,29 +411,10 @@ def _drop_unfinished_line(path: Path) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
-def finite(value: Any) -> Any:
-    """The value with every non-finite float (NaN, inf) replaced by None: records and reports are strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(v) for v in value]
-    return value
-
-
 def _append(sink, record: dict[str, Any]) -> None:
     sink.write(json.dumps(finite(record), allow_nan=False) + "\n")
     sink.flush()
     os.fsync(sink.fileno())
-
-
-def _adacache_stats(pipe: Any) -> list[dict[str, Any]]:
-    try:
-        stats = get_stats(pipe)
-    except (TypeError, RuntimeError, ValueError):  # not an AdaCache run
-        return []
-    return [s.to_dict() for s in stats]
 
 
 def _verify(frames: np.ndarray, prompt: str) -> dict[str, Any]:
@@ -538,8 +475,8 @@ def load_records(out: Path) -> list[dict[str, Any]]:
         try:
             lines = path.read_bytes().splitlines()
         except OSError as error:
-            raise _refuse(path, f"cannot be read ({error.strerror or error})",
-                          "delete it (what it held is measured again) or pass another --out folder") from None
+            raise refuse(path, f"cannot be read ({error.strerror or error})",
+                         "delete it (what it held is measured again) or pass another --out folder") from None
         for number, line in enumerate(lines, start=1):
             record = _record_of(line)
             if record is None:
@@ -552,13 +489,11 @@ def load_records(out: Path) -> list[dict[str, Any]]:
     return list(records.values())
 
 
-def run_bench(pipe: Any, settings: BenchSettings, out: str | os.PathLike, *, tuned: str | None = None,
+def run_bench(pipe: Any, settings: BenchSettings, out: str | os.PathLike, *, tuned: Any = None,
               progress: bool = True, command: str | None = None) -> dict[str, Any] | None:
     """Run (or resume) a bench into `out` and write its report. Under torchrun (WORLD_SIZE > 1) each process takes
     every WORLD_SIZE-th video; rank 0 waits for all, merges their records and writes the report (the others
     return None)."""
-    from .report import write_report
-
     rank, world = _distributed()
     bench = Bench(pipe, settings, out, tuned=tuned, rank=rank, world=world, progress=progress)
     # Each phase ends with every rank saying whether it failed, so one rank's error stops all (no rank is left

@@ -30,6 +30,12 @@ uncached step it is compared against, so the prediction is slightly optimistic (
 model). Finally one timed check (cached and uncached runs of one video, interleaved, medians) is compared with the
 model's prediction; a disagreement of more than 15% is logged as a warning (the machine was probably busy).
 
+Several targets (`Calibrator.calibrate_many`, `adacache calibrate --speedup 1.5 2 2.5`) share what does not
+depend on the target: the reference videos, the distance curves, MoReg's normalisation and the cost model. Each
+target keeps its own codebook shape (its longest reuse follows its goal) and its own bisection, but a codebook one
+bisection measured is read back, not generated again, when another reaches it; so each target gets the codebook a
+run for it alone would give, and targets sharing a shape share at least the first step (scale 1).
+
 The config saved carries "_about": what it was calibrated on, the cost model's samples and the check.
 """
 
@@ -39,10 +45,12 @@ import dataclasses
 import logging
 import math
 import numbers
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -231,6 +239,7 @@ class Calibrator:
         self.base = base or AdaCacheConfig()
         self.say = progress or (lambda message: None)
         self.cost_model: CostModel | None = None  # set by calibrate for a wall-clock target
+        self._held_out: dict[tuple[str, ...], tuple[Calibrator, list[Run]]] = {}  # check's reference videos
         pipe.set_progress_bar_config(disable=True)
 
     def generate(self, config: AdaCacheConfig | None, prompt: str, seed: int) -> Run:
@@ -365,9 +374,32 @@ class Calibrator:
         kind in the final check (0: no check). Targets no derived codebook can reach are refused before any
         generation where arithmetic tells, else before the bisection."""
         check_target(self.steps, speedup, target_psnr, iterations)
+        return self.calibrate_many(speedups=() if speedup is None else (speedup,),
+                                   psnrs=() if target_psnr is None else (target_psnr,), wall_clock=wall_clock,
+                                   iterations=iterations, cost=cost, check_repeats=check_repeats)[0]
+
+    def calibrate_many(self, *, speedups: Sequence[float] = (), psnrs: Sequence[float] = (), wall_clock: bool = True,
+                       iterations: int = 9, cost: CostModel | None = None, check_repeats: int = 3,
+                       done: Callable[[Calibration], None] | None = None) -> list[Calibration]:
+        """One config per target, in the order given, as `calibrate` makes each; the targets are all speed-ups or
+        all PSNRs. What does not depend on the target is done once: MoReg's normalisation, the distance curves, the
+        reference videos and the cost model. A codebook measured for one target is not generated again for another
+        (the measurements are deterministic), so each result is the one `calibrate` gives for its target alone.
+        Every target is checked before the first bisection; `done` is called with each result as it is made (a
+        long run can save what it finished)."""
+        speedups, psnrs = list(speedups), list(psnrs)
+        if bool(speedups) == bool(psnrs):
+            raise ValueError("give targets of one kind: speed-ups (e.g. speedups=[1.5, 2.0]) or PSNRs in dB (e.g. "
+                             "psnrs=[30, 35])")
+        targets = speedups or psnrs
+        for target in targets:
+            check_target(self.steps, target if speedups else None, target if psnrs else None, iterations)
+        repeated = sorted({target for target in targets if targets.count(target) > 1})
+        if repeated:
+            raise ValueError(f"the target {repeated[0]:g} is given more than once; give each target once")
         if not _is_int(check_repeats) or check_repeats < 0:
             raise ValueError(f"check_repeats must be a non-negative integer, got {check_repeats!r}")
-        wall = speedup is not None and wall_clock
+        wall = bool(speedups) and wall_clock
         norm = None
         if self.base.moreg:
             norm = self.moreg_norm()
@@ -378,26 +410,70 @@ class Calibrator:
                 self.say(f"MoReg normalisation: median raw motion {norm:.4g} (the authors' Open-Sora value: 0.385)")
         curves, references = self.curves()
         pooled = [d for curve in curves for d in curve]
-        goal = speedup
+        goals: list[float | None] = list(speedups) if speedups else [None] * len(psnrs)
         self.cost_model = None
         if wall:
             self.cost_model = cost or self.measure_costs()
-            goal = self._wall_goal(speedup, self.cost_model)  # once: from here on, no clock is read to decide
-        # long enough reuse to reach the target with room to spare, but every third step at most
-        rate = min(max(max_rate(self.steps), math.ceil(2 * (goal or 1))), rate_cap(self.steps))
-
-        def config_for(scale: float) -> AdaCacheConfig:
-            return dataclasses.replace(self.base, codebook=derive_codebook(pooled, rate, scale))
-
+            self._say_cost(self.cost_model)
+            goals = [self._wall_goal(s, self.cost_model) for s in speedups]  # once: from here on, no clock decides
+        memo = _Measurements(self, references)
         # threshold scales from 1/30 (nearly every step computed) to 30 (nearly every distance under the first)
         lo, hi = math.log(1 / SCALE_RANGE), math.log(SCALE_RANGE)
-        best: tuple[float, dict[str, float]] | None = None
-        if target_psnr is not None:
-            best = self._conservative_end(config_for, lo + (hi - lo) / 2**iterations, references, target_psnr)
+        conservative: tuple[float, dict[str, float]] | None = None
+        if psnrs:  # every PSNR target's codebook has the same shape (rate): one measurement checks them all
+            conservative = self._conservative_end(self._codebooks(pooled, None), lo + (hi - lo) / 2**iterations,
+                                                  max(psnrs), memo)
+        results = []
+        for target, goal in zip(targets, goals):
+            if len(targets) > 1:
+                self.say(f"target {_target_label(target, bool(speedups), wall_clock)}"
+                         + (f" ({goal:.3f}x compute)" if wall else ""))
+            config_for = self._codebooks(pooled, goal)
+            scale, measured = self._bisect(config_for, goal, None if speedups else target, iterations, conservative,
+                                           memo)
+            config = config_for(scale)
+            about = {
+                "calibrated_by": "adacache calibrate", "prompts": self.prompts, "seeds": self.seeds,
+                "steps": self.steps, "guidance": self.guidance,
+                "target": {"speedup": target if speedups else None, "psnr": None if speedups else target,
+                           "clock": "wall" if wall_clock else "compute"},
+                "max_rate": max(config.codebook.values()), "scale": scale, "reached": measured, "moreg_norm": norm,
+                "skip_cost": self.cost_model.skip_cost if self.cost_model else None,
+                "distance_quantiles": {str(q): float(np.quantile(pooled, q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)},
+                "mean_distance_curve": [statistics.fmean(c[i] for c in curves if len(c) > i)
+                                        for i in range(max(len(c) for c in curves))],
+            }
+            if len(targets) > 1:
+                about["calibrated_with"] = [t for t in targets if t != target]  # the run's other targets
+            if self.cost_model is not None:
+                about["compute_goal"] = goal
+                about["cost_model"] = self.cost_model.summary()
+                if check_repeats:
+                    about["wall_check"] = check = self.check_wall(config, self.cost_model, check_repeats)
+                    self.say(f"timed check: {_format(check['measured_wall_speedup'])} wall clock measured, "
+                             f"{check['predicted_wall_speedup']:.2f}x predicted")
+            results.append(Calibration(config, about))
+            if done is not None:
+                done(results[-1])
+        return results
+
+    def _codebooks(self, pooled: list[float], goal: float | None) -> Callable[[float], AdaCacheConfig]:
+        """The base config with the codebook derived at a threshold scale, for a compute goal (None: a PSNR
+        target). Its longest reuse: long enough to reach the goal with room to spare, every third step at most."""
+        rate = min(max(max_rate(self.steps), math.ceil(2 * (goal or 1))), rate_cap(self.steps))
+        return lambda scale: dataclasses.replace(self.base, codebook=derive_codebook(pooled, rate, scale))
+
+    def _bisect(self, config_for: Callable[[float], AdaCacheConfig], goal: float | None, target_psnr: float | None,
+                iterations: int, conservative: tuple[float, dict[str, float]] | None,
+                memo: "_Measurements") -> tuple[float, dict[str, float]]:
+        """(scale, measured) of the codebook closest to the compute `goal`, or of the fastest one keeping
+        `target_psnr` (`conservative`: the most conservative end, measured and found to keep it)."""
+        lo, hi = math.log(1 / SCALE_RANGE), math.log(SCALE_RANGE)
+        best = conservative if target_psnr is not None else None
         for _ in range(iterations):
             mid = (lo + hi) / 2
-            measured = self.measure(config_for(math.exp(mid)), references)
-            if speedup is not None:
+            measured = memo.measure(config_for(math.exp(mid)), f"scale {math.exp(mid):.3g}")
+            if goal is not None:
                 reached = measured["compute_speedup"] >= goal
                 if best is None or abs(measured["compute_speedup"] - goal) < abs(best[1]["compute_speedup"] - goal):
                     best = (mid, measured)
@@ -405,48 +481,30 @@ class Calibrator:
                 reached = measured["psnr"] < target_psnr  # too fast: scale down
                 if measured["psnr"] >= target_psnr and (best is None or mid > best[0]):
                     best = (mid, measured)
-            self.say(f"scale {math.exp(mid):.3g}: {_describe(measured)}")
             if reached:
                 hi = mid
             else:
                 lo = mid
         if best is None:  # not reached: the conservative end was checked first
             raise ValueError(f"no codebook keeps PSNR >= {target_psnr} dB on the calibration prompts; lower the target")
-        scale, measured = math.exp(best[0]), best[1]
-        if speedup is not None and measured["compute_speedup"] < 0.95 * goal:
+        if goal is not None and best[1]["compute_speedup"] < 0.95 * goal:
             logger.warning("the closest codebook found computes %.1f of %d steps (%.2fx compute), short of the %.2fx "
-                           "compute the target needs; more --iterations may get closer", measured["computed_steps"],
-                           self.steps, measured["compute_speedup"], goal)
-        config = config_for(scale)
-        about = {
-            "calibrated_by": "adacache calibrate", "prompts": self.prompts, "seeds": self.seeds, "steps": self.steps,
-            "guidance": self.guidance, "target": {"speedup": speedup, "psnr": target_psnr,
-                                                  "clock": "wall" if wall_clock else "compute"},
-            "max_rate": rate, "scale": scale, "reached": measured, "moreg_norm": norm,
-            "skip_cost": self.cost_model.skip_cost if self.cost_model else None,
-            "distance_quantiles": {str(q): float(np.quantile(pooled, q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)},
-            "mean_distance_curve": [statistics.fmean(c[i] for c in curves if len(c) > i)
-                                    for i in range(max(len(c) for c in curves))],
-        }
-        if self.cost_model is not None:
-            about["compute_goal"] = goal
-            about["cost_model"] = self.cost_model.summary()
-            if check_repeats:
-                about["wall_check"] = check = self.check_wall(config, self.cost_model, check_repeats)
-                self.say(f"timed check: {_format(check['measured_wall_speedup'])} wall clock measured, "
-                         f"{check['predicted_wall_speedup']:.2f}x predicted")
-        return Calibration(config, about)
+                           "compute the target needs; more --iterations may get closer", best[1]["computed_steps"],
+                           self.steps, best[1]["compute_speedup"], goal)
+        return math.exp(best[0]), best[1]
+
+    def _say_cost(self, cost: CostModel) -> None:
+        summary = cost.summary()
+        self.say(f"cost model: a skipped step costs {cost.skip_cost:.3f} of a computed one (medians of "
+                 f"{summary['skipped']['samples']} skipped and {summary['computed']['samples']} computed steps, "
+                 "spreads "
+                 f"{_format(summary['skipped']['spread'], '.0%')} and {_format(summary['computed']['spread'], '.0%')})")
 
     def _wall_goal(self, speedup: float, cost: CostModel) -> float:
         """The compute target a wall-clock target stands for, checked against the fastest derived codebook."""
         c = cost.skip_cost
         fewest = fewest_computed(self.steps, rate_cap(self.steps))
         fastest = cost.wall_speedup(self.steps, fewest)
-        summary = cost.summary()
-        self.say(f"cost model: a skipped step costs {c:.3f} of a computed one (medians of "
-                 f"{summary['skipped']['samples']} skipped and {summary['computed']['samples']} computed steps, "
-                 "spreads "
-                 f"{_format(summary['skipped']['spread'], '.0%')} and {_format(summary['computed']['spread'], '.0%')})")
         if speedup > fastest:
             raise ValueError(
                 f"a wall-clock speed-up of {speedup:g}x is out of reach at {self.steps} steps: a skipped step costs "
@@ -458,12 +516,12 @@ class Calibrator:
                  f"({self.steps / goal:.2f} of {self.steps} steps computed)")
         return goal
 
-    def _conservative_end(self, config_for: Callable[[float], AdaCacheConfig], end: float, references: list[Run],
-                          target_psnr: float) -> tuple[float, dict[str, float]]:
+    def _conservative_end(self, config_for: Callable[[float], AdaCacheConfig], end: float, target_psnr: float,
+                          memo: "_Measurements") -> tuple[float, dict[str, float]]:
         """Measure the most conservative codebook the bisection can reach first: a PSNR it does not keep is
         refused before the search, with the range that is reachable."""
-        measured = self.measure(config_for(math.exp(end)), references)
-        self.say(f"scale {math.exp(end):.3g} (the most conservative reachable): {_describe(measured)}")
+        measured = memo.measure(config_for(math.exp(end)), f"scale {math.exp(end):.3g} (the most conservative "
+                                                            "reachable)")
         if measured["psnr"] < target_psnr:
             raise ValueError(
                 f"a PSNR of {target_psnr:g} dB is out of reach: the most conservative codebook the search reaches "
@@ -473,11 +531,37 @@ class Calibrator:
         return end, measured
 
     def check(self, config: AdaCacheConfig, prompts: list[str]) -> dict[str, float]:
-        """The config's speed-up and PSNR on other prompts (held out from calibration)."""
-        held = Calibrator(self.pipe, prompts, seeds=self.seeds, steps=self.steps, guidance=self.guidance,
-                          base=self.base, call=self.call)
+        """The config's speed-up and PSNR on other prompts (held out from calibration). The held-out reference
+        videos are generated once per prompt list, however many configs are checked on them."""
+        key = tuple(prompts)
+        if key not in self._held_out:
+            held = Calibrator(self.pipe, list(prompts), seeds=self.seeds, steps=self.steps, guidance=self.guidance,
+                              base=self.base, call=self.call)
+            self._held_out[key] = (held, held.references())
+        held, references = self._held_out[key]
         held.cost_model = self.cost_model
-        return held.measure(config, held.references())
+        return held.measure(config, references)
+
+
+class _Measurements:
+    """`Calibrator.measure` for one set of reference videos, each codebook generated once: the measurements are
+    deterministic, so a codebook that one target's bisection measured is read back when another target's reaches
+    it (the first step, scale 1, is every target's of one rate)."""
+
+    def __init__(self, calibrator: Calibrator, references: list[Run]) -> None:
+        self.calibrator, self.references = calibrator, references
+        self.measured: dict[tuple[tuple[float, int], ...], dict[str, float]] = {}
+        self.reused = 0
+
+    def measure(self, config: AdaCacheConfig, label: str) -> dict[str, float]:
+        key = tuple(config.codebook.items())  # the rest of the config is the run's base, the same for every target
+        if key in self.measured:
+            self.reused += 1
+            self.calibrator.say(f"{label}: {_describe(self.measured[key])} (measured before)")
+            return dict(self.measured[key])
+        measured = self.measured[key] = self.calibrator.measure(config, self.references)
+        self.calibrator.say(f"{label}: {_describe(measured)}")
+        return dict(measured)
 
 
 def check_target(steps: int, speedup: Any, target_psnr: Any, iterations: Any) -> None:
@@ -501,6 +585,37 @@ def check_target(steps: int, speedup: Any, target_psnr: Any, iterations: Any) ->
         raise ValueError(
             f"a PSNR target must be a number of dB in (0, {PSNR_CAP:g}), got {target_psnr!r}: PSNR is counted up to "
             f"{PSNR_CAP:g} dB, which only a video identical to the uncached one reaches (for that, use no cache)")
+
+
+def config_name(model: str | None, steps: int, target: float, *, psnr: bool = False, compute: bool = False,
+                moreg: bool = False, forecast: bool = False) -> str:
+    """The file name of one target's config in an output folder: model, steps, target and what else is on, e.g.
+    embedded-30-2.50x.json, embedded-30-2.50x-compute-moreg.json, Wan2.1-T2V-1.3B-Diffusers-50-32.0db-forecast.json.
+    `model` is a pipeline id or folder (None: the embedded model). Speed-ups show two decimals, PSNRs one (more
+    where the target has more), and integer parts are padded to the widest target reachable at the step count, so
+    one model's files at one step count sort by target."""
+    label = "embedded" if model is None else re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.rstrip("/\\")).name)
+    label = label.strip("-.") or "model"
+    if psnr:
+        text = _decimals(target, 1, len(str(int(PSNR_CAP) - 1))) + "db"
+    else:
+        fastest = steps / fewest_computed(steps, rate_cap(steps))
+        text = _decimals(target, 2, len(str(int(fastest)))) + "x" + ("-compute" if compute else "")
+    return f"{label}-{steps}-{text}{'-forecast' if forecast else ''}{'-moreg' if moreg else ''}.json"
+
+
+def _decimals(value: float, places: int, width: int) -> str:
+    """`value` with at least `places` decimals (up to 6 where it needs them), its integer part zero-padded."""
+    text = f"{value:.{places}f}"
+    while float(text) != value and places < 6:
+        places += 1
+        text = f"{value:.{places}f}"
+    integer, _, fraction = text.partition(".")
+    return integer.zfill(width) + "." + fraction
+
+
+def _target_label(target: float, speedup: bool, wall_clock: bool) -> str:
+    return f"{target:g}x {'wall clock' if wall_clock else 'compute'}" if speedup else f"PSNR {target:g} dB"
 
 
 def _describe(measured: dict[str, float]) -> str:

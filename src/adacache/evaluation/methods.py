@@ -1,4 +1,4 @@
-"""The methods a benchmark compares, by name.
+"""The methods a benchmark compares, by name, each as an object the bench drives through one interface.
 
     none                        the uncached baseline
     <preset>[+moreg]            an AdaCache preset (opensora-30-fast, opensora-30-slow, opensora-100-fast)
@@ -11,29 +11,45 @@
     magcache[:threshold]        diffusers MagCache (default 0.06), its magnitude ratios from a calibration run first
     taylorseer[:interval]       diffusers TaylorSeer (default interval 3)
     fastercache[:range]         diffusers FasterCache (attention reused for range-1 steps, default 2)
+    dbcache[:threshold]         cache-dit's DBCache (residual difference threshold, default cache-dit's 0.08)
+    dbcache-taylorseer[:threshold]  cache-dit's DBCache with its TaylorSeer calibrator (order 1), same threshold
+    cachedit-mask[:policy]      cache-dit's steps mask: a fixed schedule of computed steps, policy slow, medium
+                                (default), fast or ultra (at 30 steps 22, 18, 14 and 10 steps computed)
 
 Parameters are ASCII numbers within a range per method (`PARAMETERS`): static k, pab, taylorseer and fastercache
-take whole numbers from 2 to 1000, fbc and magcache thresholds numbers from 1e-4 to 10. Anything else (NaN, inf,
-negative, empty, unicode digits, `+moreg` on a peer or twice) is a ConfigError naming the method and the range,
-raised before a model loads. A method a model cannot run gets a reason from `Method.unsupported(pipe)` and is
-skipped, never a crash.
+take whole numbers from 2 to 1000, the fbc, magcache and dbcache thresholds numbers from 1e-4 to 10; cachedit-mask
+takes one of `MASK_POLICIES`. Anything else (NaN, inf, negative, empty, unicode digits, `+moreg` on a peer or
+twice) is a ConfigError naming the method and the range, raised before a model loads.
+
+Every method is a `Method`: `apply(pipe, steps, run)` puts it on a pipeline's transformers, `remove(pipe)` takes
+it off again (also after a generation that raised), `unsupported(pipe, guidance, steps)` says why it cannot run
+there (the bench then records it as skipped, never a crash), `held_bytes(pipe)` is the memory it holds between
+steps and `stats(pipe)` what it did in the last generation, as record fields. The subclasses are `Baseline`,
+`AdaCacheMethod` (presets, files, auto, static), `DiffusersPeer` (diffusers' own caches) and `CacheDitPeer`
+(cache-dit, an optional dependency: without it the cache-dit methods are skipped with the reason).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
+import inspect
+import logging
 import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar, Hashable, Iterator, Mapping
 
 import torch
 
 from .. import compat
 from ..config import PRESETS, AdaCacheConfig, ConfigError
-from ..hooks import transformers_of, apply_adacache, remove_adacache
+from ..hooks import apply_adacache, get_stats, remove_adacache, transformers_of
+from ..models.specs import BlockSpec, registered_spec
+from .metrics import held_tensor_bytes, state_tensor_bytes
 
 PEERS = ("fbc", "pab", "magcache", "taylorseer", "fastercache")
 PEER_NAMES = {
@@ -45,64 +61,290 @@ PEER_NAMES = {
 }
 PEER_DEFAULTS = {"fbc": 0.05, "pab": 2, "magcache": 0.06, "taylorseer": 3, "fastercache": 2}
 
+CACHEDIT_PEERS = ("dbcache", "dbcache-taylorseer", "cachedit-mask")
+CACHEDIT_NAMES = {
+    "dbcache": "cache-dit DBCache",
+    "dbcache-taylorseer": "cache-dit DBCache+TaylorSeer",
+    "cachedit-mask": "cache-dit steps mask",
+}
+# cache-dit's own defaults: DBCacheConfig.residual_diff_threshold and steps_mask's mask_policy
+CACHEDIT_DEFAULTS: dict[str, float | str] = {"dbcache": 0.08, "dbcache-taylorseer": 0.08, "cachedit-mask": "medium"}
+MASK_POLICIES = ("slow", "medium", "fast", "ultra")  # cache_dit.steps_mask's predefined policies, slowest first
+CACHEDIT_MISSING = "cache-dit is not installed: pip install cache-dit (or pip install 'adacache[peers]')"
+
+
+# cache-dit's operating points in the default comparison, from about 1.4x to 3x fewer computed steps. On the shipped
+# embedded model at 30 steps (guidance 4, one prompt) DBCache computed 20, 15 and 11 of 30 steps at thresholds 0.08,
+# 0.16 and 0.32 (its 8 warm-up steps always run); the slow and ultra masks compute 22 and 10 of 30 at any threshold.
+DEFAULT_CACHEDIT = ["dbcache:0.08", "dbcache:0.16", "dbcache:0.32", "dbcache-taylorseer:0.16",
+                    "dbcache-taylorseer:0.32", "cachedit-mask:slow", "cachedit-mask:ultra"]
+
 
 def default_methods(steps: int) -> list[str]:
-    """The comparison `adacache bench` runs when no --methods are given, for a step count."""
+    """The comparison `adacache bench` runs when no --methods are given, for a step count. The cache-dit methods
+    are skipped, with the reason, where cache-dit is not installed."""
     presets = ["opensora-100-fast"] if steps >= 60 else ["opensora-30-fast", "opensora-30-slow"]
     return ["none", "auto", "auto+moreg", *presets, "static:2", "static:3", "fbc:0.05", "fbc:0.1", "pab:2", "pab:3",
-            "magcache:0.06", "magcache:0.12", "taylorseer:3", "taylorseer:4", "fastercache:2"]
+            "magcache:0.06", "magcache:0.12", "taylorseer:3", "taylorseer:4", "fastercache:2", *DEFAULT_CACHEDIT]
 
 
+# --- the methods ---------------------------------------------------------------------------------------------------
 @dataclass
 class Method:
-    """One entry of a comparison; `family` groups operating points of one method in reports and plots."""
+    """One entry of a comparison; `family` groups operating points of one method in reports and plots.
+
+    The base class is a method that does nothing; subclasses override what they need. `kind` is a label for
+    run.json and reports, never branched on."""
 
     name: str
     family: str
-    kind: str  # "none", "adacache" or "diffusers"
-    adacache: AdaCacheConfig | None = None
-    peer: str | None = None
-    value: float | None = None
-    state: dict[str, Any] = field(default_factory=dict)  # e.g. MagCache's calibrated ratios, per step count
+
+    kind: ClassVar[str] = "method"
+    is_baseline: ClassVar[bool] = False
+    # True where the method drops its state at the end of a pipeline call, so that its memory must be read during
+    # the generation (the bench watches `held_bytes` after every transformer call of an untimed pass); False where
+    # `held_bytes` after the generation is the peak (AdaCache's stats keep it).
+    watch_memory_live: ClassVar[bool] = False
 
     @property
     def is_adacache(self) -> bool:
-        return self.kind == "adacache" and self.family.startswith("AdaCache")
+        """An AdaCache point of the comparison (static reuse is AdaCache's machinery but a peer in reports)."""
+        return False
+
+    def setting(self) -> Hashable:
+        """What two names of the same setting share (fbc:0.1 and fbc:0.10), so a list can refuse them."""
+        return self.name
 
     def describe(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"name": self.name, "family": self.family, "kind": self.kind}
-        if self.adacache is not None:
-            data["config"] = self.adacache.to_dict()
-        if self.peer is not None:
-            data["peer"], data["value"] = PEER_NAMES[self.peer], self.value
-        return data
+        return {"name": self.name, "family": self.family, "kind": self.kind}
 
-    def unsupported(self, pipe: Any, guidance: float | None = None) -> str | None:
-        """Why this method cannot run on `pipe` (at this guidance scale, when given), or None."""
-        if self.kind != "diffusers":
-            return None
+    def unsupported(self, pipe: Any, guidance: float | None = None, steps: int | None = None) -> str | None:
+        """Why this method cannot run on `pipe` (at this guidance scale and step count, when given), or None."""
+        return None
+
+    def apply(self, pipe: Any, steps: int, run: Callable[[], Any] | None = None, guidance: float | None = None) -> None:
+        """Enable on every transformer of `pipe` for `steps` denoising steps. `run` generates once uncached (what a
+        method that calibrates first, MagCache, runs); `guidance` is the scale the pipeline will be called with."""
+
+    def remove(self, pipe: Any) -> None:
+        """Leave `pipe` exactly as it was before `apply`, also after a generation (or an `apply`) that raised."""
+
+    def held_bytes(self, pipe: Any) -> int | None:
+        """The memory the method holds between steps now (None: it holds none)."""
+        return None
+
+    def stats(self, pipe: Any) -> dict[str, Any]:
+        """What the method did in the last generation, as record fields (computed_steps, steps, ...)."""
+        return {}
+
+
+@dataclass
+class Baseline(Method):
+    """The uncached model: what every other method is measured against."""
+
+    kind: ClassVar[str] = "none"
+    is_baseline: ClassVar[bool] = True
+
+    def setting(self) -> Hashable:
+        return ("none",)
+
+
+@dataclass
+class AdaCacheMethod(Method):
+    """AdaCache with a config: a preset, a config file, the model's own codebook, or a constant rate (static)."""
+
+    adacache: AdaCacheConfig | None = None
+    kind: ClassVar[str] = "adacache"
+
+    @property
+    def is_adacache(self) -> bool:
+        return self.family.startswith("AdaCache")
+
+    def setting(self) -> Hashable:
+        return ("static", self.adacache.codebook[1.0]) if self.family == "static reuse" else self.name
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "config": self.adacache.to_dict()}
+
+    def apply(self, pipe: Any, steps: int, run: Callable[[], Any] | None = None, guidance: float | None = None) -> None:
+        apply_adacache(pipe, self.adacache)
+
+    def remove(self, pipe: Any) -> None:
+        remove_adacache(pipe)
+
+    def held_bytes(self, pipe: Any) -> int | None:
+        """The cached residuals and probe of the latest generation of each branch (its peak over the generation)."""
+        latest = {(s.model, s.branch): s for s in get_stats(pipe)}  # oldest first: the last one of each stays
+        return sum(s.cache_bytes for s in latest.values())
+
+    def stats(self, pipe: Any) -> dict[str, Any]:
+        stats = [s.to_dict() for s in get_stats(pipe)]
+        if not stats:
+            return {}
+        return {"computed_steps": max(len(s["computed_steps"]) for s in stats),
+                "steps": max(s["steps_seen"] for s in stats),
+                "adacache": [{k: s[k] for k in ("branch", "model", "computed_steps", "rates", "distances", "motion")}
+                             for s in stats]}
+
+
+@dataclass
+class DiffusersPeer(Method):
+    """One of diffusers' own caches (`PEERS`), through `CacheMixin.enable_cache` on every transformer."""
+
+    peer: str = "fbc"
+    value: float = 0.05
+    state: dict[str, Any] = field(default_factory=dict)  # MagCache's calibrated ratios per step count; hook handles
+    kind: ClassVar[str] = "diffusers"
+    watch_memory_live: ClassVar[bool] = True  # diffusers pipelines reset hook state at the end of a call
+
+    def setting(self) -> Hashable:
+        return (self.peer, self.value)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "peer": PEER_NAMES[self.peer], "value": self.value}
+
+    def unsupported(self, pipe: Any, guidance: float | None = None, steps: int | None = None) -> str | None:
         models = transformers_of(pipe)
         if not all(hasattr(m, "enable_cache") for m in models):
             return f"{type(models[0]).__name__} has no diffusers cache support (no CacheMixin.enable_cache)"
         return _PEER_SUPPORT[self.peer](pipe, models, guidance)
 
-    def apply(self, pipe: Any, steps: int, run: Callable[[], Any] | None = None) -> None:
-        """Enable on every transformer of `pipe`. `run` generates once uncached (MagCache's calibration)."""
-        if self.kind == "adacache":
-            apply_adacache(pipe, self.adacache)
-        elif self.kind == "diffusers":
-            for model in transformers_of(pipe):
-                model.enable_cache(_PEER_CONFIG[self.peer](self, pipe, model, steps, run))
+    def apply(self, pipe: Any, steps: int, run: Callable[[], Any] | None = None, guidance: float | None = None) -> None:
+        for model in transformers_of(pipe):
+            model.enable_cache(_PEER_CONFIG[self.peer](self, pipe, model, steps, run))
 
     def remove(self, pipe: Any) -> None:
-        if self.kind == "adacache":
-            remove_adacache(pipe)
-        elif self.kind == "diffusers":
-            for model in transformers_of(pipe):
-                if getattr(model, "is_cache_enabled", False):
-                    model.disable_cache()
-            for handle in self.state.pop("handles", []):
-                handle.remove()
+        for model in transformers_of(pipe):
+            if getattr(model, "is_cache_enabled", False):
+                model.disable_cache()
+        for handle in self.state.pop("handles", []):
+            handle.remove()
+
+    def held_bytes(self, pipe: Any) -> int | None:
+        return sum(held_tensor_bytes(m) for m in transformers_of(pipe))
+
+
+@dataclass
+class CacheDitPeer(Method):
+    """One of cache-dit's caches (`CACHEDIT_PEERS`), through a `cache_dit.BlockAdapter` on the pipeline's transformer
+    built from adacache's own ModelSpec (where the blocks are, what they take and return); see `_cachedit_plan`."""
+
+    variant: str = "dbcache"
+    value: float | str = 0.08
+    state: dict[str, Any] = field(default_factory=dict)  # what apply did, for remove, held_bytes and stats
+    kind: ClassVar[str] = "cache-dit"
+    watch_memory_live: ClassVar[bool] = True  # read while generating: its buffers are renewed per generation
+
+    def setting(self) -> Hashable:
+        return (self.variant, self.value)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "value": self.value, "settings": _cachedit_settings(self)}
+
+    def unsupported(self, pipe: Any, guidance: float | None = None, steps: int | None = None) -> str | None:
+        cache_dit, problem = _import_cache_dit()
+        if cache_dit is None:
+            return problem
+        models = transformers_of(pipe)
+        if len(models) > 1:
+            return ("cache-dit counts steps per transformer over the whole generation; with two experts (Wan 2.2) "
+                    "each sees only part of the steps, which this bench does not set up")
+        plan = _cachedit_plan(models[0])
+        if isinstance(plan, str):
+            return plan
+        separate = _separate_cfg(cache_dit, pipe, guidance)
+        if isinstance(separate, str):
+            return separate
+        if self.variant == "cachedit-mask" and steps is not None:
+            try:
+                cache_dit.steps_mask(total_steps=steps, mask_policy=self.value)
+            except (AssertionError, ValueError):
+                return f"cache-dit's steps masks are defined for 4, 6, or 8 and more steps, not for {steps}"
+        return None
+
+    def apply(self, pipe: Any, steps: int, run: Callable[[], Any] | None = None, guidance: float | None = None) -> None:
+        reason = self.unsupported(pipe, guidance, steps)
+        if reason:
+            raise ValueError(f"method {self.name!r} cannot run here: {reason}")
+        cache_dit, _ = _import_cache_dit()
+        model = transformers_of(pipe)[0]
+        if cache_dit.BlockAdapter.is_cached(model):
+            raise RuntimeError(f"cache-dit is already enabled on this {type(model).__name__} (by another method, or "
+                               "by hand); remove it first (cache_dit.disable_cache), or it would silently stay")
+        plan = _cachedit_plan(model)
+        separate = _separate_cfg(cache_dit, pipe, guidance)
+        cache_config = cache_dit.DBCacheConfig(
+            Fn_compute_blocks=plan.first_blocks, Bn_compute_blocks=plan.last_blocks, num_inference_steps=steps,
+            enable_separate_cfg=separate, **_variant_settings(cache_dit, self, steps))
+        calibrator = (cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=TAYLORSEER_ORDER)
+                      if self.variant == "dbcache-taylorseer" else None)
+        patterns = [cache_dit.ForwardPattern[p] for p in plan.patterns]
+        self.state.update(model=model, steps=steps, separate_cfg=separate, attributes=set(vars(model)))
+        with _quiet_cache_dit():
+            adapter = cache_dit.BlockAdapter(  # no pipe: cache-dit keeps its context on the transformer
+                transformer=model, blocks=plan.blocks if len(plan.blocks) > 1 else plan.blocks[0],
+                forward_pattern=patterns if len(patterns) > 1 else patterns[0])
+            self.state["adapter"] = adapter
+            cache_dit.enable_cache(adapter, cache_config=cache_config, calibrator_config=calibrator)
+        self.state["config"] = cache_config.strify() + (f"_{calibrator.strify(details=True)}" if calibrator else "")
+        # Without a pipeline cache-dit keeps one context across calls and renews it once `steps` steps have run, but
+        # only at the second call of the next generation (its counter is checked before it advances): that
+        # generation's first call would be read as one more step of the last. Renew it at each generation's first
+        # call instead, counted in transformer calls (two per step with split CFG).
+        calls_per_generation = steps * (2 if separate else 1)
+        calls = {"done": 0}
+
+        def renew_at_generation_start(module: torch.nn.Module, args: tuple) -> None:
+            if calls["done"] and calls["done"] % calls_per_generation == 0:
+                with _quiet_cache_dit():
+                    cache_dit.refresh_context(model, cache_config=copy.deepcopy(cache_config),
+                                              calibrator_config=copy.deepcopy(calibrator))
+            calls["done"] += 1
+
+        self.state["handles"] = [model.register_forward_pre_hook(renew_at_generation_start)]
+
+    def remove(self, pipe: Any) -> None:
+        for handle in self.state.pop("handles", []):
+            handle.remove()
+        adapter, model = self.state.pop("adapter", None), self.state.pop("model", None)
+        attributes = self.state.pop("attributes", None)
+        for key in ("steps", "separate_cfg", "config"):
+            self.state.pop(key, None)
+        if model is None:
+            return
+        cache_dit, problem = _import_cache_dit()
+        if cache_dit is None:
+            raise RuntimeError(f"cache-dit's hooks cannot be taken off {type(model).__name__}: {problem}")
+        with _quiet_cache_dit():
+            if adapter is not None and cache_dit.BlockAdapter.is_normalized(adapter):
+                cache_dit.disable_cache(adapter)
+            else:  # enable_cache stopped before it took the adapter in: undo what it did on the transformer
+                cache_dit.disable_cache(model)
+        if "forward" in vars(model) and "forward" not in attributes:
+            del model.forward  # cache-dit puts the class's forward back as an instance attribute: leave none
+
+    def held_bytes(self, pipe: Any) -> int | None:
+        model = self.state.get("model")
+        manager = getattr(model, "_context_manager", None)  # set by cache-dit: its contexts, buffers, calibrators
+        # TaylorSeer's derivatives sit 8 levels down: manager, contexts, context, calibrator, states, state, lists
+        return state_tensor_bytes([manager], model, max_depth=10) if manager is not None else 0
+
+    def stats(self, pipe: Any) -> dict[str, Any]:
+        """Computed steps from cache-dit's own summary (its cached steps per block list and CFG branch)."""
+        model = self.state.get("model")
+        if model is None:
+            return {}
+        cache_dit, _ = _import_cache_dit()
+        with _quiet_cache_dit():
+            summaries = cache_dit.summary(model, logging=False)
+        per_list = summaries[:-1] or summaries  # one per cached block list, then the transformer's own
+        steps = self.state["steps"]
+        cached = [s.cached_steps for s in per_list]  # per CFG branch, as AdaCache's count: the most computed
+        if self.state["separate_cfg"]:
+            cached += [s.cfg_cached_steps for s in per_list]
+        return {"computed_steps": steps - min(len(c) for c in cached), "steps": steps,
+                "cachedit": {"config": self.state.get("config"), "cached_steps": sorted(per_list[0].cached_steps),
+                             "cfg_cached_steps": sorted(per_list[0].cfg_cached_steps)}}
 
 
 # The numeric parameter of each method with one, and its valid range. Thresholds below 1e-4 are under the rounding
@@ -128,10 +370,13 @@ PARAMETERS: dict[str, _Parameter] = {
     "magcache": _Parameter("threshold", float, 1e-4, 10, "magcache:0.06"),
     "taylorseer": _Parameter("cache interval", int, 2, 1000, "taylorseer:3"),
     "fastercache": _Parameter("attention reuse range", int, 2, 1000, "fastercache:2"),
+    "dbcache": _Parameter("residual difference threshold", float, 1e-4, 10, "dbcache:0.08"),
+    "dbcache-taylorseer": _Parameter("residual difference threshold", float, 1e-4, 10, "dbcache-taylorseer:0.08"),
 }
 _INTEGER = re.compile(r"[0-9]+")
 _DECIMAL = re.compile(r"[0-9]+\.?[0-9]*([eE][+-]?[0-9]+)?|\.[0-9]+([eE][+-]?[0-9]+)?")
 MOREG = "+moreg"
+_PEER_BASES = (*PARAMETERS, *CACHEDIT_PEERS)  # names that take a parameter after ':', and never +moreg
 
 
 def _number(token: str, base: str, param: str) -> float | int:
@@ -139,7 +384,8 @@ def _number(token: str, base: str, param: str) -> float | int:
     that differ but run the same), within its range; ConfigError naming the method and the range otherwise."""
     spec = PARAMETERS[base]
     if not param:
-        default = f"{base} (its default, {PEER_DEFAULTS[base]}) or " if base in PEER_DEFAULTS else ""
+        defaults = {**PEER_DEFAULTS, **CACHEDIT_DEFAULTS}
+        default = f"{base} (its default, {defaults[base]}) or " if base in defaults else ""
         raise ConfigError(f"method {token!r} has an empty parameter after ':'; write {default}{spec.example}; "
                           f"{spec.describe(base)}")
     if not (_INTEGER if spec.kind is int else _DECIMAL).fullmatch(param):
@@ -156,7 +402,14 @@ def _number(token: str, base: str, param: str) -> float | int:
     return value
 
 
-def parse_method(name: str, tuned: str | os.PathLike | None = None) -> Method:
+def _mask_policy(token: str, param: str) -> str:
+    if param not in MASK_POLICIES:
+        raise ConfigError(f"method {token!r}: cachedit-mask's policy must be one of {', '.join(MASK_POLICIES)} "
+                          f"(cache-dit's steps masks, slowest first; e.g. cachedit-mask:fast), got {param!r}")
+    return param
+
+
+def parse_method(name: str, tuned: str | os.PathLike | Mapping[str, Any] | None = None) -> Method:
     """A `Method` from its name (see the module docstring); ConfigError (a ValueError) with the grammar or the
     valid range for anything else. `tuned` is the model's own calibrated codebook file, which `auto` stands for
     (None: opensora-30-fast)."""
@@ -164,37 +417,55 @@ def parse_method(name: str, tuned: str | os.PathLike | None = None) -> Method:
         raise ConfigError(f"a method name must be a string, got {name!r}")
     token = name.strip()
     if token == "none":
-        return Method(token, "baseline", "none")
+        return Baseline(token, "baseline")
     base, colon, param = token.partition(":")
-    if base in PARAMETERS or base.endswith(MOREG) and base[: -len(MOREG)] in PARAMETERS:
+    if base in _PEER_BASES or base.endswith(MOREG) and base[: -len(MOREG)] in _PEER_BASES:
         if base.endswith(MOREG) or param.endswith(MOREG):
             raise ConfigError(f"method {token!r}: {MOREG} applies to AdaCache configs (auto, a preset or a .json "
                               f"file), not to {base.removesuffix(MOREG)}")
     if base == "static":
         k = _number(token, base, param)
-        return Method(token, "static reuse", "adacache", AdaCacheConfig(codebook={1.0: int(k)}))
+        return AdaCacheMethod(token, "static reuse", AdaCacheConfig(codebook={1.0: int(k)}))
     if base in PEERS:
         value = _number(token, base, param) if colon else PEER_DEFAULTS[base]
-        return Method(token, PEER_NAMES[base], "diffusers", peer=base, value=value)
+        return DiffusersPeer(token, PEER_NAMES[base], peer=base, value=value)
+    if base in CACHEDIT_PEERS:
+        if base == "cachedit-mask":
+            value = _mask_policy(token, param) if colon else CACHEDIT_DEFAULTS[base]
+        else:
+            value = _number(token, base, param) if colon else CACHEDIT_DEFAULTS[base]
+        return CacheDitPeer(token, CACHEDIT_NAMES[base], variant=base, value=value)
     source, moreg = (token[: -len(MOREG)], True) if token.endswith(MOREG) else (token, False)
     if source.endswith(MOREG):
         raise ConfigError(f"method {token!r}: {MOREG} is given more than once; write {source.split(MOREG)[0]}{MOREG}")
     if source == "auto":
-        source = str(tuned) if tuned is not None else "opensora-30-fast"
+        source = _auto_source(tuned, moreg)
     if source in PRESETS or source.endswith(".json") or Path(source).is_file():
         try:
             config = AdaCacheConfig.load(source)
         except ConfigError as error:
             raise ConfigError(f"method {token!r}: {error}") from None
         config = dataclasses.replace(config, moreg=config.moreg or moreg)
-        return Method(token, "AdaCache + MoReg" if config.moreg else "AdaCache", "adacache", config)
+        return AdaCacheMethod(token, "AdaCache + MoReg" if config.moreg else "AdaCache", config)
     raise ConfigError(
         f"unknown method {token!r}; methods are: none, auto[+moreg], a preset[+moreg] ({', '.join(sorted(PRESETS))}), "
-        f"a config .json[+moreg], static:<k>, {', '.join(f'{p}[:value]' for p in PEERS)}"
+        f"a config .json[+moreg], static:<k>, {', '.join(f'{p}[:value]' for p in PEERS)}, "
+        f"{', '.join(f'{p}[:threshold]' for p in CACHEDIT_PEERS[:2])}, cachedit-mask[:{'|'.join(MASK_POLICIES)}]"
     )
 
 
-def parse_methods(names: list[str], tuned: str | os.PathLike | None = None) -> list[Method]:
+def _auto_source(tuned: Any, moreg: bool) -> str:
+    """What `auto[+moreg]` stands for: `tuned` is the model's calibrated codebook file, or a mapping {"plain": file,
+    "moreg": file} where the model also ships a MoReg codebook (its motion normalisation measured on it), which
+    `auto+moreg` then uses; the 30-step fast preset where the model ships none."""
+    if isinstance(tuned, Mapping):
+        chosen = (tuned.get("moreg") if moreg else None) or tuned.get("plain")
+    else:
+        chosen = tuned
+    return str(chosen) if chosen is not None else "opensora-30-fast"
+
+
+def parse_methods(names: list[str], tuned: str | os.PathLike | Mapping[str, Any] | None = None) -> list[Method]:
     """Parse all names first (a typo fails before any work); the baseline is always first, each method once
     (two names for one setting, such as fbc:0.1 and fbc:0.10, are refused too)."""
     methods = [parse_method(n, tuned) for n in names if not isinstance(n, str) or n.strip()]
@@ -202,13 +473,12 @@ def parse_methods(names: list[str], tuned: str | os.PathLike | None = None) -> l
     for method in methods:
         if method.name in seen.values():
             raise ConfigError(f"method {method.name!r} is listed twice")
-        same = (method.peer, method.value) if method.kind == "diffusers" else (
-            ("static", method.adacache.codebook[1.0]) if method.family == "static reuse" else method.name)
+        same = method.setting()
         if same in seen:
             raise ConfigError(f"methods {seen[same]!r} and {method.name!r} are the same setting; list it once")
         seen[same] = method.name
-    baseline = [m for m in methods if m.kind == "none"] or [parse_method("none")]
-    return baseline + [m for m in methods if m.kind != "none"]
+    baseline = [m for m in methods if m.is_baseline] or [parse_method("none")]
+    return baseline + [m for m in methods if not m.is_baseline]
 
 
 # --- diffusers' own caches ----------------------------------------------------------------------------------------
@@ -222,9 +492,9 @@ BATCHED_CFG_PIPELINES = ("EmbeddedVideoPipeline", "LattePipeline", "CogVideoXPip
 TAYLORSEER_MODULES = r"(blocks|transformer_blocks|single_transformer_blocks|temporal_transformer_blocks)\.\d+\.(attn\d*|ff|ffn)"
 
 
-def _timestep_callback(method: Method, pipe: Any) -> Callable[[], int]:
+def _timestep_callback(method: DiffusersPeer, pipe: Any) -> Callable[[], int]:
     """The current timestep for PAB and FasterCache: the pipeline's own `current_timestep` (diffusers' convention),
-    else read off the transformer's last call by a pre-hook that `Method.remove` takes away again."""
+    else read off the transformer's last call by a pre-hook that `DiffusersPeer.remove` takes away again."""
     if hasattr(type(pipe), "current_timestep"):
         return lambda: int(torch.as_tensor(pipe.current_timestep if pipe.current_timestep is not None else 1000)
                            .float().flatten()[0])
@@ -241,13 +511,13 @@ def _timestep_callback(method: Method, pipe: Any) -> Callable[[], int]:
     return lambda: seen["t"]
 
 
-def _fbc(method: Method, pipe: Any, model: torch.nn.Module, steps: int, run: Callable | None) -> Any:
+def _fbc(method: DiffusersPeer, pipe: Any, model: torch.nn.Module, steps: int, run: Callable | None) -> Any:
     from diffusers import FirstBlockCacheConfig
 
     return FirstBlockCacheConfig(threshold=float(method.value))
 
 
-def _pab(method: Method, pipe: Any, model: torch.nn.Module, steps: int, run: Callable | None) -> Any:
+def _pab(method: DiffusersPeer, pipe: Any, model: torch.nn.Module, steps: int, run: Callable | None) -> Any:
     from diffusers import PyramidAttentionBroadcastConfig
 
     # self-attention broadcast in the timestep range of the PAB paper's defaults; cross-attention left computed
@@ -259,7 +529,7 @@ def _pab(method: Method, pipe: Any, model: torch.nn.Module, steps: int, run: Cal
     )
 
 
-def _magcache(method: Method, pipe: Any, model: torch.nn.Module, steps: int, run: Callable | None) -> Any:
+def _magcache(method: DiffusersPeer, pipe: Any, model: torch.nn.Module, steps: int, run: Callable | None) -> Any:
     """MagCache with magnitude ratios from diffusers' own calibration mode, run once per model and step count
     (the ratios are kept in `method.state`, so a bench calibrates once)."""
     from diffusers import MagCacheConfig
@@ -296,7 +566,7 @@ def _magcache_calibration(pipe: Any, model: torch.nn.Module, steps: int, run: Ca
     return [sum(recorded[i * per_call:(i + 1) * per_call]) / per_call for i in range(steps)]
 
 
-def _taylorseer(method: Method, pipe: Any, model: torch.nn.Module, steps: int, run: Callable | None) -> Any:
+def _taylorseer(method: DiffusersPeer, pipe: Any, model: torch.nn.Module, steps: int, run: Callable | None) -> Any:
     from diffusers import TaylorSeerCacheConfig
 
     # The attention and feed-forward outputs of every block are forecast, as in the TaylorSeer paper. diffusers'
@@ -307,7 +577,7 @@ def _taylorseer(method: Method, pipe: Any, model: torch.nn.Module, steps: int, r
                                  cache_identifiers=[TAYLORSEER_MODULES])
 
 
-def _fastercache(method: Method, pipe: Any, model: torch.nn.Module, steps: int, run: Callable | None) -> Any:
+def _fastercache(method: DiffusersPeer, pipe: Any, model: torch.nn.Module, steps: int, run: Callable | None) -> Any:
     from diffusers import FasterCacheConfig
 
     # the FasterCache paper's defaults as diffusers documents them for CogVideoX, with attention weight 0.3
@@ -380,3 +650,146 @@ _PEER_CONFIG: dict[str, Callable[..., Any]] = {
     "taylorseer": _taylorseer,
     "fastercache": _fastercache,
 }
+
+
+# --- cache-dit's caches ---------------------------------------------------------------------------------------------
+# DBCache runs the first Fn blocks every step and decides from their residual whether to reuse the cached residual of
+# the middle blocks; the last Bn blocks then run too. cache-dit's defaults, F8B0, need more than 8 blocks to cache
+# anything at all (it refuses Fn above the block count): they are kept where a block list has at least
+# FULL_DEFAULTS_FROM blocks (so that half of it or more can be cached); smaller models get F1B0, cache-dit's
+# lightest setting (the embedded model's 6 blocks: 5 of 6 cached on a reused step).
+CACHEDIT_FN, CACHEDIT_BN = 8, 0  # cache-dit's DBCacheConfig defaults
+FULL_DEFAULTS_FROM = 2 * CACHEDIT_FN
+SMALL_FN, SMALL_BN = 1, 0
+TAYLORSEER_ORDER = 1  # cache-dit's default order of TaylorSeerCalibratorConfig (its docs recommend 1 or 2)
+
+
+@dataclass(frozen=True)
+class _CacheDitPlan:
+    """How cache-dit's BlockAdapter is set up on one transformer: its block lists in call order, each with the
+    name of its cache_dit.ForwardPattern, and the compute blocks (Fn first, Bn last) of every list."""
+
+    blocks: list[torch.nn.ModuleList]
+    patterns: list[str]
+    first_blocks: int
+    last_blocks: int
+
+
+def _import_cache_dit() -> tuple[Any, str | None]:
+    """(cache_dit, None), or (None, why it cannot be used)."""
+    try:
+        import cache_dit
+    except ImportError:
+        return None, CACHEDIT_MISSING
+    except Exception as error:  # noqa: BLE001 - an install that breaks on import: say so, and skip
+        return None, f"cache-dit failed to import ({type(error).__name__}: {str(error)[:160]}); reinstall it: " \
+                     "pip install --force-reinstall cache-dit"
+    return cache_dit, None
+
+
+@contextlib.contextmanager
+def _quiet_cache_dit() -> Iterator[None]:
+    """cache-dit logs every enable, disable and refresh (INFO and WARNING) through handlers of its own; the bench
+    owns the terminal, so its loggers are held at ERROR while cache-dit is called, and put back after."""
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+               if name == "cache_dit" or name.startswith("cache_dit.")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _cachedit_plan(model: torch.nn.Module) -> _CacheDitPlan | str:
+    """The BlockAdapter set-up for `model`, from adacache's ModelSpec of its class; or why cache-dit cannot cache it."""
+    name = type(model).__name__
+    spec = registered_spec(model)
+    if spec is None:
+        return (f"{name} has no ModelSpec (adacache.register_model): which block lists cache-dit may cache, and what "
+                "their blocks take and return, is unknown")
+    if spec.interleave:
+        return (f"{name} calls its block lists interleaved ({', '.join(b.attribute for b in spec.block_lists)}); "
+                "cache-dit caches each block list as one unit, run one after the other")
+    blocks, patterns = [], []
+    for block_list in spec.block_lists:
+        modules = model
+        for part in block_list.attribute.split("."):
+            modules = getattr(modules, part, None)
+        if not isinstance(modules, torch.nn.ModuleList) or not len(modules):
+            return f"{name}.{block_list.attribute} is not a ModuleList of blocks, as its ModelSpec says"
+        pattern = _forward_pattern(block_list.block, modules[0])
+        if pattern is None:
+            return (f"{name}'s blocks in {block_list.attribute} do not take (hidden_states, encoder_hidden_states, "
+                    "...) first and return the video stream alone or with the text stream, as cache-dit's forward "
+                    "patterns need")
+        blocks.append(modules)
+        patterns.append(pattern)
+    fewest = min(len(b) for b in blocks)
+    first, last = (CACHEDIT_FN, CACHEDIT_BN) if fewest >= FULL_DEFAULTS_FROM else (SMALL_FN, SMALL_BN)
+    if fewest <= first + last:
+        return f"{name} has {fewest} block(s) in a block list; cache-dit computes the first {first} every step and " \
+               "needs at least one more to cache"
+    return _CacheDitPlan(blocks, patterns, first, last)
+
+
+def _forward_pattern(block_spec: BlockSpec, block: torch.nn.Module) -> str | None:
+    """The name of cache-dit's ForwardPattern for blocks described by `block_spec`, or None where none fits.
+
+    cache-dit calls a block list's blocks as block(hidden_states, encoder_hidden_states, *rest) (Pattern_0/1/2), or
+    block(hidden_states, *rest) where the blocks take no text (Pattern_3); Pattern_2 blocks return the video stream
+    alone, Pattern_0 and Pattern_1 return both streams, video first or second."""
+    parameters = list(inspect.signature(block.forward).parameters)
+    if block_spec.hidden_states_argument != "hidden_states" or parameters[:1] != ["hidden_states"]:
+        return None
+    takes_text = parameters[1:2] == ["encoder_hidden_states"]
+    if block_spec.encoder_hidden_states_argument is None:
+        return "Pattern_2" if takes_text else "Pattern_3" if "encoder_hidden_states" not in parameters else None
+    if block_spec.encoder_hidden_states_argument != "encoder_hidden_states" or not takes_text:
+        return None
+    order = (block_spec.output_hidden_states_index, block_spec.output_encoder_hidden_states_index)
+    return {(0, 1): "Pattern_0", (1, 0): "Pattern_1"}.get(order)
+
+
+def _separate_cfg(cache_dit: Any, pipe: Any, guidance: float | None) -> bool | str:
+    """Whether each step makes two transformer calls (split CFG), which cache-dit must be told since it counts
+    steps in calls; or why that is unknown. Pipelines batching their CFG branches make one call, as do all without
+    guidance (scale <= 1); for others cache-dit's own registry of pipelines answers."""
+    if guidance is not None and guidance <= 1.0:
+        return False
+    name = type(pipe).__name__
+    if name in BATCHED_CFG_PIPELINES:
+        return False
+    if cache_dit.BlockAdapterRegister.is_supported(pipe):
+        return bool(cache_dit.BlockAdapterRegister.has_separate_cfg(pipe))
+    return (f"{name} is not known to batch its CFG branches in one call (known: {', '.join(BATCHED_CFG_PIPELINES)}) "
+            "nor known to cache-dit; cache-dit counts steps in transformer calls, so it must know whether a step "
+            "makes one call or two")
+
+
+def _variant_settings(cache_dit: Any, method: CacheDitPeer, steps: int) -> dict[str, Any]:
+    """The DBCacheConfig fields that differ between the cache-dit methods (the rest stay cache-dit's defaults)."""
+    if method.variant == "cachedit-mask":
+        # "static": the steps the mask leaves out reuse the cache whatever the residual difference, so the method
+        # computes a fixed set of steps ("dynamic" would still ask the threshold on those steps)
+        return {"steps_computation_mask": cache_dit.steps_mask(total_steps=steps, mask_policy=method.value),
+                "steps_computation_policy": "static"}
+    return {"residual_diff_threshold": float(method.value)}
+
+
+def _cachedit_settings(method: CacheDitPeer) -> dict[str, Any]:
+    """The settings a cache-dit method runs with, for run.json (the model decides the compute blocks)."""
+    settings: dict[str, Any] = {
+        "compute_blocks": f"F{CACHEDIT_FN}B{CACHEDIT_BN} on block lists of {FULL_DEFAULTS_FROM} or more blocks, else "
+                          f"F{SMALL_FN}B{SMALL_BN}",
+        "other_settings": "cache-dit's DBCacheConfig defaults (max_warmup_steps 8, no cap on cached steps)",
+    }
+    if method.variant == "cachedit-mask":
+        settings.update(mask_policy=method.value, steps_computation_policy="static")
+    else:
+        settings["residual_diff_threshold"] = method.value
+    if method.variant == "dbcache-taylorseer":
+        settings["taylorseer_order"] = TAYLORSEER_ORDER
+    return settings

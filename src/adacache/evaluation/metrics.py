@@ -11,7 +11,7 @@ import contextlib
 import logging
 import math
 import time
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -234,9 +234,7 @@ class TransformerMeter:
                 torch.cuda.synchronize()
             self.first = time.perf_counter()
         if self.count_flops and self._mode is None:
-            from torch.utils.flop_counter import FlopCounterMode
-
-            self._mode = FlopCounterMode(display=False)
+            self._mode = total_flop_counter()
             self._mode.__enter__()
 
     def _after(self, module: torch.nn.Module, args: Any, output: Any) -> None:
@@ -250,16 +248,53 @@ class TransformerMeter:
         self.calls += 1
 
 
+class _TotalOnly:
+    """Stands in for FlopCounterMode's module tracker, so that FLOPs are counted in total only ("Global", where the
+    tracker always counts too). The tracker names every module it sees by walking its children, which never ends
+    on a module graph with a cycle: cache-dit's cached blocks hold their transformer as a child module, and the
+    transformer holds them while it runs. The total needs no names."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self) -> "_TotalOnly":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def total_flop_counter() -> Any:
+    """torch's FlopCounterMode (not displaying), counting the total only (see `_TotalOnly`); enter it around the
+    work and read `get_total_flops()`. It replaces the mode's `mod_tracker`, a private attribute: a torch that
+    renamed it is an error here, and tests/test_bench.py checks the count on a module graph with a cycle."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mode = FlopCounterMode(display=False)
+    if not hasattr(mode, "mod_tracker"):
+        raise RuntimeError(f"torch {torch.__version__}'s FlopCounterMode has no mod_tracker to replace; update "
+                           "adacache.evaluation.metrics.total_flop_counter for this torch")
+    mode.mod_tracker = _TotalOnly()
+    return mode
+
+
 def held_tensor_bytes(model: torch.nn.Module) -> int:
     """Bytes of the tensors that diffusers hooks on `model` and its submodules hold in their state (what a cache
     keeps between steps), each storage counted once. Parameters and buffers of the model are not counted."""
+    return state_tensor_bytes([vars(hook) for registry in compat.hook_registries(model)
+                               for hook in compat.hooks_of(registry).values()], model)
+
+
+def state_tensor_bytes(states: Iterable[Any], model: torch.nn.Module, max_depth: int = 6) -> int:
+    """Bytes of the tensors reachable from each of `states` (through dicts, lists, tuples, sets and plain objects'
+    attributes, `max_depth` levels deep; modules are not entered), each storage counted once, leaving out `model`'s
+    own parameters and buffers: the memory a cache's state holds besides the model."""
     seen: set[int] = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen |= {b.untyped_storage().data_ptr() for b in model.buffers()}
     total = 0
 
     def visit(value: Any, depth: int) -> None:
         nonlocal total
-        if depth > 6:
+        if depth > max_depth:
             return
         if isinstance(value, torch.Tensor):
             pointer = value.untyped_storage().data_ptr()
@@ -276,7 +311,6 @@ def held_tensor_bytes(model: torch.nn.Module) -> int:
             for item in vars(value).values():
                 visit(item, depth + 1)
 
-    for registry in compat.hook_registries(model):
-        for hook in compat.hooks_of(registry).values():
-            visit(vars(hook), 0)
+    for state in states:
+        visit(state, 0)
     return total

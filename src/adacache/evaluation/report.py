@@ -1,6 +1,12 @@
 """From a bench's records to its report: `report.json` (settings, environment, per-video records, per-method
-aggregates), `report.md` (a table shaped like the paper's Table 1) and two plots: quality against speed-up for
-every method (`pareto.png`) and computed steps per video against the video's measured motion (`motion.png`)."""
+aggregates, verdicts), `report.md` (a table shaped like the paper's Table 1, then the verdicts) and two plots:
+quality against speed-up for every method (`pareto.png`) and computed steps per video against the video's measured
+motion (`motion.png`).
+
+Verdicts at matched speed-up: AdaCache's front is the upper envelope (Pareto front) of its points in (mean speed-up,
+PSNR), and separately in (mean speed-up, SSIM); every peer point (static reuse included) gets the front's PSNR and
+SSIM at its own speed-up, linear between the two neighbouring front points and never extrapolated, the margins
+(front minus peer) and a verdict on PSNR (`verdicts`)."""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .bench import BenchFolderError, BenchSettings, finite, write_atomic
+from .folder import BenchFolderError, BenchSettings, finite, write_atomic
 from .metrics import OBJECT_THRESHOLD
 
 PSNR_CAP = 100.0  # identical videos (infinite PSNR) count as this in means
@@ -27,10 +33,20 @@ def environment() -> dict[str, Any]:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else (platform.processor() or platform.machine())
     return {
         "adacache": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "cache_dit": _installed_version("cache-dit"),  # None when the optional peers are not installed
         "numpy": numpy.__version__, "python": platform.python_version(), "platform": platform.platform(),
         "device": "cuda: " + device if torch.cuda.is_available() else "cpu: " + device,
         "threads": torch.get_num_threads(),
     }
+
+
+def _installed_version(distribution: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -77,7 +93,6 @@ def aggregate(records: list[dict[str, Any]], methods: list[str]) -> list[dict[st
             if by_speed:
                 row["computed_steps_by_speed"] = by_speed
         rows.append(row)
-    _matched(rows)
     return rows
 
 
@@ -86,31 +101,82 @@ def _share(flags) -> float | None:
     return sum(flags) / len(flags) if flags else None
 
 
-def _matched(rows: list[dict[str, Any]]) -> None:
-    """For every method outside AdaCache: AdaCache's PSNR at the same speed-up, read off the upper frontier of the
-    AdaCache points (linear between them; None outside their range)."""
-    points = sorted((r["speedup"], r["psnr"]) for r in rows
-                    if r["family"] and r["family"].startswith("AdaCache") and r["speedup"] and r["psnr"] is not None)
-    frontier: list[tuple[float, float]] = []
-    for s, p in sorted(points, key=lambda sp: -sp[0]):  # from the fastest down, keep what a slower point improves
-        if not frontier or p > frontier[-1][1]:
-            frontier.append((s, p))
-    frontier.reverse()
-    for row in rows:
-        if row["family"] in (None, "baseline") or row["family"].startswith("AdaCache") or not row["speedup"]:
-            continue
-        row["adacache_psnr_at_speedup"] = _interpolate(frontier, row["speedup"])
+# --- verdicts at matched speed-up --------------------------------------------------------------------------------
+# Margins smaller than these are ties: the report prints PSNR to 0.1 dB and SSIM to 0.001.
+PSNR_TIE_DB = 0.05
+SSIM_TIE = 0.0005
 
 
-def _interpolate(frontier: list[tuple[float, float]], speedup: float) -> float | None:
-    if not frontier or not frontier[0][0] * 0.98 <= speedup <= frontier[-1][0] * 1.02:
+def is_adacache_row(row: dict[str, Any]) -> bool:
+    """An AdaCache point (family "AdaCache", with or without MoReg or forecast); static reuse is a peer."""
+    return bool(row.get("family")) and row["family"].startswith("AdaCache")
+
+
+def is_peer_row(row: dict[str, Any]) -> bool:
+    """A measured point of a method other than the baseline and AdaCache, with a mean speed-up and PSNR."""
+    return (row.get("family") not in (None, "baseline") and not is_adacache_row(row) and bool(row.get("videos"))
+            and bool(row.get("speedup")) and row.get("psnr") is not None)
+
+
+def adacache_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The upper envelope (Pareto front) of (speed-up, quality) points: every point that no other point matches or
+    beats on both (as fast and better, or faster and as good), by speed-up ascending, so quality descending. Of
+    points with equal speed-up only the best stays; of equal quality only the fastest."""
+    front: list[tuple[float, float]] = []
+    for speedup, quality in sorted(points, key=lambda p: (-p[0], -p[1])):  # fastest first, the best first at ties
+        if not front or quality > front[-1][1]:
+            front.append((speedup, quality))
+    front.reverse()
+    return front
+
+
+def front_at(front: list[tuple[float, float]], speedup: float) -> float | None:
+    """The front's quality at `speedup`: linear in speed-up between the two neighbouring front points, the point's
+    own at a front point's speed-up, None outside the front's speed-ups (never extrapolated)."""
+    if not front or not front[0][0] <= speedup <= front[-1][0]:
         return None
-    if speedup <= frontier[0][0]:
-        return frontier[0][1]
-    for (s0, p0), (s1, p1) in zip(frontier, frontier[1:]):
-        if s0 <= speedup <= s1:
-            return p0 + (p1 - p0) * (speedup - s0) / (s1 - s0) if s1 > s0 else max(p0, p1)
-    return frontier[-1][1]
+    for (s0, q0), (s1, q1) in zip(front, front[1:]):
+        if s0 <= speedup <= s1:  # speed-ups on the front are distinct: s1 > s0
+            return q0 + (q1 - q0) * (speedup - s0) / (s1 - s0)
+    return front[0][1]  # a front of one point, read at its own speed-up
+
+
+def _span_text(span: tuple[float, float]) -> str:
+    if span[0] == span[1]:
+        return f"AdaCache's front is one point, at {span[0]:.2f}x"
+    return f"AdaCache points span {span[0]:.2f}-{span[1]:.2f}x"
+
+
+def verdicts(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Compare every peer point with AdaCache's front at the peer's mean speed-up: sets `row["verdict"]` (and
+    `adacache_psnr_at_speedup`) on each peer row; returns both fronts and the count of peer points the front beats
+    on PSNR, loses to, ties with, and that lie outside its range."""
+    adacache = [r for r in rows if is_adacache_row(r) and r.get("videos") and r.get("speedup")]
+    psnr_front = adacache_front([(r["speedup"], r["psnr"]) for r in adacache if r.get("psnr") is not None])
+    ssim_front = adacache_front([(r["speedup"], r["ssim"]) for r in adacache if r.get("ssim") is not None])
+    span = (psnr_front[0][0], psnr_front[-1][0]) if psnr_front else None
+    summary = {"beats": 0, "loses": 0, "ties": 0, "outside": 0}
+    for row in filter(is_peer_row, rows):
+        front_psnr, front_ssim = front_at(psnr_front, row["speedup"]), front_at(ssim_front, row["speedup"])
+        psnr_margin = front_psnr - row["psnr"] if front_psnr is not None else None
+        ssim_margin = front_ssim - row["ssim"] if front_ssim is not None and row.get("ssim") is not None else None
+        if span is None:
+            outcome, text = "outside", "no AdaCache point to compare with"
+        elif psnr_margin is None:
+            outcome, text = "outside", f"outside AdaCache's range ({_span_text(span)})"
+        elif psnr_margin >= PSNR_TIE_DB:
+            outcome, text = "beats", f"AdaCache better by {psnr_margin:.1f} dB"
+        elif psnr_margin <= -PSNR_TIE_DB:
+            outcome, text = "loses", f"peer better by {-psnr_margin:.1f} dB"
+        else:
+            outcome, text = "ties", f"tie (within {PSNR_TIE_DB} dB)"
+        summary[outcome] += 1
+        row["adacache_psnr_at_speedup"] = front_psnr
+        row["verdict"] = {"speedup": row["speedup"], "psnr": row["psnr"], "front_psnr": front_psnr,
+                          "psnr_margin_db": psnr_margin, "ssim": row.get("ssim"), "front_ssim": front_ssim,
+                          "ssim_margin": ssim_margin, "outcome": outcome, "verdict": text}
+    return {"front": {"psnr": [list(p) for p in psnr_front], "ssim": [list(p) for p in ssim_front]},
+            "span": list(span) if span else None, "summary": summary}
 
 
 def build_report(settings: BenchSettings, records: list[dict[str, Any]], command: str | None = None) -> dict[str, Any]:
@@ -119,8 +185,10 @@ def build_report(settings: BenchSettings, records: list[dict[str, Any]], command
     records = sorted(records, key=lambda r: (r["video"], settings.methods.index(r["method"])
                                              if r["method"] in settings.methods else -1))
     names = ["none", *[m for m in settings.methods if m != "none"]]
+    rows = aggregate(records, names)
+    matched = verdicts(rows)  # sets each peer row's verdict
     return {"settings": dataclasses.asdict(settings), "command": command, "environment": environment(),
-            "methods": aggregate(records, names), "records": records}
+            "methods": rows, "verdicts": matched, "records": records}
 
 
 def _fmt(value: Any, spec: str, std: Any = None) -> str:
@@ -138,7 +206,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"{len(s['prompts'])} prompts x {len(s['seeds'])} seeds, {s['steps']} steps, guidance {s['guidance']}, "
         f"timing: median of {s['repeats']} after {s['warmup']} warm-up; {env['device']}, {env['threads']} threads, "
-        f"torch {env['torch']}, diffusers {env['diffusers']}, adacache {env['adacache']}.",
+        f"torch {env['torch']}, diffusers {env['diffusers']}, "
+        + (f"cache-dit {env['cache_dit']}, " if env.get("cache_dit") else "") + f"adacache {env['adacache']}.",
         "Speed-up: the denoising loop's wall time against the baseline's on the same video (mean ± spread over "
         "videos). FLOPs: the transformer's, counted by torch's FLOP counter, as a fraction of the baseline's. "
         "PSNR/SSIM/LPIPS: against the uncached video of the same seed.",
@@ -173,20 +242,19 @@ def markdown(report: dict[str, Any]) -> str:
         if has_lpips:
             cells.append(_fmt(m["lpips"], ".3f"))
         cache = m["cache_bytes"] / 2**20 if m["cache_bytes"] is not None else None
-        matched = m.get("adacache_psnr_at_speedup")
+        verdict = m.get("verdict")
         cells += [_fmt(m["flops_fraction"], ".2f") if m["family"] != "baseline" else ("1.00" if m["seconds"] and
                   report["settings"]["flops"] else "–"),
                   _fmt(m["seconds"], ".3f"),
                   _fmt(m["speedup"], ".2f", m["speedup_std"]) + "x" if m["family"] != "baseline" else "1.00x",
                   _fmt(m["computed_steps"], ".1f"), _fmt(cache, ".2f"),
-                  ("–" if "adacache_psnr_at_speedup" not in m else
-                   "outside AdaCache's range" if matched is None else
-                   f"{matched:.1f} ({'AdaCache better' if matched > (m['psnr'] or 0) else 'peer better'})")]
+                  _matched_cell(verdict)]
         lines.append("| " + " | ".join(cells) + " |")
     if has_object:
         lines += ["", "PSNR object: PSNR over the pixels where the uncached video shows the object (any channel "
                   f"above {OBJECT_THRESHOLD}, dilated by one pixel; metrics.object_psnr). The black background fills "
                   "most of each frame and lifts the whole-frame PSNR; this is the stricter figure."]
+    lines += _verdict_lines(report)
     steps = [m for m in report["methods"] if m.get("computed_steps_by_speed")]
     if steps:
         lines += ["", "Computed steps by the prompt's speed class (mean per video):", "",
@@ -198,6 +266,51 @@ def markdown(report: dict[str, Any]) -> str:
     if skipped:
         lines += ["", "Skipped or failed:", ""] + [f"- {m['method']}: {'; '.join(m['reasons'])}" for m in skipped]
     return "\n".join(lines) + "\n"
+
+
+_SHORT = {"beats": "AdaCache better", "loses": "peer better", "ties": "tie", "outside": "outside AdaCache's range"}
+
+
+def _matched_cell(verdict: dict[str, Any] | None) -> str:
+    """The main table's last cell: the front's PSNR at the peer's speed-up, and who is better there."""
+    if verdict is None:
+        return "–"
+    if verdict["front_psnr"] is None:
+        return _SHORT["outside"]
+    return f"{verdict['front_psnr']:.1f} ({_SHORT[verdict['outcome']]})"
+
+
+def _verdict_lines(report: dict[str, Any]) -> list[str]:
+    """The "Verdicts at matched speed-up" table and its summary line (nothing when there is no peer point)."""
+    peers = [m for m in report["methods"] if m.get("verdict")]
+    matched = report.get("verdicts")
+    if not peers or not matched:
+        return []
+    span = matched["span"]
+    lines = ["", "## Verdicts at matched speed-up", "",
+             "Each peer point against AdaCache's front: the upper envelope (Pareto front) of the AdaCache points (its "
+             "presets, codebooks and configs, with or without MoReg; static reuse is a peer) in speed-up and PSNR, "
+             "and separately in speed-up and SSIM, read at the peer's mean speed-up, linear between the two "
+             "neighbouring front points and never extrapolated. Margin: front minus peer.", "",
+             "| Peer | Family | Speed-up | PSNR | Front PSNR | Margin (dB) | SSIM | Front SSIM | Margin | Verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for m in peers:
+        v = m["verdict"]
+        cells = [m["method"], m["family"], f"{v['speedup']:.2f}x", _psnr_text(v["psnr"]), _fmt(v["front_psnr"], ".1f"),
+                 _fmt(v["psnr_margin_db"], "+.1f"), _fmt(v["ssim"], ".3f"), _fmt(v["front_ssim"], ".3f"),
+                 _fmt(v["ssim_margin"], "+.3f"), v["verdict"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    count = matched["summary"]
+    where = f" ({_span_text(span)})" if span else " (there are no AdaCache points)"
+    ties = f", ties {count['ties']}" if count["ties"] else ""
+    lines += ["", f"On PSNR at matched speed-up, the AdaCache front beats {count['beats']} of {len(peers)} peer "
+                  f"points and loses to {count['loses']}{ties}; {count['outside']} "
+                  f"{'lies' if count['outside'] == 1 else 'lie'} outside its range{where}."]
+    return lines
+
+
+def _psnr_text(value: float | None) -> str:
+    return "identical" if value == PSNR_CAP else _fmt(value, ".1f")
 
 
 def _object_cell(m: dict[str, Any]) -> str:
@@ -241,7 +354,8 @@ def plots(report: dict[str, Any], folder: Path) -> list[Path]:
     s = report["settings"]
     ax.set_title(f"{s['model']}: {len(s['prompts'])} prompts x {len(s['seeds'])} seeds, {s['steps']} steps")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     written.append(_save(fig, folder / "pareto.png"))
     plt.close(fig)
 
@@ -260,7 +374,7 @@ def plots(report: dict[str, Any], folder: Path) -> list[Path]:
     ax.set_ylabel(f"computed steps (of {s['steps']})")
     ax.set_title("Not all videos are created equal: computed steps per video")
     ax.grid(alpha=0.3)
-    if adaptive:
+    if ax.get_legend_handles_labels()[0]:  # no labelled points: no legend (matplotlib would warn)
         ax.legend(fontsize=8)
     written.append(_save(fig, folder / "motion.png"))
     plt.close(fig)
