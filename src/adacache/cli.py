@@ -84,7 +84,10 @@ def _load_config(spec: str | Path, option: str) -> AdaCacheConfig:
 def _cache_config(args: argparse.Namespace) -> AdaCacheConfig:
     cache = args.cache
     if cache == "auto":  # the embedded model's own calibrated codebook for this step count; else the 30-step preset
-        tuned = _tuned(args.steps) if getattr(args, "model", None) is None else None
+        # (with --moreg, its MoReg codebook, whose motion normalisation was measured on it, where one ships)
+        on_embedded = getattr(args, "model", None) is None
+        tuned = (_tuned(args.steps, moreg=True) if args.moreg and on_embedded else None) or (
+            _tuned(args.steps) if on_embedded else None)
         cache = tuned or "opensora-30-fast"
     config = _load_config(cache, "--cache")
     if args.moreg:
@@ -360,10 +363,10 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
-def _tuned(steps: int) -> str | None:
+def _tuned(steps: int, moreg: bool = False) -> str | None:
     from .embedded.pipeline import tuned_config
 
-    tuned = tuned_config(steps)
+    tuned = tuned_config(steps, moreg)
     return str(tuned) if tuned is not None else None
 
 
@@ -383,7 +386,8 @@ def _bench(args: argparse.Namespace) -> int:
         if not all(methods):
             raise ConfigError(f"--methods {args.methods!r} has an empty name; give comma-separated methods such as "
                               "none,auto,fbc:0.1 (or leave --methods out for the default comparison)")
-    tuned = _tuned(args.steps) if args.model is None else None
+    # auto[+moreg]: the embedded model's calibrated codebooks for this step count (MoReg's where one ships)
+    tuned = {"plain": _tuned(args.steps), "moreg": _tuned(args.steps, moreg=True)} if args.model is None else None
     parse_methods(methods, tuned)  # every name checked before the model loads
     settings = BenchSettings(
         model=args.model or "embedded", prompts=prompts, methods=methods, seeds=seeds, steps=args.steps,
@@ -412,32 +416,67 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
+    import os
 
-    from .evaluation.calibrate import Calibrator, check_target
+    from .evaluation.calibrate import Calibrator, check_target, config_name
 
     if (args.speedup is None) == (args.psnr is None):
-        raise ConfigError("give one target: --speedup X (e.g. 2.0) or --psnr DB (e.g. 30)")
+        raise ConfigError("give a target: --speedup X (e.g. 2.0) or --psnr DB (e.g. 30); several values (--speedup "
+                          "1.5 2 2.5) calibrate one codebook each")
     if args.steps < 4:
         raise ConfigError(f"--steps {args.steps} leaves nothing to calibrate: the first step and the last two are "
                           "always computed; calibrate at the step count you generate with (e.g. 30)")
-    try:  # the rules Calibrator.calibrate applies, before the model loads
-        check_target(args.steps, args.speedup, args.psnr, args.iterations)
+    by_psnr = args.psnr is not None
+    flag = "--psnr" if by_psnr else "--speedup"
+    targets = sorted(args.psnr if by_psnr else args.speedup)
+    try:  # the rules Calibrator.calibrate_many applies, before the model loads
+        for target in targets:
+            check_target(args.steps, None if by_psnr else target, target if by_psnr else None, args.iterations)
     except ValueError as error:
         raise ConfigError(f"{error}; change --speedup/--psnr or --steps") from None
+    repeated = sorted({target for target in targets if targets.count(target) > 1})
+    if repeated:
+        raise ConfigError(f"{flag} {repeated[0]:g} is given more than once; give each target once")
+    base = _load_config(args.base, "--base") if args.base else AdaCacheConfig()
+    if args.moreg:
+        base = dataclasses.replace(base, moreg=True)
+    if args.forecast:
+        try:
+            base = dataclasses.replace(base, store="forecast")
+        except ConfigError as error:
+            raise ConfigError(f"--forecast: {error}") from None
+
+    # where each target's config goes: -o FILE.json (one target) or -o FOLDER (one named file per target)
     output = Path(args.output)
-    if output.is_dir():
-        raise ConfigError(f"the output {args.output!r} is a folder; give a .json file name")
-    if output.suffix != ".json":
-        raise ConfigError(f"the output {args.output!r} must be a .json file")
-    if not output.parent.is_dir():
-        raise ConfigError(f"the output folder {str(output.parent)!r} does not exist; create it first")
-    try:  # before the work, not after it: a calibration can take hours
-        with tempfile.NamedTemporaryFile(dir=output.parent, prefix=".adacache-write-test-"):
-            pass
-    except OSError as error:
-        raise ConfigError(f"cannot write to the output folder {str(output.parent)!r}: {error.strerror}") from None
+    listed = " ".join(f"{target:g}" for target in targets)
+    if output.is_dir() and output.suffix == ".json":
+        raise ConfigError(f"the output {args.output!r} is a folder; give a .json file name (one target), or a folder "
+                          "not named .json")
+    if output.is_dir() or args.output.endswith(("/", os.sep)) or output.suffix == "":
+        if output.exists() and not output.is_dir():
+            raise ConfigError(f"the output {args.output!r} is a file, not a folder; give a folder for the config "
+                              "files (it is created if missing), or a .json file name for one target")
+        folder: Path | None = output
+        names = [config_name(args.model, args.steps, target, psnr=by_psnr, compute=args.compute, moreg=base.moreg,
+                             forecast=base.store == "forecast") for target in targets]
+        if len(set(names)) < len(names):
+            raise ConfigError(f"{flag} {listed}: two targets get the same file name; give targets that differ in "
+                              "the first 6 decimals")
+        paths = [output / name for name in names]
+    elif output.suffix != ".json":
+        raise ConfigError(f"the output {args.output!r} must be a .json file (one target) or a folder (one file per "
+                          "target; end the name with / to create one)")
+    elif len(targets) > 1:
+        raise ConfigError(f"the output {args.output!r} is one file, but {flag} {listed} makes {len(targets)} "
+                          f"configs; give a folder instead, e.g. -o {output.with_suffix('')}{os.sep}, and each "
+                          "target gets its own file there")
+    else:
+        folder, paths = None, [output]
+        if not output.parent.is_dir():
+            raise ConfigError(f"the output folder {str(output.parent)!r} does not exist; create it first")
+    for path in paths:
+        if path.is_dir():
+            raise ConfigError(f"{str(path)!r} is a folder where a config file belongs; delete or rename it")
     sizes = _check_sizes(args, _model_kind(args.model))
     seeds = _seeds(args.seeds)
     prompts = _prompts(args)
@@ -451,38 +490,75 @@ def _calibrate(args: argparse.Namespace) -> int:
         else:
             raise ConfigError("--check N draws held-out prompts from the embedded prompt set; with --model or "
                               "--prompts, calibrate on part of your prompts and bench the rest")
-    base = _load_config(args.base, "--base") if args.base else AdaCacheConfig()
-    if args.moreg:
-        base = dataclasses.replace(base, moreg=True)
-    pipe = _load_pipeline(args.model)
-    _check_prompts(pipe, prompts + held_out)
-    _to_device(pipe)
-    calibrator = Calibrator(pipe, prompts, seeds=seeds, steps=args.steps, guidance=args.guidance, base=base,
-                            call=sizes, progress=print)
-    result = calibrator.calibrate(speedup=args.speedup, target_psnr=args.psnr, wall_clock=not args.compute,
-                                  iterations=args.iterations, check_repeats=args.check_repeats)
-    about = {"model": args.model or "embedded", **result.about}
-    if held_out:
-        about["held_out"] = {"prompts": held_out, "reached": calibrator.check(result.config, held_out)}
-    result.config.save(output, about=about)
-    reached = about["reached"]
-    print(f"codebook {dict(result.config.codebook)}")
-    print(f"calibration prompts: {reached['computed_steps']:.1f}/{args.steps} steps computed, speed-up "
-          f"{reached['compute_speedup']:.2f}x compute, {reached['wall_speedup']:.2f}x wall clock timed once, "
-          f"PSNR {reached['psnr']:.1f} dB")
-    if "predicted_wall_speedup" in reached:
-        print(f"  {reached['predicted_wall_speedup']:.2f}x wall clock by the cost model (a skipped step costs "
-              f"{about['skip_cost']:.3f} of a computed one)")
-    check = about.get("wall_check")
-    if check:
-        print(f"  timed check: {check['measured_wall_speedup']:.2f}x measured, {check['predicted_wall_speedup']:.2f}x "
-              f"predicted ({'agrees' if check['agrees'] else 'disagrees: was the machine busy?'})")
-    if held_out:
-        held = about["held_out"]["reached"]
-        print(f"{len(held_out)} held-out prompts: {held['computed_steps']:.1f}/{args.steps} steps computed, speed-up "
-              f"{held['compute_speedup']:.2f}x compute, {held['wall_speedup']:.2f}x wall clock timed once, "
-              f"PSNR {held['psnr']:.1f} dB")
-    print(f"wrote {output}; use it with --cache {output} or AdaCacheConfig.load({json.dumps(str(output))})")
+    made: list[Path] = []  # folders made here: removed again when the run stops before writing into them
+    if folder is not None:
+        for missing in (folder, *folder.parents):
+            if missing.exists():
+                break
+            made.append(missing)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"cannot create the output folder {str(folder)!r}: {error.strerror}") from None
+    written: list[tuple[Path, dict]] = []
+    try:
+        try:  # before the work, not after it: a calibration can take hours
+            with tempfile.NamedTemporaryFile(dir=paths[0].parent, prefix=".adacache-write-test-"):
+                pass
+        except OSError as error:
+            raise ConfigError(f"cannot write to the output folder {str(paths[0].parent)!r}: {error.strerror}") from None
+        pipe = _load_pipeline(args.model)
+        _check_prompts(pipe, prompts + held_out)
+        _to_device(pipe)
+        calibrator = Calibrator(pipe, prompts, seeds=seeds, steps=args.steps, guidance=args.guidance, base=base,
+                                call=sizes, progress=print)
+        path_of = dict(zip(targets, paths))
+
+        def save(result) -> None:  # as each target is done: a long run keeps what it finished
+            target = result.about["target"]["psnr" if by_psnr else "speedup"]
+            about = {"model": args.model or "embedded", **result.about}
+            if held_out:  # the held-out references are generated once, for the first target
+                about["held_out"] = {"prompts": held_out, "reached": calibrator.check(result.config, held_out)}
+            result.config.save(path_of[target], about=about)
+            written.append((path_of[target], about))
+            print(f"wrote {path_of[target]}: codebook {dict(result.config.codebook)}")
+
+        calibrator.calibrate_many(speedups=() if by_psnr else targets, psnrs=targets if by_psnr else (),
+                                  wall_clock=not args.compute, iterations=args.iterations,
+                                  check_repeats=args.check_repeats, done=save)
+    except BaseException:
+        if not written:
+            for empty in made:  # deepest first
+                with contextlib.suppress(OSError):
+                    empty.rmdir()
+        raise
+
+    def ratio(value: float | None) -> str:
+        return f"{value:.2f}x" if value is not None and math.isfinite(value) else "n/a"
+
+    # one row per target, in the order of the targets (and of the file names)
+    columns = ["target", "rate", "scale", "computed", "compute", "wall predicted", "wall checked", "PSNR dB"]
+    held = bool(args.check)
+    columns += ["held-out computed", "held-out PSNR dB"] if held else []
+    rows = []
+    for target, (path, about) in zip(targets, written):
+        reached, check = about["reached"], about.get("wall_check") or {}
+        row = [f"{target:g} dB" if by_psnr else f"{target:g}x" + (" compute" if args.compute else ""),
+               str(about["max_rate"]), f"{about['scale']:.4g}", f"{reached['computed_steps']:.1f}/{args.steps}",
+               f"{reached['compute_speedup']:.2f}x", ratio(reached.get("predicted_wall_speedup")),
+               ratio(check.get("measured_wall_speedup")), f"{reached['psnr']:.1f}"]
+        if held:
+            out = about["held_out"]["reached"]
+            row += [f"{out['computed_steps']:.1f}/{args.steps}", f"{out['psnr']:.1f}"]
+        rows.append(row + [str(path)])
+    columns.append("file")
+    widths = [max(len(text) for text in column) for column in zip(columns, *rows)]
+    for line in (columns, ["-" * width for width in widths], *rows):
+        print("  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip())
+    if any("predicted_wall_speedup" in about["reached"] for _, about in written):
+        print(f"wall predicted: by the cost model (a skipped step costs {written[0][1]['skip_cost']:.3f} of a computed "
+              "one); wall checked: the timed check of one video (--check-repeats)")
+    print("use one with --cache FILE, or AdaCacheConfig.load(FILE)")
     return 0
 
 
@@ -554,7 +630,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
     be.add_argument("--methods", default=None,
                     help="comma-separated: none, auto[+moreg], presets[+moreg], config .json files, static:<k>, "
-                         "fbc[:thr], pab[:range], magcache[:thr], taylorseer[:interval], fastercache[:range] "
+                         "fbc[:thr], pab[:range], magcache[:thr], taylorseer[:interval], fastercache[:range], and "
+                         "with cache-dit installed (pip install 'adacache[peers]') dbcache[:thr], "
+                         "dbcache-taylorseer[:thr], cachedit-mask[:slow|medium|fast|ultra] "
                          "(default: all of them at a few settings)")
     be.add_argument("--steps", type=_STEPS, default=30, help=f"denoising steps, 1 to {MAX_STEPS} (default 30)")
     be.add_argument("--guidance", type=_GUIDANCE, default=4.0, help=GUIDANCE_HELP)
@@ -569,12 +647,15 @@ def build_parser() -> argparse.ArgumentParser:
     be.set_defaults(run=_bench)
 
     ca = commands.add_parser("calibrate", help="derive a codebook for this model and step count from a few prompts")
-    ca.add_argument("-o", "--output", required=True, help="the config file to write (.json)")
+    ca.add_argument("-o", "--output", required=True, metavar="FILE.json|FOLDER",
+                    help="a .json file (one target), or a folder, created if missing, that gets one file per target "
+                         "named by model, steps and target, e.g. embedded-30-2.50x.json")
     target = ca.add_mutually_exclusive_group()
-    target.add_argument("--speedup", type=_number(1.0, above=True), default=None,
-                        help="target mean speed-up above 1 and at most steps / 3, e.g. 2.0")
-    target.add_argument("--psnr", type=_number(0.0, above=True), default=None,
-                        help="or: the fastest codebook keeping this mean PSNR (dB)")
+    target.add_argument("--speedup", type=_number(1.0, above=True), nargs="+", default=None, metavar="X",
+                        help="target mean speed-up above 1, e.g. 2.0; several (1.5 2 2.5) calibrate one codebook "
+                             "each, sharing the reference runs and the cost model")
+    target.add_argument("--psnr", type=_number(0.0, above=True), nargs="+", default=None, metavar="DB",
+                        help="or: the fastest codebook keeping this mean PSNR (dB); several give one codebook each")
     ca.add_argument("--compute", action="store_true",
                     help="read --speedup as compute (steps / computed steps) instead of wall clock")
     ca.add_argument("--model", default=None, help="diffusers pipeline id or local folder (default: the embedded model)")
@@ -590,6 +671,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="preset or config file whose other settings (probe, MoReg window) the result keeps "
                          "(default: AdaCacheConfig's defaults)")
     ca.add_argument("--moreg", action="store_true", help="calibrate with motion regularization on")
+    ca.add_argument("--forecast", action="store_true",
+                    help="calibrate the forecast store: a skipped step extrapolates the last two computed residuals "
+                         "instead of reusing the last one (store='forecast' in the configs written)")
     ca.add_argument("--check-repeats", type=_NON_NEGATIVE, default=3, metavar="N",
                     help="wall-clock target: time one video N times uncached and N times cached, interleaved, and "
                          "compare with the cost model's prediction (0 skips the check; default 3)")
