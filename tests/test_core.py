@@ -203,3 +203,19 @@ def test_forecast_through_a_model_extrapolates_the_stack_residual():
     assert torch.equal(forecast[3], exact[2])  # step 4, two intervals ahead: the reach of 1 stops it at step 3's
     assert all(torch.equal(a, b) for a, b in zip(forecast[4:], exact[4:]))  # computed steps are exact
     assert forecast_stats.cache_bytes == 2 * reuse_stats.cache_bytes - 4 * 2 * 4  # two residuals + probe vs one
+
+
+def test_moreg_says_when_its_normalisation_does_not_fit_the_model(caplog):
+    # probe frames moving by 8%: raw motion about 0.04, against the authors' 0.385: m = (0.04 / 0.385) ** 8 ~ 0
+    def run(norm):
+        schedule = Schedule(AdaCacheConfig(codebook={1.0: 2}, moreg=True, moreg_norm=norm, moreg_window=(2, 9)),
+                            num_steps=10)
+        frames = torch.tensor([1.0, 1.08]).view(1, 2, 1, 1)
+        for step in range(1, 6):
+            schedule.update(step, frames * (1 + 0.01 * step), frames=2)
+        return schedule
+
+    misfit = run(0.385)
+    assert [n for n in misfit.notes if "does not fit" in n and "removes compute" in n and "calibrate --moreg" in n]
+    assert not [n for n in run(0.04).notes if "does not fit" in n]  # calibrated: nothing to say
+    assert [n for n in run(0.0005).notes if "computes nearly every step" in n]

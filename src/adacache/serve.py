@@ -265,7 +265,8 @@ class WebPage:
         from .cli import _tuned
 
         if choice == AUTO:
-            tuned = _tuned(steps) if self.model is None else None  # as `adacache generate --cache auto`
+            # as `adacache generate --cache auto [--moreg]`
+            tuned = ((_tuned(steps, moreg=True) if moreg else None) or _tuned(steps)) if self.model is None else None
             config = AdaCacheConfig.load(tuned) if tuned else AdaCacheConfig.from_preset("opensora-30-fast")
             label = f"auto: the embedded model's {Path(tuned).name}" if tuned else "auto: opensora-30-fast"
         elif choice in PRESETS:

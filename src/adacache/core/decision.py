@@ -32,7 +32,9 @@ logger = logging.getLogger(__name__)
 
 def l1(tensor: torch.Tensor) -> torch.Tensor:
     """Sum of absolute values, accumulated in at least float32 (half and bfloat16 widen; float64 stays float64)."""
-    return torch.linalg.vector_norm(tensor, ord=1, dtype=torch.promote_types(tensor.dtype, torch.float32))
+    # abs().sum() rather than vector_norm(ord=1): the same sum, five times faster on CPU (68 -> 13 us on the demo
+    # model's probe), which is most of what AdaCache costs a computed step
+    return tensor.abs().sum(dtype=torch.promote_types(tensor.dtype, torch.float32))
 
 
 def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
@@ -138,6 +140,7 @@ class Schedule:
     prev_compute: int = 0
     prev_probe: torch.Tensor | None = None
     prev_motion: float = 1.0
+    raw_motion: list[float] = field(default_factory=list)  # MoReg's raw readings (see _check_moreg_scale)
     computed_steps: list[int] = field(default_factory=list)
     skipped_steps: list[int] = field(default_factory=list)
     records: list[StepRecord] = field(default_factory=list)
@@ -195,6 +198,8 @@ class Schedule:
             if sums.moreg:
                 # As the authors: m = 1 outside the window, but the gradient against the last m still applies.
                 m = 1.0 if motion is None else _moreg_map(values[1], config)
+                if motion is not None:
+                    self._check_moreg_scale(values[1])
                 gradient = config.moreg_gradient_scale * (m - self.prev_motion) / gap
                 self.prev_motion = m
                 record.motion = m if motion is not None else None
@@ -215,6 +220,25 @@ class Schedule:
             self.records.append(StepRecord(step=step, rate=1))
         self.records[-1].rate = 1
         self.rate, self.prev_probe, self.prev_compute = 1, None, step
+
+    def _check_moreg_scale(self, raw: float) -> None:
+        """MoReg's normalisation must fit the model: the authors' 0.385 was fitted to Open-Sora's latents, and a
+        model whose probe moves five times less gets m = (raw / 0.385) ** 8 of about 0, which only shrinks
+        distances: MoReg would remove compute instead of spending it on motion. After three readings, a median
+        factor under 1/20 (or over 20) is said in the stats and logged. Decisions are not changed."""
+        self.raw_motion.append(raw)
+        if len(self.raw_motion) != 3:
+            return
+        median = sorted(self.raw_motion)[1]
+        factor = _moreg_map(median, self.config)
+        if not 1 / 20 <= factor <= 20:
+            effect = "removes compute instead of spending it on motion" if factor < 1 else "computes nearly every step"
+            self.note(
+                f"MoReg's normalisation does not fit this model: its probe motion is about {median:.3g}, against "
+                f"moreg_norm={self.config.moreg_norm:g}, so the motion factor is about {factor:.2g} and MoReg "
+                f"{effect}. Calibrate it for this model (adacache calibrate --moreg, which sets moreg_norm to the "
+                f"median motion), or set moreg_norm near {median:.3g}"
+            )
 
     def _in_moreg_window(self, step: int) -> bool:
         if self.num_steps is None and self.config.moreg_window is None:

@@ -26,11 +26,13 @@ logger = logging.getLogger(__name__)
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 
-def tuned_config(steps: int = 30) -> Path | None:
+def tuned_config(steps: int = 30, moreg: bool = False) -> Path | None:
     """The embedded model's own AdaCache config (calibrated by `adacache calibrate`) for a step count:
     weights/adacache-<steps>.json if there is one, else weights/adacache.json (calibrated at 30 steps); None
-    when neither ships."""
-    for name in (f"adacache-{steps}.json", "adacache.json"):
+    when neither ships. With `moreg`, the MoReg one (its motion normalisation measured on this model):
+    adacache-<steps>-moreg.json, else adacache-moreg.json, else None."""
+    suffix = "-moreg" if moreg else ""
+    for name in (f"adacache-{steps}{suffix}.json", f"adacache{suffix}.json"):
         if (WEIGHTS_DIR / name).is_file():
             return WEIGHTS_DIR / name
     return None
