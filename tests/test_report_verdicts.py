@@ -126,3 +126,16 @@ def test_report_json_and_markdown_carry_the_verdicts(tmp_path):
     assert ("On PSNR at matched speed-up, the AdaCache front beats 1 of 2 peer points and loses to 0; 1 lies outside "
             "its range (AdaCache points span 1.50-2.50x).") in text
     assert "| 37.0 (AdaCache better) |" in text  # the main table's column, from the same verdict
+
+
+def test_wall_speedup_is_compared_with_the_compute_speedup():
+    from adacache.evaluation.report import aggregate
+
+    records = [{"video": f"v{i}", "method": "auto", "family": "AdaCache", "status": "ok", "seconds": 1.0,
+                "speedup": wall, "steps": 30, "computed_steps": 10} for i, wall in enumerate((2.7, 2.85))]
+    records.append({"video": "v0", "method": "fbc:0.1", "family": "FirstBlockCache", "status": "ok", "seconds": 1.0,
+                    "speedup": 1.5})  # no computed steps: no compute speed-up claimed
+    rows = {r["method"]: r for r in aggregate(records, ["auto", "fbc:0.1"])}
+    assert rows["auto"]["compute_speedup"] == pytest.approx(3.0)
+    assert rows["auto"]["wall_to_compute"] == pytest.approx((0.9 + 0.95) / 2)
+    assert rows["fbc:0.1"]["compute_speedup"] is None and rows["fbc:0.1"]["wall_to_compute"] is None

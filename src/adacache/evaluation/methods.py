@@ -446,7 +446,8 @@ def parse_method(name: str, tuned: str | os.PathLike | Mapping[str, Any] | None 
         except ConfigError as error:
             raise ConfigError(f"method {token!r}: {error}") from None
         config = dataclasses.replace(config, moreg=config.moreg or moreg)
-        return AdaCacheMethod(token, "AdaCache + MoReg" if config.moreg else "AdaCache", config)
+        family = "AdaCache" + (" forecast" if config.store == "forecast" else "") + (" + MoReg" if config.moreg else "")
+        return AdaCacheMethod(token, family, config)
     raise ConfigError(
         f"unknown method {token!r}; methods are: none, auto[+moreg], a preset[+moreg] ({', '.join(sorted(PRESETS))}), "
         f"a config .json[+moreg], static:<k>, {', '.join(f'{p}[:value]' for p in PEERS)}, "

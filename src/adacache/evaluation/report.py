@@ -69,6 +69,12 @@ def aggregate(records: list[dict[str, Any]], methods: list[str]) -> list[dict[st
         for key in ("speedup", "flops_fraction", "seconds", "ssim", "lpips", "computed_steps", "cache_bytes",
                     "peak_memory_bytes"):
             row[key], row[key + "_std"] = _mean_std([r.get(key) for r in ok])
+        # compute speed-up (steps / computed steps) where the method says which steps it computed, and the wall
+        # speed-up's share of it per video (what the parts outside the cached blocks cost)
+        computes = [(r["steps"] / r["computed_steps"], r.get("speedup")) for r in ok
+                    if r.get("steps") and r.get("computed_steps")]
+        row["compute_speedup"], _ = _mean_std([c for c, _ in computes])
+        row["wall_to_compute"], row["wall_to_compute_std"] = _mean_std([w / c for c, w in computes if w])
         row["psnr"], row["psnr_std"] = _mean_std([min(r["psnr"], PSNR_CAP) if r.get("psnr") is not None
                                                   else (PSNR_CAP if r.get("identical") else None) for r in ok])
         # over the object's pixels only (embedded model; records older than the field lack it and are left out)
@@ -255,6 +261,15 @@ def markdown(report: dict[str, Any]) -> str:
                   f"above {OBJECT_THRESHOLD}, dilated by one pixel; metrics.object_psnr). The black background fills "
                   "most of each frame and lifts the whole-frame PSNR; this is the stricter figure."]
     lines += _verdict_lines(report)
+    computes = [m for m in report["methods"] if m.get("compute_speedup") and m.get("wall_to_compute")]
+    if computes:
+        lines += ["", "Wall-clock speed-up against the compute speed-up (steps / computed steps), mean per video; "
+                  "a skipped step still runs what lies outside the cached blocks (embedding, output layer, "
+                  "scheduler, CFG):", "", "| Method | compute speed-up | wall speed-up | wall / compute |",
+                  "|---|---|---|---|"]
+        for m in computes:
+            lines.append(f"| {m['method']} | {_fmt(m['compute_speedup'], '.2f')}x | {_fmt(m['speedup'], '.2f')}x | "
+                         f"{_fmt(m['wall_to_compute'], '.2f', m['wall_to_compute_std'])} |")
     steps = [m for m in report["methods"] if m.get("computed_steps_by_speed")]
     if steps:
         lines += ["", "Computed steps by the prompt's speed class (mean per video):", "",
