@@ -129,7 +129,7 @@ class _Call:
     compute: bool
     frames: int | None
     first_inputs: tuple[torch.Tensor, torch.Tensor | None] | None = None
-    first_versions: tuple[int | None, ...] = ()
+    first_versions: tuple[Any, ...] = ()  # per stream: what tells an in-place change (see _stamp)
     probe: torch.Tensor | None = None
     reached_last: bool = False  # whether the last cached block ran (or was skipped) in this call
 
@@ -355,7 +355,10 @@ class _Runtime(_Bound):
         if isinstance(value, torch.Tensor):
             # the mean: per-frame timesteps (diffusion forcing, Wan 2.2 TI2V) still fall step by step
             return float(value.detach().float().mean())
-        return float(value)
+        try:
+            return float(value)
+        except TypeError:  # a list or array of timesteps (per sample or per frame): their mean, as for a tensor
+            return float(torch.as_tensor(value, dtype=torch.float64).mean())
 
     def _frames(self, value: Any) -> int | None:
         """Latent frames after patching, from the model's frames argument (a tensor, or a frame count)."""
@@ -382,7 +385,7 @@ class _Runtime(_Bound):
         inputs = _read_streams(block_spec, args, kwargs, self.block_parameters[index])
         if index == self.first:
             call.first_inputs = inputs
-            call.first_versions = tuple(t._version if t is not None else None for t in inputs)
+            call.first_versions = tuple(_stamp(t) for t in inputs)
         if call.compute:
             return None
         if index != self.last:
@@ -409,8 +412,7 @@ class _Runtime(_Bound):
                 call.probe, self.probe_slot[0] = self.probe_slot[0], None
         if index == self.last:
             call.reached_last = True
-            versions = tuple(t._version if t is not None else None for t in call.first_inputs)
-            if versions != call.first_versions:
+            if not all(_same_stamp(before, _stamp(t)) for before, t in zip(call.first_versions, call.first_inputs)):
                 raise RuntimeError(
                     f"AdaCache: a block of {self.blocks[self.first][0]}..{self.blocks[self.last][0]} modified its input "
                     "hidden states in place, so the stack residual cannot be measured; make the block return a new "
@@ -494,6 +496,22 @@ class _Runtime(_Bound):
         self.states.clear()
         self.clock.forget()
         self.current = None
+
+
+def _stamp(tensor: torch.Tensor | None) -> Any:
+    """What tells whether `tensor` is later modified in place: its version counter, or, for an inference tensor
+    (made under torch.inference_mode, which keeps no version counter), the sum of its values."""
+    if tensor is None:
+        return None
+    if tensor.is_inference():
+        return tensor.sum(dtype=torch.promote_types(tensor.dtype, torch.float32))
+    return tensor._version
+
+
+def _same_stamp(before: Any, after: Any) -> bool:
+    if isinstance(before, torch.Tensor):  # sums: equal, or both NaN (a NaN input is not an in-place change)
+        return torch.equal(before, after) or bool(before.isnan() and after.isnan())
+    return before == after
 
 
 def _like(cached: torch.Tensor, now: torch.Tensor, call: _Call) -> torch.Tensor:

@@ -37,6 +37,7 @@ class Tick:
     new_generation: bool
     t: float | None = None
     timesteps_key: Any = None
+    calls_at_t: int = 0  # calls in a row at this timestep before this one (what names branches "default.k")
 
 
 @dataclass
@@ -66,16 +67,24 @@ class StepClock:
              t: float | None = None, timesteps: tuple[Any, Sequence[float]] | None = None) -> Tick:
         """The call's tick. `name`, `step_index` (0-based) and `num_steps` come from the cache context; `t` is the
         call's timestep (a float); `timesteps` is (an object that changes when the scheduler is set anew, its
-        timesteps as floats). Only the count of calls at one timestep changes here (it names branches)."""
+        timesteps as floats). Nothing changes here: a call refused between `read` and `commit` leaves no trace (a
+        retry at the same timestep is the same branch, not a second one)."""
+        if step_index is None and t is None:
+            raise ValueError(
+                "AdaCache cannot tell which denoising step this call is: its timestep is None and no cache_context "
+                "gives the step index. Pass the timestep to the model (the argument its ModelSpec names as "
+                "timestep_argument), or wrap each call in `with adacache.cache_context(model, name, step_index=i, "
+                "num_inference_steps=n):`"
+            )
+        calls_at_t = self.calls_at_t
         if name is None:  # no cache context: the k-th call at the same timestep is branch k
-            self.calls_at_t = self.calls_at_t + 1 if t == self.last_call_t else 0
-            if self.calls_at_t >= MAX_AUTO_BRANCHES:
+            calls_at_t = calls_at_t + 1 if t == self.last_call_t else 0
+            if calls_at_t >= MAX_AUTO_BRANCHES:
                 raise RuntimeError(
-                    f"AdaCache: {self.calls_at_t + 1} calls in a row at timestep {t} and no cache_context: name each "
+                    f"AdaCache: {calls_at_t + 1} calls in a row at timestep {t} and no cache_context: name each "
                     "call's branch with `with model.cache_context(name):` (or adacache.cache_context for custom models)"
                 )
-            name = "default" if self.calls_at_t == 0 else f"default.{self.calls_at_t}"
-        self.last_call_t = t
+            name = "default" if calls_at_t == 0 else f"default.{calls_at_t}"
         track = self.tracks.get(name)
         told_step = step_index is not None  # by the cache context: then it alone marks new generations
         key = timesteps[0] if timesteps is not None else None
@@ -99,10 +108,11 @@ class StepClock:
             new = True
         last_step = 0 if new else track.last_step
         step = step_index + 1 if step_index is not None else last_step + 1
-        return Tick(name, step, num_steps, new, t, key if new else track.timesteps_key)
+        return Tick(name, step, num_steps, new, t, key if new else track.timesteps_key, calls_at_t)
 
     def commit(self, tick: Tick) -> None:
         """`tick` is its branch's latest call."""
+        self.last_call_t, self.calls_at_t = tick.t, tick.calls_at_t
         track = self.tracks.get(tick.branch)
         if tick.new_generation or track is None:
             track = self.tracks[tick.branch] = _Track(timesteps_key=tick.timesteps_key, num_steps=tick.num_steps)
@@ -111,8 +121,10 @@ class StepClock:
         track.last_step, track.last_t = tick.step, tick.t
 
     def forget(self) -> None:
-        """Every branch starts a new generation at its next call."""
+        """Every branch starts a new generation at its next call, and the next call without a cache context is the
+        first at its timestep (branch "default", whatever the last call's timestep was)."""
         self.tracks.clear()
+        self.last_call_t, self.calls_at_t = None, 0
 
 
 def find_step(timesteps: Sequence[float], t: float, after: int) -> int | None:

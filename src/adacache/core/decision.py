@@ -225,10 +225,11 @@ class Schedule:
         """MoReg's normalisation must fit the model: the authors' 0.385 was fitted to Open-Sora's latents, and a
         model whose probe moves five times less gets m = (raw / 0.385) ** 8 of about 0, which only shrinks
         distances: MoReg would remove compute instead of spending it on motion. After three readings, a median
-        factor under 1/20 (or over 20) is said in the stats and logged. Decisions are not changed."""
+        factor under 1/20 (or over 20) is said in the stats and logged, unless the codebook never skips a step.
+        Decisions are not changed."""
         self.raw_motion.append(raw)
-        if len(self.raw_motion) != 3:
-            return
+        if len(self.raw_motion) != 3 or max(self.config.codebook.values()) == 1:
+            return  # (a codebook that never skips: MoReg can change nothing)
         median = sorted(self.raw_motion)[1]
         factor = _moreg_map(median, self.config)
         if not 1 / 20 <= factor <= 20:

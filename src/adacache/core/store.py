@@ -106,15 +106,31 @@ class ForecastStore(ResidualStore):
         if len(self.kept) < 2:
             return super().produce(step)
         (s0, r0), (s1, r1) = self.kept
-        weight = min((step - s1) / (s1 - s0), self.reach)
-        return tuple(None if b is None else b + (b - a.to(b.device, b.dtype)) * weight for a, b in zip(r0, r1))
+        weight = max(0.0, min((step - s1) / (s1 - s0), self.reach))
+        if weight == 0:
+            return r1  # nothing to extrapolate: r1 exactly (r1 + 0 * (r1 - r0) is NaN where r1 - r0 overflows)
+        return tuple(None if b is None else _extrapolate(a.to(b.device, b.dtype), b, weight) for a, b in zip(r0, r1))
+
+
+def _extrapolate(r0: torch.Tensor, r1: torch.Tensor, weight: float) -> torch.Tensor:
+    """r1 + (r1 - r0) * weight, with r1 - r0 taken in float32 for 16-bit residuals (lerp's arithmetic: in float16,
+    r1 - r0 of two large residuals of opposite sign overflows to inf), and a float16 result kept within float16's
+    range (a forecast past it would be inf, which the blocks would turn into NaN)."""
+    forecast = torch.lerp(r0, r1, 1.0 + weight)  # r0 + (1 + w)(r1 - r0) = r1 + w (r1 - r0)
+    if forecast.dtype == torch.float16:
+        limit = torch.finfo(torch.float16).max
+        forecast = forecast.clamp_(-limit, limit)
+    return forecast
 
 
 STORES = {"reuse": ReuseStore, "forecast": ForecastStore}
 
 
 def make_store(config: "AdaCacheConfig") -> ResidualStore:
-    """A new, empty store of the kind `config.store` names."""
+    """A new, empty store of the kind `config.store` names. A forecast that reaches nowhere (`forecast_reach=0`)
+    is plain reuse, and gets the reuse store: the same outputs bit for bit, and one residual held, not two."""
+    if config.store == "forecast" and config.forecast_reach == 0:
+        return ReuseStore()
     if config.store == "forecast":
         return ForecastStore(config.forecast_reach)
     return STORES[config.store]()
