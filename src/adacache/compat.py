@@ -218,3 +218,35 @@ def record_magcache_ratios(model: torch.nn.Module, recorded: list[float]) -> int
             hook._perform_calibration_step = record
             wrapped += 1
     return wrapped
+
+
+# --- context parallelism (diffusers' enable_parallelism) ----------------------------------------------------------
+_CONTEXT_PARALLEL_HOOK_PREFIXES = ("cp_input---", "cp_output---")
+
+
+def context_parallel_config(model: torch.nn.Module) -> Any:
+    """The `ContextParallelConfig` diffusers runs `model` under (`enable_parallelism`, or `from_pretrained(...,
+    parallel_config=...)`), or None. Relies on: `ModelMixin._parallel_config`, the `ParallelConfig` that
+    `_resolve_parallel_config` records, and its `context_parallel_config`."""
+    parallel = getattr(model, "_parallel_config", None)
+    return getattr(parallel, "context_parallel_config", None) if parallel is not None else None
+
+
+def context_parallel_group(config: Any) -> tuple[Any, bool]:
+    """(the process group the tokens are split over, whether the split is into equal chunks).
+
+    Relies on: `ContextParallelConfig._flattened_mesh`, the ring x ulysses mesh flattened by `setup`, whose group
+    `ContextParallelSplitHook` shards over; with `ulysses_anything` or `ring_anything` it shards with
+    `tensor_split` (the first N % W ranks one token more), otherwise with `chunk` into equal parts (N % W == 0 is
+    asserted). Both give rank r of the group the r-th contiguous slice of the token dimension."""
+    mesh = config._flattened_mesh
+    if mesh is None:
+        raise RuntimeError("diffusers' ContextParallelConfig has no device mesh yet (setup was not called)")
+    return mesh.get_group(), not (config.ulysses_anything or config.ring_anything)
+
+
+def has_context_parallel_hook(module: torch.nn.Module) -> bool:
+    """Whether diffusers' context parallelism split or gathers at this very module (relies on: the hook names
+    `cp_input---{id}` and `cp_output---{id}` of `diffusers.hooks.context_parallel`, in the module's registry)."""
+    registry = module.__dict__.get("_diffusers_hook")
+    return registry is not None and any(name.startswith(_CONTEXT_PARALLEL_HOOK_PREFIXES) for name in registry.hooks)

@@ -17,6 +17,9 @@ thread's generation, are refused (the per-branch state is one per model; two thr
 it). The cache context is read per thread, so threads taking turns never read each other's branch. A patched model cannot be deep-copied or pickled (its hooks are bound to this instance);
 `remove_adacache` first, then copy.
 
+Under diffusers' context parallelism (`enable_parallelism` after `apply_adacache`) each rank holds a slice of the
+tokens; `parallel.py` makes every rank decide from the sums of the whole probe.
+
 diffusers counts AdaCache as the model's enabled cache while it is applied, so `enable_cache` cannot stack one of
 its caches on it. Private diffusers names are used only through `compat`.
 """
@@ -34,7 +37,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from . import compat
+from . import compat, parallel
 from .config import AdaCacheConfig
 from .core.clock import StepClock
 from .core.decision import Schedule
@@ -92,6 +95,7 @@ class _BranchState:
     peak_bytes: int = 0
     thread: int | None = None  # the thread that made this generation's last call
     layout: Any = None  # the shape of the model's frames argument: fixed within a generation
+    sharded: parallel.ShardedProbe | None = None  # under context parallelism: this rank's slice of the probe
 
     @property
     def residuals(self) -> tuple[torch.Tensor | None, ...] | None:
@@ -287,14 +291,32 @@ class _Runtime(_Bound):
                 "Call adacache.reset_state(model) to start a new generation, or name each differently shaped call "
                 "with its own cache_context."
             )
+        sharded = self._sharded_probe() if tick.new_generation else None  # (refuses before the clock moves)
         self.clock.commit(tick)
         if tick.new_generation:
             state = self._new_generation(branch, tick.num_steps)
             state.layout = layout
+            if sharded is not None:  # every rank decides from the sums of the whole probe
+                state.sharded = sharded
+                state.schedule.reduce, state.schedule.motion = sharded.reduce, sharded.motion
         state.thread = thread
         compute = state.schedule.is_computed(tick.step, have_cache=state.store.holds)
         (state.schedule.computed_steps if compute else state.schedule.skipped_steps).append(tick.step)
         self.current = _Call(branch, state, tick.step, compute, self._frames(frames_value))
+
+    def _sharded_probe(self) -> parallel.ShardedProbe | None:
+        """Under diffusers' context parallelism (looked up per generation: enable_parallelism may come after
+        apply_adacache), the probe measurement that adds the ranks' slices; None for a model run whole."""
+        cp = parallel.ContextParallel.of(self.model_ref())
+        if cp is None:
+            return None
+        if self.config.moreg and self.probe_layout != "b(ts)c":
+            raise ValueError(
+                f"AdaCache: MoReg under context parallelism reads frames from tokens laid out as b(ts)c (batch, "
+                f"frames x tokens, channels), but the probe of {self.model_name} is {self.probe_layout}; set "
+                "moreg=False, or run without context parallelism"
+            )
+        return parallel.ShardedProbe(cp)
 
     def _scheduler_timesteps(self) -> tuple[Any, list[float]] | None:
         """(the pipeline's current scheduler's timesteps object, as floats), converted once per set_timesteps; None
@@ -447,9 +469,10 @@ class _Runtime(_Bound):
         state, schedule, store = call.state, call.state.schedule, call.state.store
         if call.probe is None:
             raise RuntimeError(f"AdaCache: the probe at {self.blocks[self.probe_index][0]} produced nothing")
-        framed = _probe_frames(call.probe, self.probe_layout, call.frames)
-        if framed is None:  # MoReg cannot read frames from this probe: the distance alone decides
-            schedule.update(call.step, call.probe, None)
+        if state.sharded is not None:  # a slice of the tokens: ShardedProbe.motion pairs its frames across ranks
+            schedule.update(call.step, call.probe, call.frames)
+        elif (framed := _probe_frames(call.probe, self.probe_layout, call.frames)) is None:
+            schedule.update(call.step, call.probe, None)  # MoReg cannot read frames from it: the distance decides
         else:
             schedule.update(call.step, framed, framed.shape[1])
         last_step = schedule.num_steps is not None and call.step >= schedule.num_steps
@@ -472,8 +495,13 @@ class _Runtime(_Bound):
             (out - first).detach() if out is not None and first is not None else None
             for out, first in zip(outputs, call.first_inputs)
         )
-        for name, residual in zip(("video", "text"), residuals):
-            if residual is not None and not torch.isfinite(residual.sum(dtype=torch.promote_types(residual.dtype, torch.float32))):
+        finite = [residual is None
+                  or bool(torch.isfinite(residual.sum(dtype=torch.promote_types(residual.dtype, torch.float32))))
+                  for residual in residuals]
+        if state.sharded is not None and state.sharded.parallel.any(not all(finite), call.probe.device):
+            finite = [False] * len(finite)  # some rank's slice is not finite: every rank computes the next step
+        for name, residual, ok in zip(("video", "text"), residuals, finite):
+            if residual is not None and not ok:
                 schedule.note(
                     f"non-finite values in the {name} residual of blocks {self.blocks[self.first][0]}.."
                     f"{self.blocks[self.last][0]} at step {call.step} (branch {call.branch!r}); not caching it, "
@@ -802,6 +830,7 @@ def _apply_to_model(model: torch.nn.Module, config: AdaCacheConfig, spec: ModelS
 
 def _install_blocks(runtime: _Runtime) -> None:
     """Wrap the cached span's blocks and hook the probe (their undos join runtime.restore, undone first)."""
+    parallel.refuse_outside_split(runtime.model_ref(), runtime.blocks, runtime.first)
     for index in range(runtime.first, len(runtime.blocks)):
         eager = index == runtime.probe_index and runtime.probe_point != "block"
         _wrap_block(runtime, index, runtime.blocks[index][1], eager)

@@ -6,7 +6,8 @@ questions: `is_computed(step)` (run the blocks, or reuse the cached residual?) a
 
 - `measure`: the probe against the last one, as sums (`ProbeSums`): L1 of the change and L1 of the base, and for
   MoReg the numerator and denominator of each stride's frame-to-frame change. Sums, because sums add: a later
-  change can add them over processes (context parallelism splits the tokens) or keep them per video.
+  change can add them over processes (`Schedule.reduce`: adacache.parallel, under context parallelism) or keep
+  them per video.
 - `decide`: the ratios, taken only here, then MoReg's factor and the codebook lookup.
 
 The distance, the motion score and the codebook lookup are pure functions, tested by hand.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -145,6 +147,12 @@ class Schedule:
     skipped_steps: list[int] = field(default_factory=list)
     records: list[StepRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Between measure and decide: turns this process's sums into the whole probe's (context parallelism all-reduces
+    # them over the ranks holding its tokens, adacache.parallel). None: this process holds the whole probe.
+    reduce: Callable[[ProbeSums], ProbeSums] | None = None
+    # MoReg's sums of a probe (framed (B, T, S, C), or as the caller laid it out) with `frames` frames; a sharded
+    # probe replaces it with one that pairs frames across the shard boundaries (adacache.parallel).
+    motion: Callable[[torch.Tensor, int, tuple[int, ...]], list[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     def is_computed(self, step: int, have_cache: bool) -> bool:
         """Whether `step` runs the blocks. Without a usable cache every step is computed."""
@@ -160,7 +168,10 @@ class Schedule:
 
         `probe` is the probe residual laid out as (B, T, S, C) frames when `frames` is known (MoReg needs it),
         else as it came. Returns the record of this step (also appended to `records`)."""
-        record = self.decide(step, self.measure(step, probe, frames))
+        sums = self.measure(step, probe, frames)
+        if self.reduce is not None and not sums.first:  # (the first step compares nothing on every rank alike)
+            sums = self.reduce(sums)
+        record = self.decide(step, sums)
         if record.distance is not None and not math.isfinite(record.distance):
             self.note(f"non-finite probe distance at step {step}: computing the next step, forgetting this probe")
             self.prev_probe = None  # the next computed step compares with nothing rather than with garbage
@@ -178,7 +189,8 @@ class Schedule:
         if config.moreg and frames is None:
             self.note("MoReg skipped: the probe's frame layout is unknown (see the model spec's token_layout)")
         if config.moreg and frames is not None and self._in_moreg_window(step):
-            motion = motion_sums(probe, config.moreg_strides)
+            strides = config.moreg_strides
+            motion = motion_sums(probe, strides) if self.motion is None else self.motion(probe, frames, strides)
             if not motion:
                 self.note(f"MoReg: the probe has too few frames for strides {config.moreg_strides}; m = 1")
         return ProbeSums(change, base, motion, moreg=config.moreg and frames is not None)

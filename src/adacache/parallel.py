@@ -1,0 +1,182 @@
+"""AdaCache under diffusers' context parallelism: every rank holds a slice of the video's tokens, and every rank
+must take the same decision at every step (a rank that skips while another computes would leave the other waiting
+in the attention's all-to-all forever).
+
+diffusers (`model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=...))`) splits the token dimension
+of the hidden states into contiguous slices, rank r of the context-parallel group holding the r-th, and gathers them
+again after the blocks. AdaCache's block wrappers sit inside that split (see `refuse_outside_split`), so each rank
+measures its own slice of the probe. What this module adds, per generation (`ShardedProbe`):
+
+- `reduce`: the probe's sums (L1 of the change, L1 of the base, MoReg's numerator and denominator per stride) are
+  added over the ranks in one all-reduce of a small stacked tensor per computed step; every rank then divides the
+  same sums, so every rank looks the same rate up. Sums, never per-rank ratios: slices may be uneven.
+- `motion`: MoReg's frame-to-frame differences pair token i with token i - stride * S (S tokens per frame), which
+  for the first stride * S tokens of a slice lie on the ranks before it. Those tokens (at most max(stride) frames)
+  are sent by point-to-point from the ranks that hold them; the rest is measured locally, and the sums are then
+  exact, whatever the slice boundaries (inside a frame or between frames).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from . import compat
+from .core.decision import ProbeSums, l1
+
+logger = logging.getLogger(__name__)
+
+
+class ContextParallel:
+    """The context-parallel group a model's tokens are split over, and how they are split."""
+
+    def __init__(self, group: Any, even: bool) -> None:
+        import torch.distributed as dist
+
+        self.group, self.even = group, even
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> ContextParallel | None:
+        """The model's context parallelism, or None when it runs whole on this process."""
+        config = compat.context_parallel_config(model)
+        if config is None:
+            return None
+        group, even = compat.context_parallel_group(config)
+        parallel = cls(group, even)
+        return parallel if parallel.world > 1 else None
+
+    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        values = values.contiguous()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM, group=self.group)
+        return values
+
+    def any(self, flag: bool, device: torch.device | str = "cpu") -> bool:
+        """Whether `flag` is set on any rank (one all-reduce of one number)."""
+        return bool(self.all_sum(torch.tensor([float(flag)], device=device)).item() > 0)
+
+
+class ShardedProbe:
+    """One generation's probe measurement under context parallelism: `reduce` and `motion` for its Schedule."""
+
+    def __init__(self, parallel: ContextParallel) -> None:
+        self.parallel = parallel
+        self.bounds: list[tuple[int, int]] | None = None  # each rank's [start, end) of the token dimension
+
+    def reduce(self, sums: ProbeSums) -> ProbeSums:
+        """The sums over every rank's slice: one all-reduce of [change, base, (numerator, denominator) per stride]."""
+        motion = sums.motion or []
+        parts = [sums.change, sums.base, *(value for pair in motion for value in pair)]
+        dtype = torch.promote_types(parts[0].dtype, torch.float32)
+        total = self.parallel.all_sum(torch.stack([p.to(dtype) for p in parts]))
+        pairs = [(total[2 + 2 * i], total[3 + 2 * i]) for i in range(len(motion))]
+        return ProbeSums(total[0], total[1], pairs if sums.motion is not None else None, moreg=sums.moreg)
+
+    def motion(self, probe: torch.Tensor, frames: int,
+               strides: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """MoReg's per-stride (numerator, denominator) of this rank's slice of a (B, N, C) probe whose N tokens are
+        `frames` frames of N / frames tokens, frame pairs across slice boundaries included (their earlier frame's
+        tokens come from the ranks before). Summed over the ranks (`reduce`), they are `motion_sums` of the whole."""
+        if probe.dim() != 3:
+            raise ValueError(
+                f"AdaCache under context parallelism reads MoReg's frames from a (batch, tokens, channels) probe, got "
+                f"shape {tuple(probe.shape)}; set moreg=False, or probe a module whose output keeps that layout"
+            )
+        start, end = self._bounds(probe.shape[1], probe.device)[self.parallel.rank]
+        total = self.bounds[-1][1]
+        if total % frames:
+            raise ValueError(
+                f"AdaCache: {total} probe tokens do not split into {frames} frames, so MoReg cannot pair frames; "
+                "check the model spec's frames_argument and temporal_patch, or set moreg=False"
+            )
+        per_frame = total // frames
+        strides = [s for s in strides if s < frames]  # as motion_sums: a stride as long as the clip is left out
+        reach = max(strides, default=0) * per_frame  # how far back the earliest pair looks
+        halo = self._halo(probe, start, reach)  # tokens [start - len(halo), start), from the ranks before
+        extended = torch.cat([halo, probe], dim=1) if halo.shape[1] else probe
+        offset = start - halo.shape[1]  # the global index of extended[:, 0]
+        sums = []
+        for stride in strides:
+            shift = stride * per_frame
+            first_later = max(start, shift)  # the first token of this slice that has an earlier partner
+            if first_later < end:
+                later = extended[:, first_later - offset:]
+                earlier = extended[:, first_later - shift - offset:end - shift - offset]
+                change = l1(later - earlier)
+            else:  # the whole slice lies within the first `stride` frames: no pair ends here
+                change = l1(probe[:, :0])
+            # L1(x[stride:]) + L1(x[:-stride]), each token counted where it lies in the whole sequence
+            last_earlier = min(end, total - shift)
+            base = l1(probe[:, first_later - start:]) + l1(probe[:, :max(0, last_earlier - start)])
+            sums.append((change, base))
+        return sums
+
+    def _bounds(self, local: int, device: torch.device) -> list[tuple[int, int]]:
+        """Every rank's slice of the token dimension: computed from the split rule (equal chunks need nothing
+        from the others; uneven ones add the slice lengths in one all-reduce), once per generation."""
+        if self.bounds is None:
+            world = self.parallel.world
+            if self.parallel.even:
+                lengths = [local] * world
+            else:
+                mine = torch.zeros(world, dtype=torch.int64, device=device)  # (NCCL reduces on the GPU only)
+                mine[self.parallel.rank] = local
+                lengths = self.parallel.all_sum(mine).tolist()
+            starts = [sum(lengths[:r]) for r in range(world)]
+            self.bounds = [(s, s + n) for s, n in zip(starts, lengths)]
+        if self.bounds[self.parallel.rank][1] - self.bounds[self.parallel.rank][0] != local:
+            raise ValueError(
+                f"AdaCache: this rank's probe slice changed from {self.bounds[self.parallel.rank]} to {local} tokens "
+                "within one generation; call adacache.reset_state(model) to start a new one"
+            )
+        return self.bounds
+
+    def _halo(self, probe: torch.Tensor, start: int, reach: int) -> torch.Tensor:
+        """The `reach` tokens before this rank's slice (fewer at the sequence start), from the ranks holding them;
+        this rank sends the ones it holds to the ranks after it. Point-to-point, one message per pair of ranks
+        that share a range (the neighbour, unless slices are shorter than `reach`)."""
+        import torch.distributed as dist
+
+        parallel, group = self.parallel, self.parallel.group
+        operations, received = [], []
+        for other, (other_start, other_end) in enumerate(self.bounds):
+            if other < parallel.rank:  # receive what `other` holds of [start - reach, start)
+                low, high = max(other_start, start - reach), min(other_end, start)
+                if low < high:
+                    buffer = probe.new_empty((probe.shape[0], high - low, probe.shape[2]))
+                    received.append(buffer)
+                    operations.append(dist.P2POp(dist.irecv, buffer, dist.get_global_rank(group, other), group))
+            elif other > parallel.rank:  # send `other` what this rank holds of [other_start - reach, other_start)
+                mine_start, mine_end = self.bounds[parallel.rank]
+                low, high = max(mine_start, other_start - reach), min(mine_end, other_start)
+                if low < high:
+                    piece = probe[:, low - mine_start:high - mine_start].contiguous()
+                    operations.append(dist.P2POp(dist.isend, piece, dist.get_global_rank(group, other), group))
+        if operations:
+            for request in dist.batch_isend_irecv(operations):
+                request.wait()
+        if not received:
+            return probe[:, :0]
+        return torch.cat(received, dim=1)
+
+
+def refuse_outside_split(model: torch.nn.Module, blocks: list[tuple[str, torch.nn.Module, Any]], first: int) -> None:
+    """AdaCache's block wrappers must sit inside diffusers' context-parallel split: a wrapper put on a block that
+    already splits or gathers (enable_parallelism before apply_adacache, on a model whose split is at a block, as
+    Wan's at blocks.0) would see the whole sequence while the blocks after it see slices. Refused, saying the order."""
+    for name, block, _ in blocks[first:]:
+        if compat.has_context_parallel_hook(block):
+            raise RuntimeError(
+                f"AdaCache: diffusers' context parallelism already splits or gathers the tokens at {name} of this "
+                f"{type(model).__name__}, inside the span AdaCache caches, so AdaCache would see the whole sequence "
+                "there and slices after it. Apply AdaCache first, then enable parallelism: "
+                "apply_adacache(model, ...); model.enable_parallelism(config=ContextParallelConfig(...)). A model "
+                "loaded with from_pretrained(..., parallel_config=...) is parallel already: load it without "
+                "parallel_config, apply AdaCache, then call enable_parallelism. A model without a registered spec "
+                "is wrapped at its first call: pass apply_adacache(..., spec=...) so it is wrapped at once."
+            )

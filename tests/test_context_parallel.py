@@ -1,0 +1,282 @@
+"""AdaCache under diffusers' context parallelism, on CPU: 2 processes on gloo, Ulysses 2 (Ring needs an attention
+backend that returns the log-sum-exp, none of which runs on CPU; see notes/context-parallel.md).
+
+One spawn runs every scenario (starting a process and importing diffusers costs most of the time); the tests then
+read its results. The parent waits with a hard deadline and kills the workers past it, so a hang (ranks deciding
+differently and waiting in different collectives) fails the tests instead of stalling CI.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import queue as queue_module
+import time
+import traceback
+
+import pytest
+import torch
+
+from adacache.config import AdaCacheConfig
+from adacache.core.decision import ProbeSums, Schedule, motion_sums
+
+WORLD = 2
+DEADLINE_S = 150  # the whole spawn; it takes about 25 s on two shared cores
+STEPS = 10
+WAN_PLAIN = dict(codebook={0.05: 3, 0.15: 2, 1.0: 1})
+WAN_MOREG = dict(codebook={0.05: 3, 0.15: 2, 1.0: 1}, moreg=True, moreg_window=(2, 10), moreg_norm=0.25)
+LTX_MOREG = dict(codebook={0.05: 3, 0.15: 2, 1.0: 1}, moreg=True, moreg_window=(2, 10), moreg_norm=0.118)
+
+
+# --- what each rank runs -------------------------------------------------------------------------------------------
+def _cpu_shim() -> None:
+    """Test-only: diffusers' `_resolve_parallel_config` places rank r on `rank % torch.accelerator.device_count()`,
+    a division by zero on a host without an accelerator; with one "device" every rank is on the CPU."""
+    if torch.accelerator.device_count() == 0:
+        torch.accelerator.device_count = lambda: 1
+
+
+def _denoise(model, tiny, steps: int = STEPS):
+    """A small denoising loop (Euler-like, timesteps falling), each call in its cache_context: the outputs and the
+    last generation's stats."""
+    import adacache
+
+    inputs, outputs = tiny.inputs(model), []
+    if "encoder_attention_mask" in inputs:
+        # diffusers' Ulysses attention fails on a text mask with the native backend ("output with shape [1, 1, 256,
+        # 8] doesn't match the broadcast shape [1, 2, 256, 8]", without AdaCache too): run LTX unmasked
+        inputs["encoder_attention_mask"] = None
+    for index in range(steps):
+        inputs[tiny.timestep_key] = torch.full((1,), 1000.0 - 90.0 * index)
+        with torch.no_grad(), adacache.cache_context(model, "cond", index, steps):
+            output = model(**inputs)[0]
+        outputs.append(output)
+        inputs["hidden_states"] = inputs["hidden_states"] - 0.05 * output
+    return torch.stack(outputs), adacache.get_stats(model)[-1]
+
+
+def _single_vs_ulysses(family: str, config: dict, order: str = "adacache-first") -> dict:
+    """The same generation run whole on this process, then under Ulysses 2 (parallelism enabled after the first
+    run: AdaCache looks it up per generation)."""
+    import adacache
+    from diffusers import ContextParallelConfig
+
+    from adacache.testing import tiny_model
+
+    tiny = tiny_model(family)
+    model = tiny.build(seed=0)
+    adacache.apply_adacache(model, config)
+    whole, whole_stats = _denoise(model, tiny)
+    adacache.reset_state(model)
+    if order == "adacache-first":
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
+    else:  # LTX splits at the model's input, outside every block: AdaCache may come second
+        adacache.remove_adacache(model)
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
+        adacache.apply_adacache(model, config)
+    sharded, sharded_stats = _denoise(model, tiny)
+    return {
+        "computed": (whole_stats.computed_steps, sharded_stats.computed_steps),
+        "distances": (whole_stats.distances, sharded_stats.distances),
+        "motion": (whole_stats.motion, sharded_stats.motion),
+        "identical": torch.equal(whole, sharded),
+        "max_difference": (whole - sharded).abs().max().item(),
+        "scale": whole.abs().max().item(),
+    }
+
+
+def _wrong_order(rank: int) -> str:
+    import adacache
+    from diffusers import ContextParallelConfig
+
+    from adacache.testing import tiny_model
+
+    model = tiny_model("wan").build(seed=0)
+    model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
+    try:
+        adacache.apply_adacache(model, WAN_PLAIN)
+    except RuntimeError as error:
+        assert "_adacache" not in model.__dict__  # refused whole: nothing left behind
+        return str(error)
+    return "no error"
+
+
+def _split_tokens(tokens: torch.Tensor, rank: int, even: bool) -> torch.Tensor:
+    """This rank's slice of the token dimension, as diffusers' sharders cut it."""
+    if even:
+        return tokens.chunk(WORLD, dim=1)[rank]
+    return tokens.tensor_split(WORLD, dim=1)[rank]
+
+
+def _sharded_reduction(rank: int) -> dict:
+    """The reduction with a plain gloo group, where each rank holds part of the probe's tokens: MoReg's sums of
+    every layout (a slice boundary between frames, inside a frame, slices shorter than a stride) equal the
+    single-process sums, and ranks whose local distances fall on either side of a threshold take the same rate."""
+    import torch.distributed as dist
+
+    from adacache.parallel import ContextParallel, ShardedProbe
+
+    results = {}
+    generator = torch.Generator().manual_seed(7)
+    for name, (frames, per_frame, strides, even) in {
+        "between frames": (4, 6, (1, 2), True),
+        "inside a frame": (3, 6, (1, 2), True),  # 18 tokens: rank 0 holds frame 0, half of frame 1
+        "uneven inside": (5, 3, (1, 3), False),  # 15 tokens as 8 + 7
+        "slice shorter than the stride": (6, 1, (1, 4), True),
+    }.items():
+        whole = torch.randn(2, frames * per_frame, 8, generator=generator, dtype=torch.float64)
+        expected = motion_sums(whole.view(2, frames, per_frame, 8), strides)
+        sharded = ShardedProbe(ContextParallel(dist.group.WORLD, even=even))
+        local = sharded.motion(_split_tokens(whole, rank, even), frames, strides)
+        change = torch.zeros((), dtype=torch.float64)
+        reduced = sharded.reduce(ProbeSums(change, change, local, moreg=True)).motion
+        results[name] = [(a.item(), b.item(), c.item(), d.item()) for (a, b), (c, d) in zip(reduced, expected)]
+
+    # Rank 0 holds one token that barely changed, rank 1 three that changed a lot: alone, rank 0 would skip two
+    # steps and rank 1 compute the next; the mean of their ratios (0.255) is not the whole's ratio (0.3775).
+    codebook = {0.1: 3, 1.0: 1}
+    previous = torch.ones(1, 4, 1)
+    current = torch.tensor([1.01, 1.5, 1.5, 1.5]).view(1, 4, 1)
+    whole_schedule = Schedule(AdaCacheConfig(codebook=codebook))
+    sharded = ShardedProbe(ContextParallel(dist.group.WORLD, even=False))
+    schedule = Schedule(AdaCacheConfig(codebook=codebook), reduce=sharded.reduce, motion=sharded.motion)
+    mine = slice(0, 1) if rank == 0 else slice(1, 4)
+    local = Schedule(AdaCacheConfig(codebook=codebook))
+    for step, probe in ((1, previous), (2, current)):
+        whole_schedule.update(step, probe, None)
+        schedule.update(step, probe[:, mine], None)
+        local.update(step, probe[:, mine], None)
+    results["threshold"] = {
+        "whole": (whole_schedule.rate, whole_schedule.records[-1].distance),
+        "sharded": (schedule.rate, schedule.records[-1].distance),
+        "local": local.rate,
+    }
+    return results
+
+
+def _worker(rank: int, store: str, results: multiprocessing.Queue) -> None:
+    import torch.distributed as dist
+
+    try:
+        torch.set_num_threads(1)  # two ranks share two cores
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+        _cpu_shim()
+        outcome = {
+            "reduction": _sharded_reduction(rank),
+            "wan": _single_vs_ulysses("wan", WAN_PLAIN),
+            "wan moreg": _single_vs_ulysses("wan", WAN_MOREG),
+            "ltx moreg": _single_vs_ulysses("ltx_video", LTX_MOREG, order="adacache-second"),
+            "wrong order": _wrong_order(rank),
+        }
+        dist.barrier()
+        results.put((rank, outcome))
+    except BaseException:
+        results.put((rank, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    """Every rank's results, or a failure naming the rank that raised, or the deadline passed (workers killed)."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    store = str(tmp_path_factory.mktemp("gloo") / "store")
+    workers = [context.Process(target=_worker, args=(rank, store, results), daemon=True) for rank in range(WORLD)]
+    for worker in workers:
+        worker.start()
+    collected: dict[int, object] = {}
+    deadline = time.monotonic() + DEADLINE_S  # one deadline for the lot
+    try:
+        while len(collected) < WORLD:
+            rank, outcome = results.get(timeout=max(0.0, deadline - time.monotonic()))
+            collected[rank] = outcome
+    except queue_module.Empty:
+        pytest.fail(f"context-parallel workers did not finish within {DEADLINE_S} s (a hang?); got ranks "
+                    f"{sorted(collected)}")
+    finally:
+        for worker in workers:
+            worker.join(timeout=10)
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+    for rank, outcome in sorted(collected.items()):
+        if isinstance(outcome, str):
+            pytest.fail(f"rank {rank} raised:\n{outcome}")
+    return [collected[rank] for rank in range(WORLD)]
+
+
+# --- the tests -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scenario", ["wan", "wan moreg", "ltx moreg"])
+def test_ulysses_takes_the_single_process_decisions(ranks, scenario):
+    for outcome in ranks:
+        whole, sharded = outcome[scenario]["computed"]
+        assert sharded == whole
+        assert len(whole) < STEPS  # the codebook skipped steps: decisions were actually taken
+        for a, b in zip(*outcome[scenario]["distances"]):  # sums added in another order: float32 rounding apart
+            assert (a is None and b is None) or math.isclose(a, b, rel_tol=1e-4)
+    assert ranks[0][scenario]["distances"][1] == ranks[1][scenario]["distances"][1]  # bit-equal across ranks
+
+
+@pytest.mark.parametrize("scenario", ["wan", "wan moreg", "ltx moreg"])
+def test_ulysses_output_equals_the_single_process_output(ranks, scenario):
+    for outcome in ranks:
+        result = outcome[scenario]
+        # Ulysses on the native backend attends over every token on every rank: the same numbers, bit for bit
+        assert result["identical"], f"max difference {result['max_difference']:.3g} of {result['scale']:.3g}"
+
+
+@pytest.mark.parametrize("scenario", ["wan moreg", "ltx moreg"])
+def test_moreg_pairs_frames_across_the_shard_boundary(ranks, scenario):
+    for outcome in ranks:
+        whole, sharded = outcome[scenario]["motion"]
+        assert any(m is not None for m in whole)
+        for a, b in zip(whole, sharded):
+            assert (a is None and b is None) or math.isclose(a, b, rel_tol=1e-3)  # m = (raw / norm) ** 8
+
+
+@pytest.mark.parametrize("layout", ["between frames", "inside a frame", "uneven inside",
+                                    "slice shorter than the stride"])
+def test_sharded_motion_sums_equal_the_whole(ranks, layout):
+    for outcome in ranks:
+        for reduced_change, reduced_base, change, base in outcome["reduction"][layout]:
+            assert math.isclose(reduced_change, change, rel_tol=1e-12)
+            assert math.isclose(reduced_base, base, rel_tol=1e-12)
+
+
+def test_ranks_on_either_side_of_a_threshold_decide_alike(ranks):
+    local_rates = [outcome["reduction"]["threshold"]["local"] for outcome in ranks]
+    assert local_rates == [3, 1]  # alone, the ranks would disagree (and the next step would hang)
+    for outcome in ranks:
+        threshold = outcome["reduction"]["threshold"]
+        assert threshold["sharded"][0] == threshold["whole"][0] == 1
+        assert math.isclose(threshold["sharded"][1], threshold["whole"][1], rel_tol=1e-6)
+
+
+def test_enabling_parallelism_before_adacache_is_refused(ranks):
+    for outcome in ranks:
+        message = outcome["wrong order"]
+        assert "blocks.0" in message and "Apply AdaCache first" in message, message
+
+
+# --- the private diffusers names parallel.py relies on (no processes needed) -----------------------------------------
+def test_compat_context_parallel_names_match_diffusers():
+    import dataclasses
+
+    from diffusers import ContextParallelConfig
+    from diffusers.hooks import context_parallel
+
+    from adacache import compat
+    from adacache.testing import tiny_model
+
+    model = tiny_model("wan").build(seed=0)
+    assert compat.context_parallel_config(model) is None  # ModelMixin._parallel_config, None until enabled
+    assert not compat.has_context_parallel_hook(model.blocks[0])
+    for template in (context_parallel._CONTEXT_PARALLEL_INPUT_HOOK_TEMPLATE,
+                     context_parallel._CONTEXT_PARALLEL_OUTPUT_HOOK_TEMPLATE):
+        assert template.format("blocks.0").startswith(compat._CONTEXT_PARALLEL_HOOK_PREFIXES)
+    fields = {f.name for f in dataclasses.fields(ContextParallelConfig)}
+    assert {"_flattened_mesh", "ulysses_anything", "ring_anything"} <= fields
+    with pytest.raises(RuntimeError, match="no device mesh"):
+        compat.context_parallel_group(ContextParallelConfig(ulysses_degree=2))
