@@ -3,7 +3,7 @@
 # the embedded model for several wall-clock targets at 30, 50 and 100 steps, with plain reuse and with the
 # forecast store, written to benchmarks/codebooks/front-<steps>/ (one file per target), and the MoReg codebooks
 # shipped with the model (weights/adacache[-<steps>]-moreg.json), which `auto+moreg` uses.
-#   bash benchmarks/calibrate_fronts.sh [30 50 100]   (about 45 minutes on 2 CPU cores; logs under runs/)
+#   bash benchmarks/calibrate_fronts.sh [30 50 100]   (about an hour on 2 CPU cores; logs under runs/)
 # Fewer prompts and bisection steps at the higher step counts keep it under an hour; the bench then measures every
 # codebook on prompts it was not calibrated on.
 set -euo pipefail
@@ -13,20 +13,20 @@ weights=src/adacache/embedded/weights
 counts="${*:-30 50 100}"
 for steps in $counts; do
   case "$steps" in
-    30) targets="1.5 2 2.5 3 3.5"; prompts=6 ;;
-    50) targets="1.5 2 3"; prompts=4 ;;
-    100) targets="1.5 2.5 4 6"; prompts=3 ;;
+    30) targets="1.5 2 2.5 3 3.5"; prompts=6; iterations=7 ;;
+    50) targets="1.5 2.5 3.5"; prompts=3; iterations=6 ;;
+    100) targets="1.5 3 5"; prompts=3; iterations=6 ;;
     *) echo "step counts are 30, 50 or 100" >&2; exit 2 ;;
   esac
   for store in reuse forecast; do
     flag=""; [ "$store" = forecast ] && flag="--forecast"
-    adacache calibrate --steps "$steps" $flag --speedup $targets --num-prompts "$prompts" --iterations 7 \
+    adacache calibrate --steps "$steps" $flag --speedup $targets --num-prompts "$prompts" --iterations "$iterations" \
       --check-repeats 0 -o "benchmarks/codebooks/front-$steps" 2>&1 \
       | tee "runs/calibrate-front-$steps-$store.txt"
   done
 done
 # MoReg with its normalisation measured on this model, shipped for `auto+moreg` (30 and 100 steps)
-adacache calibrate --moreg --speedup 2.5 --num-prompts 6 --iterations 7 --check-repeats 0 \
+adacache calibrate --moreg --speedup 2.5 --num-prompts 4 --iterations 6 --check-repeats 0 \
   -o "$weights/adacache-moreg.json" 2>&1 | tee runs/calibrate-30-moreg-shipped.txt
-adacache calibrate --moreg --steps 100 --speedup 2.5 --num-prompts 3 --iterations 7 --check-repeats 0 \
+adacache calibrate --moreg --steps 100 --speedup 2.5 --num-prompts 3 --iterations 6 --check-repeats 0 \
   -o "$weights/adacache-100-moreg.json" 2>&1 | tee runs/calibrate-100-moreg-shipped.txt
