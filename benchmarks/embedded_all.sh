@@ -25,11 +25,13 @@ adacache calibrate --moreg --speedup 2.5 --num-prompts 6 --check 12 \
   -o benchmarks/codebooks/embedded-30-moreg.json | tee runs/calibrate-30-moreg.txt
 # 4. quality with the shipped codebook
 python benchmarks/embedded_quality.py --cache "$weights/adacache.json" | tee runs/quality-cached.txt
-# 5. AdaCache against every peer at 30 and at 100 steps (BENCHMARKS.md)
-adacache bench --num-prompts 12 --seeds 0 -o runs/bench-30 --no-progress | tee runs/bench-30.txt
-adacache bench --steps 100 --num-prompts 6 --seeds 0 -o runs/bench-100 --no-progress | tee runs/bench-100.txt
-adacache bench --num-prompts 12 --seeds 0 --methods none,auto,benchmarks/codebooks/embedded-30-moreg.json \
-  --no-flops -o runs/bench-moreg --no-progress | tee runs/bench-moreg.txt
+# 5. AdaCache's fronts (reuse and forecast, several targets) and the shipped MoReg codebooks, then every peer
+# against them at 30, 50 and 100 steps, the slow peers against low-speed-up codebooks, and the forecast's reach
+bash benchmarks/calibrate_fronts.sh
+bash benchmarks/bench_fronts.sh
+bash benchmarks/bench_low.sh
+python benchmarks/forecast_reach.py | tee runs/forecast-reach-30.txt
+python benchmarks/forecast_reach.py --steps 100 --prompts 6 --preset opensora-100-fast | tee runs/forecast-reach-100.txt
 # 6. how much of each frame is background (BENCHMARKS.md), and calibration under load (10 minutes; nothing else
 # may run meanwhile)
 python benchmarks/background_share.py | tee runs/background-share.txt
