@@ -1,12 +1,14 @@
 """Glue between a transformer and the AdaCache schedule: `apply_adacache`, `remove_adacache`, `get_stats`.
 
-One hook wraps the transformer's forward: it works out which generation, CFG branch and step the call belongs
-to, and whether the step is computed (`algorithm.Schedule`). The blocks of the cached span get a thin wrapper:
+The algorithm is in `core/`: which generation, CFG branch and step a call is (`core.clock.StepClock`), whether
+its blocks run (`core.decision.Schedule`), and what a skipped step adds (`core.store`). This module moves tensors
+between them and the model. One hook wraps the transformer's forward and asks the clock and the schedule; the
+blocks of the cached span get a thin wrapper:
 
 - computed step: the block runs; the first block's input, the probe and the last block's output are noted, and
-  after the last block the stack residual (output - input, per stream) replaces the cached one;
-- skipped step: every block passes its input through untouched and the last block returns input + cached
-  residual.
+  after the last block the stack residual (output - input, per stream) goes to the store if it wants it;
+- skipped step: every block passes its input through untouched and the last block returns the first block's
+  input + the residual the store produces for this step (the last one, or a forecast).
 
 The decision is plain Python between block calls; each block's own forward is called unchanged, so blocks can be
 compiled (`block.compile()`, or `compile_blocks` for fullgraph). State lives in one `_Runtime` object on the
