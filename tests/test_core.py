@@ -219,3 +219,17 @@ def test_moreg_says_when_its_normalisation_does_not_fit_the_model(caplog):
     assert [n for n in misfit.notes if "does not fit" in n and "removes compute" in n and "calibrate --moreg" in n]
     assert not [n for n in run(0.04).notes if "does not fit" in n]  # calibrated: nothing to say
     assert [n for n in run(0.0005).notes if "computes nearly every step" in n]
+
+
+def test_stats_say_which_store_was_used():
+    ts = timesteps(4)
+    table = {t: torch.full((1, 4, 2), float(i + 1)) for i, t in enumerate(ts)}
+    for store, reach, expected in (("reuse", 0.5, "reuse"), ("forecast", 0.5, "forecast"), ("forecast", 0, "reuse")):
+        model = TableDiT(table)
+        apply_adacache(model, AdaCacheConfig(codebook={1e9: 2}, num_inference_steps=4, store=store,
+                                             forecast_reach=reach), spec=TOY_SPEC)
+        for t in ts:
+            model(torch.zeros(1, 4, 2), torch.full((1,), t))
+        assert get_stats(model)[-1].store == expected  # reach 0 is plain reuse exactly
+        assert get_stats(model)[-1].to_dict()["store"] == expected
+        remove_adacache(model)

@@ -70,6 +70,7 @@ class GenerationStats:
     cache_bytes: int  # cached residuals + probe held between steps (peak over the generation)
     notes: list[str]
     model: str = "transformer"  # which transformer of the pipeline (Wan 2.2 has two)
+    store: str = "reuse"  # what skipped steps added: the last computed residual ("reuse") or a "forecast" of it
 
     @property
     def compute_fraction(self) -> float:
@@ -122,6 +123,7 @@ class _BranchState:
             motion=[r.motion for r in s.records],
             cache_bytes=self.peak_bytes,
             notes=list(s.notes),
+            store=self.store.name,
         )
 
 
