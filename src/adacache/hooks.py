@@ -411,8 +411,9 @@ class _Runtime(_Bound):
         inputs = _read_streams(block_spec, args, kwargs, self.block_parameters[index])
         if index == self.first:
             call.first_inputs = inputs
-            call.first_versions = tuple(_stamp(t) for t in inputs)
-        if call.compute:
+        if call.compute:  # the in-place check after the last block needs the stamps; a skipped step does not
+            if index == self.first:
+                call.first_versions = tuple(_stamp(t) for t in inputs)
             return None
         if index != self.last:
             return self._as_returned(index, _make_output(block_spec, *inputs))

@@ -123,14 +123,9 @@ def _extrapolate(r0: torch.Tensor, r1: torch.Tensor, weight: float) -> torch.Ten
     return forecast
 
 
-STORES = {"reuse": ReuseStore, "forecast": ForecastStore}
-
-
 def make_store(config: "AdaCacheConfig") -> ResidualStore:
     """A new, empty store of the kind `config.store` names. A forecast that reaches nowhere (`forecast_reach=0`)
     is plain reuse, and gets the reuse store: the same outputs bit for bit, and one residual held, not two."""
-    if config.store == "forecast" and config.forecast_reach == 0:
-        return ReuseStore()
-    if config.store == "forecast":
+    if config.store == "forecast" and config.forecast_reach > 0:
         return ForecastStore(config.forecast_reach)
-    return STORES[config.store]()
+    return ReuseStore()
