@@ -115,12 +115,20 @@ def test_split_cfg_without_context_gets_one_schedule_per_branch():
 
 
 def test_batched_cfg_is_one_decision_per_batch():
+    # (issue 12: a batch is one decision only where it is one video's two CFG halves, cache_context
+    # "cond_uncond" as diffusers' pipelines name it; a batch of two rows without one is two videos)
     config = AdaCacheConfig(codebook={0.5: 3, 1.0: 2, 1e9: 1}, num_inference_steps=8)
     model = ToyDiT()
     apply_adacache(model, config, spec=TOY_SPEC)
-    denoise(model, toy_input(batch=2), num_steps=8)
+
+    def cfg_call(m, x, t):
+        with adacache.cache_context(m, "cond_uncond"):
+            return m(x, torch.full((x.shape[0],), t))
+
+    denoise(model, toy_input(batch=2), num_steps=8, call=cfg_call)
     (stats,) = get_stats(model)
-    assert stats.branch == "default" and stats.steps_seen == 8 and stats.computed_steps[:2] == [1, 2]
+    assert stats.branch == "cond_uncond" and stats.steps_seen == 8 and stats.computed_steps[:2] == [1, 2]
+    assert stats.video is None
 
 
 def test_nan_residual_is_reported_and_not_cached(caplog):
@@ -345,4 +353,5 @@ def test_reset_state_starts_a_new_generation():
         model(toy_input(), torch.full((1,), t))
     adacache.reset_state(model)
     model(toy_input(batch=2), torch.full((2,), ts[3]))  # a new batch size is fine in a new generation
-    assert [s.steps_seen for s in get_stats(model)] == [3, 1]
+    assert [s.steps_seen for s in get_stats(model)] == [3, 1, 1]  # (two rows: two videos, issue 12)
+    assert [s.video for s in get_stats(model)] == [None, 0, 1]

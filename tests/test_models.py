@@ -1,5 +1,7 @@
 """Conformance suite: the same exact checks on a tiny randomly initialised model of every supported family."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -20,13 +22,16 @@ def family(request):
 
 
 def denoise(model, tiny, batch_size=2):
-    """A fixed-step loop as a pipeline with batched CFG would run it; returns the per-step outputs."""
+    """A fixed-step loop as a pipeline with batched CFG would run it (a batch of 2 is one video's two CFG halves,
+    under the cache context diffusers' pipelines name "cond_uncond"); returns the per-step outputs."""
     kwargs = tiny.inputs(model, batch_size=batch_size)
     outputs = []
     with torch.no_grad():
         for t in TIMESTEPS:
             kwargs[tiny.timestep_key] = torch.full((batch_size,), t)
-            out = model(**kwargs)[0]
+            applied = hasattr(model, "_adacache")
+            with adacache.cache_context(model, "cond_uncond") if applied else contextlib.nullcontext():
+                out = model(**kwargs)[0]
             outputs.append(out)
             kwargs["hidden_states"] = kwargs["hidden_states"] - 0.1 * out
     return outputs

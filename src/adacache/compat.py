@@ -250,3 +250,19 @@ def has_context_parallel_hook(module: torch.nn.Module) -> bool:
     `cp_input---{id}` and `cp_output---{id}` of `diffusers.hooks.context_parallel`, in the module's registry)."""
     registry = module.__dict__.get("_diffusers_hook")
     return registry is not None and any(name.startswith(_CONTEXT_PARALLEL_HOOK_PREFIXES) for name in registry.hooks)
+
+
+# --- pipelines ----------------------------------------------------------------------------------------------------
+def pipeline_batches_guidance(pipeline: Any) -> bool:
+    """Whether a pipeline that opens no cache context is guiding this generation, and so (as Latte, Allegro and Sana
+    Video do) runs the unconditional and conditional halves in one call. Reads its `do_classifier_free_guidance`
+    property, or else the guidance scale it keeps from its call (relies on: the attribute `_guidance_scale`, set at
+    the start of `__call__`); False where neither is readable."""
+    try:
+        guided = getattr(pipeline, "do_classifier_free_guidance", None)
+        if guided is None:
+            scale = getattr(pipeline, "_guidance_scale", None)
+            guided = scale is not None and float(scale) > 1
+        return bool(guided)
+    except Exception:  # a property reading a field the pipeline has not set yet
+        return False

@@ -37,6 +37,7 @@ DEFAULT_PRESET = "opensora-30-fast"
 
 PROBE_POINTS = ("auto", "block", "attention")
 STORES = ("reuse", "forecast")
+BATCH_SCHEDULES = ("video", "row", "shared")
 
 
 class ConfigError(ValueError):
@@ -89,6 +90,12 @@ class AdaCacheConfig:
     # With store="forecast": how far ahead the slope of the last two computed residuals is followed at most, in
     # units of their interval (0 = plain reuse; 1 = as far again). 0.5 measured best on the embedded model.
     forecast_reach: float = 0.5
+    # Several videos in one call (several prompts, or several videos per prompt): "video" gives each video its own
+    # schedule, so it computes the steps it would compute alone, and a step runs the blocks only on the videos that
+    # compute it (the two CFG halves of a video batched in one call, cache_context "cond_uncond", share its
+    # decision); "row" gives every batch row its own, CFG halves included; "shared" takes one decision for the
+    # whole batch, as the authors' code does. None: "shared" in paper_mode, else "video".
+    batch_schedule: str | None = None
     # Finished generations kept for `get_stats` (per transformer).
     stats_history: int = 8
 
@@ -151,6 +158,9 @@ class AdaCacheConfig:
         if self.paper_mode and self.store != "reuse":
             raise ConfigError("paper_mode reproduces the authors' plain reuse of the cached residual; use "
                               "store='reuse' with paper_mode=True, or paper_mode=False to forecast")
+        if self.batch_schedule is not None and self.batch_schedule not in BATCH_SCHEDULES:
+            raise ConfigError(f"batch_schedule must be one of {BATCH_SCHEDULES} or None (per video; shared in "
+                              f"paper_mode), got {self.batch_schedule!r}")
         if not _is_int(self.stats_history) or not 1 <= self.stats_history <= 100_000:
             raise ConfigError(f"stats_history must be an int from 1 to 100000, got {self.stats_history!r}")
         object.__setattr__(self, "_checked", True)
@@ -229,6 +239,13 @@ class AdaCacheConfig:
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves the old file and no debris
+
+    @property
+    def batch_mode(self) -> str:
+        """How a batch of several videos is scheduled: `batch_schedule`, or its default."""
+        if self.batch_schedule is not None:
+            return self.batch_schedule
+        return "shared" if self.paper_mode else "video"
 
     def resolve_moreg_window(self, num_steps: int) -> tuple[int, int]:
         if self.moreg_window is not None:

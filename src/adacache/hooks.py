@@ -71,6 +71,7 @@ class GenerationStats:
     notes: list[str]
     model: str = "transformer"  # which transformer of the pipeline (Wan 2.2 has two)
     store: str = "reuse"  # what skipped steps added: the last computed residual ("reuse") or a "forecast" of it
+    video: int | None = None  # which video of the batch, when each has its own schedule; None: the whole batch
 
     @property
     def compute_fraction(self) -> float:
@@ -82,38 +83,33 @@ class GenerationStats:
         return data
 
     def __str__(self) -> str:
+        video = f" video {self.video}" if self.video is not None else ""
         return (
-            f"[{self.branch} #{self.generation}] computed {len(self.computed_steps)}/{self.steps_seen} steps "
+            f"[{self.branch}{video} #{self.generation}] computed {len(self.computed_steps)}/{self.steps_seen} steps "
             f"{self.computed_steps}, rates {self.rates}, cache {self.cache_bytes / 2**20:.2f} MiB"
         )
 
 
 @dataclass
-class _BranchState:
-    """One CFG branch's generation in progress: its decision and its residual store."""
+class _VideoState:
+    """One schedule of a branch's generation, with its residual store: the whole batch's, or one video's (its rows
+    of the batch) when a batch's videos are scheduled each on its own (`AdaCacheConfig.batch_schedule`)."""
 
     schedule: Schedule
     store: ResidualStore
-    generation: int
+    rows: tuple[int, ...] | None = None  # its rows of the batch; None: every row
+    video: int | None = None  # its index among the batch's videos; None: one schedule for the whole batch
     peak_bytes: int = 0
-    thread: int | None = None  # the thread that made this generation's last call
-    layout: Any = None  # the shape of the model's frames argument: fixed within a generation
-    sharded: parallel.ShardedProbe | None = None  # under context parallelism: this rank's slice of the probe
-
-    @property
-    def residuals(self) -> tuple[torch.Tensor | None, ...] | None:
-        """The latest stored residual per stream (video, text), or None."""
-        return self.store.latest
 
     def cache_bytes(self) -> int:
         probe = self.schedule.prev_probe
         return self.store.nbytes() + (probe.numel() * probe.element_size() if probe is not None else 0)
 
-    def stats(self, branch: str) -> GenerationStats:
+    def stats(self, branch: str, generation: int) -> GenerationStats:
         s = self.schedule
         return GenerationStats(
             branch=branch,
-            generation=self.generation,
+            generation=generation,
             num_steps=s.num_steps,
             steps_seen=len(s.computed_steps) + len(s.skipped_steps),
             computed_steps=list(s.computed_steps),
@@ -124,22 +120,67 @@ class _BranchState:
             cache_bytes=self.peak_bytes,
             notes=list(s.notes),
             store=self.store.name,
+            video=self.video,
         )
 
 
 @dataclass
+class _BranchState:
+    """One CFG branch's generation in progress: its videos' schedules and stores (one for the whole batch, or one
+    per video), and what must stay fixed within it."""
+
+    generation: int
+    videos: list[_VideoState]
+    batch: int | None = None  # rows in the batch (None: not read from the arguments)
+    thread: int | None = None  # the thread that made this generation's last call
+    layout: Any = None  # the shape of the model's frames argument: fixed within a generation
+    sharded: parallel.ShardedProbe | None = None  # under context parallelism: this rank's slice of the probe
+
+    @property
+    def only(self) -> _VideoState:
+        if len(self.videos) != 1:
+            raise AttributeError(f"this generation has {len(self.videos)} schedules, one per video: see .videos")
+        return self.videos[0]
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.only.schedule
+
+    @property
+    def store(self) -> ResidualStore:
+        return self.only.store
+
+    @property
+    def residuals(self) -> tuple[torch.Tensor | None, ...] | None:
+        """The latest stored residual per stream (video, text), or None (one schedule for the batch)."""
+        return self.only.store.latest
+
+    def stats(self, branch: str) -> list[GenerationStats]:
+        return [video.stats(branch, self.generation) for video in self.videos]
+
+
+@dataclass
 class _Call:
-    """One forward call of the transformer."""
+    """One forward call of the transformer, or the part of it that runs some of the batch's rows (when some videos
+    compute a step and others skip it, the call is made twice: once with the rows that compute, once with the
+    rest, and the outputs are put back in row order)."""
 
     branch: str
     state: _BranchState
     step: int
     compute: bool
     frames: int | None
+    parts: list[tuple[_VideoState, tuple[int, ...] | None]]  # the videos in this call, with their rows in it
+    rows: tuple[int, ...] | None = None  # the batch rows this call runs; None: all of them
+    size: int | None = None  # how many rows this call runs
     first_inputs: tuple[torch.Tensor, torch.Tensor | None] | None = None
     first_versions: tuple[Any, ...] = ()  # per stream: what tells an in-place change (see _stamp)
     probe: torch.Tensor | None = None
     reached_last: bool = False  # whether the last cached block ran (or was skipped) in this call
+
+    def note(self, message: str) -> None:
+        for video, _ in self.parts:
+            video.schedule.note(message)
 
 
 _NOT_COPYABLE = (
@@ -267,9 +308,10 @@ class _Runtime(_Bound):
         return point
 
     # -- a transformer call begins: which branch, which step, compute or skip? --
-    def begin_call(self, args: tuple, kwargs: dict) -> None:
+    def begin_call(self, args: tuple, kwargs: dict) -> list[_Call]:
         """Which CFG branch and step this call is (the step clock, core/clock.py, from diffusers' cache_context,
-        the pipeline's scheduler or the timestep), and whether its blocks run."""
+        the pipeline's scheduler or the timestep), and whether its blocks run: the call's parts, one (every row
+        computes, or every row skips) or two (the rows of the videos that compute, then the rest's)."""
         context = self.context
         name, step_index, num_steps = (context.name, context.step_index, context.num_inference_steps) if context \
             is not None else (None, None, None)
@@ -280,6 +322,7 @@ class _Runtime(_Bound):
         branch, state = tick.branch, self.states.get(tick.branch)
         frames_value = self._argument(self.spec.frames_argument, args, kwargs)
         layout = tuple(frames_value.shape) if isinstance(frames_value, torch.Tensor) else frames_value
+        batch = self._batch(args, kwargs)
         thread = threading.get_ident()
         if not tick.new_generation and state.thread != thread:
             raise RuntimeError(
@@ -288,25 +331,77 @@ class _Runtime(_Bound):
                 "share a model with AdaCache while generating: give each thread its own model, or let one thread "
                 "finish (or call adacache.reset_state(model)) before another starts."
             )
-        if not tick.new_generation and layout != state.layout:
+        if not tick.new_generation and (layout, batch) != (state.layout, state.batch):
+            what, old, new = ((f"batch (rows of {self.spec.batch_argument!r})", state.batch, batch) if layout ==
+                              state.layout else (repr(self.spec.frames_argument), state.layout, layout))
             raise ValueError(
-                f"AdaCache: the model's {self.spec.frames_argument!r} changed from {state.layout} to {layout} within "
-                f"generation {state.generation} (branch {branch!r}): the cached residual belongs to the old shape. "
-                "Call adacache.reset_state(model) to start a new generation, or name each differently shaped call "
-                "with its own cache_context."
+                f"AdaCache: the model's {what} changed from {old} to {new} within generation {state.generation} "
+                f"(branch {branch!r}): the batch size or resolution changed within a generation, and the cached "
+                "residual belongs to the old shape. Call adacache.reset_state(model) to start a new generation, or "
+                "name each differently shaped call with its own cache_context."
             )
         sharded = self._sharded_probe() if tick.new_generation else None  # (refuses before the clock moves)
         self.clock.commit(tick)
         if tick.new_generation:
-            state = self._new_generation(branch, tick.num_steps)
-            state.layout = layout
+            state = self._new_generation(branch, tick.num_steps, self._video_rows(batch, name))
+            state.layout, state.batch = layout, batch
             if sharded is not None:  # every rank decides from the sums of the whole probe
                 state.sharded = sharded
-                state.schedule.reduce, state.schedule.motion = sharded.reduce, sharded.motion
+                for video in state.videos:
+                    video.schedule.motion = sharded.motion
         state.thread = thread
-        compute = state.schedule.is_computed(tick.step, have_cache=state.store.holds)
-        (state.schedule.computed_steps if compute else state.schedule.skipped_steps).append(tick.step)
-        self.current = _Call(branch, state, tick.step, compute, self._frames(frames_value))
+        computing, skipping = [], []
+        for video in state.videos:
+            compute = video.schedule.is_computed(tick.step, have_cache=video.store.holds)
+            (video.schedule.computed_steps if compute else video.schedule.skipped_steps).append(tick.step)
+            (computing if compute else skipping).append(video)
+        frames = self._frames(frames_value)
+        if not computing or not skipping:  # one call: every row computes, or every row skips
+            return [_Call(branch, state, tick.step, bool(computing), frames, [(v, v.rows) for v in state.videos],
+                          size=batch)]
+        calls = []
+        for compute, videos in ((True, computing), (False, skipping)):
+            rows = tuple(sorted(r for v in videos for r in v.rows))
+            local = {row: i for i, row in enumerate(rows)}
+            parts = [(v, tuple(local[r] for r in v.rows)) for v in videos]
+            calls.append(_Call(branch, state, tick.step, compute, frames, parts, rows=rows, size=len(rows)))
+        return calls
+
+    def _batch(self, args: tuple, kwargs: dict) -> int | None:
+        """Rows in the call's batch: the first dimension of the spec's batch argument (None where there is none)."""
+        name = self.spec.batch_argument
+        if name not in self.forward_parameters and self.forward_parameters:
+            name = self.forward_parameters[0]  # a model naming it otherwise (x, latents): its first argument
+        value = self._argument(name, args, kwargs)
+        return value.shape[0] if isinstance(value, torch.Tensor) and value.dim() > 0 else None
+
+    def _video_rows(self, batch: int | None, name: str | None) -> list[tuple[int, ...] | None]:
+        """Each video's rows of a batch (one entry of None: one schedule for the whole batch). With batched CFG
+        (diffusers' cache_context "cond_uncond"; or no context, in a pipeline that guides: Latte, Allegro) video v
+        is rows v and v + batch/2, the unconditional half first."""
+        mode = self.config.batch_mode
+        if batch is None or batch < 2 or mode == "shared":
+            return [None]
+        if name is None:  # no cache context: a pipeline that guides batches both halves in one call
+            pipeline = self.pipeline_ref() if self.pipeline_ref is not None else None
+            batched_cfg = pipeline is not None and compat.pipeline_batches_guidance(pipeline)
+        else:
+            batched_cfg = name == "cond_uncond"
+        halves = 2 if mode == "video" and batched_cfg and batch % 2 == 0 else 1
+        count = batch // halves
+        if count == 1:
+            return [None]
+        return [tuple(v + half * count for half in range(halves)) for v in range(count)]
+
+    def cut_arguments(self, args: tuple, kwargs: dict, rows: tuple[int, ...], batch: int) -> tuple[tuple, dict]:
+        """The call's arguments for `rows` of its batch: every tensor whose first dimension is the batch, cut to
+        those rows (inside tuples, lists and dicts too), except the spec's `unbatched_arguments`."""
+        unbatched = set(self.spec.unbatched_arguments)
+        names = self.forward_parameters
+        cut_args = tuple(value if i < len(names) and names[i] in unbatched else _cut(value, rows, batch)
+                         for i, value in enumerate(args))
+        cut_kwargs = {key: value if key in unbatched else _cut(value, rows, batch) for key, value in kwargs.items()}
+        return cut_args, cut_kwargs
 
     def _sharded_probe(self) -> parallel.ShardedProbe | None:
         """Under diffusers' context parallelism (looked up per generation: enable_parallelism may come after
@@ -336,7 +431,7 @@ class _Runtime(_Bound):
     def end_call(self) -> None:
         call = self.current
         if call is not None and not call.reached_last:
-            call.state.schedule.note(
+            call.note(
                 f"the cached blocks {self.blocks[self.first][0]}..{self.blocks[self.last][0]} were not all called "
                 "(a model option that bypasses them, such as Latte's enable_temporal_attentions=False): nothing is "
                 "cached, every step is computed"
@@ -347,21 +442,24 @@ class _Runtime(_Bound):
                     "keep the model's block options fixed within a generation, or call adacache.reset_state(model)"
                 )
 
-    def _new_generation(self, branch: str, num_steps: int | None) -> _BranchState:
+    def _new_generation(self, branch: str, num_steps: int | None,
+                        video_rows: list[tuple[int, ...] | None]) -> _BranchState:
         old = self.states.get(branch)
         if old is not None:
-            self.history.append(old.stats(branch))
+            self.history.extend(old.stats(branch))
         self.generations += 1
-        state = _BranchState(Schedule(self.config, num_steps=num_steps), make_store(self.config),
-                             generation=self.generations)
+        videos = [_VideoState(Schedule(self.config, num_steps=num_steps), make_store(self.config), rows,
+                              video=None if rows is None else v) for v, rows in enumerate(video_rows)]
+        state = _BranchState(self.generations, videos)
         if num_steps is None:
-            state.schedule.note(
-                "the number of inference steps is unknown (no cache_context with num_inference_steps, no scheduler): "
-                "the last two steps are not forced to compute. Apply to the pipeline (apply_adacache(pipe, ...)) "
-                "or set AdaCacheConfig(num_inference_steps=N)",
-                log=not self.warned_unknown_steps,  # logged once per model; every generation's stats keep it
-            )
-            self.warned_unknown_steps = True
+            for video in videos:
+                video.schedule.note(
+                    "the number of inference steps is unknown (no cache_context with num_inference_steps, no "
+                    "scheduler): the last two steps are not forced to compute. Apply to the pipeline "
+                    "(apply_adacache(pipe, ...)) or set AdaCacheConfig(num_inference_steps=N)",
+                    log=not self.warned_unknown_steps,  # logged once per model; every generation's stats keep it
+                )
+                self.warned_unknown_steps = True
         self.states[branch] = state
         return state
 
@@ -450,85 +548,191 @@ class _Runtime(_Bound):
 
     def _apply_cache(self, call: _Call, inputs: tuple) -> tuple:
         """Skipped step at the last block: the first cached block's input + the store's residual for this step, per
-        stream (core/store.py: the last computed one, or a forecast of it).
+        stream (core/store.py: the last computed one, or a forecast of it), each video's rows its own store's.
 
         The span is one unit from the first block's input to the last block's output: whatever the model does
         between its blocks (a round-trip reshape, an adapter or control hint added to the tokens, a decoder that
         restarts from the embeddings) was part of the residual measured on the computed step, so what reaches the
         last block on a skipped step is not used. A stream the first block does not take passes as it arrives."""
-        first, residuals = call.first_inputs, call.state.store.produce(call.step)
-        for name, start, cached in zip(("video", "text"), first, residuals):
-            if cached is not None and (start is None or start.shape != cached.shape):
+        produced = [(rows, video.store.produce(call.step)) for video, rows in call.parts]
+        out = []
+        for stream, (name, now, start) in enumerate(zip(("video", "text"), inputs, call.first_inputs)):
+            pieces = [(rows, residuals[stream]) for rows, residuals in produced]
+            if all(cached is None for _, cached in pieces):
+                out.append(now)
+                continue
+            cached = None
+            if start is not None and all(piece is not None for _, piece in pieces):
+                cached = _gather_rows([(rows, _like(piece, start, call)) for rows, piece in pieces], call.size)
+            if cached is None or start.shape != cached.shape:
+                shape = tuple(cached.shape) if cached is not None else [tuple(getattr(p, "shape", ())) for _, p in pieces]
                 raise ValueError(
                     f"AdaCache: the {name} tokens have shape {tuple(getattr(start, 'shape', ()))} at step {call.step} "
-                    f"(branch {call.branch!r}) but the cached residual has {tuple(cached.shape)}: the batch size or "
+                    f"(branch {call.branch!r}) but the cached residual has {shape}: the batch size or "
                     "resolution changed within a generation. Call adacache.reset_state(model) to start a new one, "
                     "or name each differently shaped call with its own cache_context."
                 )
-        return tuple(start + _like(cached, start, call) if cached is not None else now
-                     for now, start, cached in zip(inputs, first, residuals))
+            out.append(start + cached)
+        return tuple(out)
 
     def _store_cache(self, call: _Call, outputs: tuple) -> None:
-        """Computed step, after the last block: let the schedule choose the next rate from the probe, then give the
-        store the stack residual (output - input, per stream) if it wants it."""
-        state, schedule, store = call.state, call.state.schedule, call.state.store
+        """Computed step, after the last block: let each video's schedule choose its next rate from its rows of the
+        probe, then give its store its rows of the stack residual (output - input, per stream) if it wants it."""
+        state = call.state
         if call.probe is None:
             raise RuntimeError(f"AdaCache: the probe at {self.blocks[self.probe_index][0]} produced nothing")
-        if state.sharded is not None:  # a slice of the tokens: ShardedProbe.motion pairs its frames across ranks
-            schedule.update(call.step, call.probe, call.frames)
-        elif (framed := _probe_frames(call.probe, self.probe_layout, call.frames)) is None:
-            schedule.update(call.step, call.probe, None)  # MoReg cannot read frames from it: the distance decides
-        else:
-            schedule.update(call.step, framed, framed.shape[1])
-        last_step = schedule.num_steps is not None and call.step >= schedule.num_steps
-        if last_step:
-            schedule.prev_probe = None  # the generation is over: hold nothing
-        if last_step or not store.wants(schedule.rate):
-            store.clear()
-            state.peak_bytes = max(state.peak_bytes, state.cache_bytes())
-            return  # no skipped step will ask: no residual needed
         for name, out, start in zip(("video", "text"), outputs, call.first_inputs):
             if out is not None and start is not None and out.shape != start.shape:
-                store.clear()
+                for video, _ in call.parts:
+                    video.store.clear()
                 raise ValueError(
                     f"AdaCache: the {name} tokens enter the cached span at {self.blocks[self.first][0]} with shape "
                     f"{tuple(start.shape)} but leave it at {self.blocks[self.last][0]} with shape {tuple(out.shape)}, "
                     "so no residual spans them; start the span at a block whose input has the last block's output "
                     "shape (ModelSpec(cache_start=...))"
                 )
-        residuals = tuple(  # detached: a grad-enabled call must not keep its graph alive in the cache
-            (out - first).detach() if out is not None and first is not None else None
-            for out, first in zip(outputs, call.first_inputs)
-        )
-        finite = [residual is None
-                  or bool(torch.isfinite(residual.sum(dtype=torch.promote_types(residual.dtype, torch.float32))))
-                  for residual in residuals]
-        if state.sharded is not None and state.sharded.parallel.any(not all(finite), call.probe.device):
-            finite = [False] * len(finite)  # some rank's slice is not finite: every rank computes the next step
-        for name, residual, ok in zip(("video", "text"), residuals, finite):
-            if residual is not None and not ok:
-                schedule.note(
-                    f"non-finite values in the {name} residual of blocks {self.blocks[self.first][0]}.."
-                    f"{self.blocks[self.last][0]} at step {call.step} (branch {call.branch!r}); not caching it, "
-                    "the next step is computed"
-                )
-                store.clear()
-                schedule.reset_after_bad_cache(call.step)
-                return
-        store.put(call.step, residuals)
-        state.peak_bytes = max(state.peak_bytes, state.cache_bytes())
+        last_step = any(v.schedule.num_steps is not None and call.step >= v.schedule.num_steps for v, _ in call.parts)
+        probes, sums = [], []
+        for video, rows in call.parts:
+            probe = _rows_of(call.probe, rows, call.size)
+            if state.sharded is not None:  # a slice of the tokens: ShardedProbe.motion pairs its frames across ranks
+                probe, frames = probe, call.frames
+            elif (framed := _probe_frames(probe, self.probe_layout, call.frames)) is None:
+                frames = None  # MoReg cannot read frames from it: the distance decides
+            else:
+                probe, frames = framed, framed.shape[1]
+            probes.append(probe)
+            sums.append(video.schedule.measure(call.step, probe, frames))
+        residuals = checks = None
+        if state.sharded is not None:
+            # One all-reduce for the step: every video's sums, and the sums of the residuals it may keep (so that
+            # a slice that is not finite on one rank makes every rank compute that video's next step).
+            # (A first step decides rate 1: a store that keeps nothing at rate 1 needs no check then.)
+            first_only = all(s.first for s in sums) and not any(v.store.wants(1) for v, _ in call.parts)
+            if not last_step and not first_only:
+                residuals = self._residuals(call, outputs)
+                checks = [_total(r) for rs in residuals for r in rs if r is not None]
+            sums, checks = state.sharded.reduce_all(sums, checks or [])
+        keeping = []
+        for i, ((video, rows), probe, measured) in enumerate(zip(call.parts, probes, sums)):
+            video.schedule.conclude(call.step, probe, measured)
+            if last_step:
+                video.schedule.prev_probe = None  # the generation is over: hold nothing
+            if last_step or not video.store.wants(video.schedule.rate):
+                video.store.clear()  # no skipped step will ask: no residual needed
+            else:
+                keeping.append(i)
+        if keeping:
+            if residuals is None:
+                residuals = self._residuals(call, outputs)
+                checks = [_total(r) for i in keeping for r in residuals[i] if r is not None]
+            else:  # (reduced over the ranks above, for every video: keep the ones of the videos that keep)
+                per_video = [sum(r is not None for r in rs) for rs in residuals]
+                starts = [sum(per_video[:i]) for i in range(len(residuals))]
+                checks = [c for i in keeping for c in checks[starts[i]:starts[i] + per_video[i]]]
+            finite = iter(torch.isfinite(torch.stack(checks)).tolist() if checks else [])
+            for i in keeping:
+                video = call.parts[i][0]
+                bad = [name for name, r in zip(("video", "text"), residuals[i]) if r is not None and not next(finite)]
+                if bad:
+                    video.schedule.note(
+                        f"non-finite values in the {bad[0]} residual of blocks {self.blocks[self.first][0]}.."
+                        f"{self.blocks[self.last][0]} at step {call.step} (branch {call.branch!r}); not caching it, "
+                        "the next step is computed"
+                    )
+                    video.store.clear()
+                    video.schedule.reset_after_bad_cache(call.step)
+                else:
+                    video.store.put(call.step, residuals[i])
+        for video, _ in call.parts:
+            video.peak_bytes = max(video.peak_bytes, video.cache_bytes())
+
+    def _residuals(self, call: _Call, outputs: tuple) -> list[tuple[torch.Tensor | None, ...]]:
+        """Per video of the call, its rows of the stack residual, per stream; detached (a grad-enabled call must
+        not keep its graph alive in the cache)."""
+        whole = tuple((out - first).detach() if out is not None and first is not None else None
+                      for out, first in zip(outputs, call.first_inputs))
+        return [tuple(None if r is None else _rows_of(r, rows, call.size) for r in whole) for _, rows in call.parts]
 
     # -- stats --
     def stats(self) -> list[GenerationStats]:
-        current = [state.stats(branch) for branch, state in self.states.items()]
-        return sorted([*self.history, *current], key=lambda s: (s.generation, s.branch))
+        current = [entry for branch, state in self.states.items() for entry in state.stats(branch)]
+        return sorted([*self.history, *current],
+                      key=lambda s: (s.generation, s.branch, -1 if s.video is None else s.video))
 
     def reset(self) -> None:
         for branch, state in self.states.items():
-            self.history.append(state.stats(branch))
+            self.history.extend(state.stats(branch))
         self.states.clear()
         self.clock.forget()
         self.current = None
+
+
+def _rows_of(tensor: torch.Tensor, rows: tuple[int, ...] | None, batch: int | None) -> torch.Tensor:
+    """`rows` of a tensor holding `batch` rows batch-major along its first dimension (the batch itself, or batch x
+    frames, batch x tokens for Latte's layouts); the tensor itself for None (every row). A view where the rows run
+    on (one video without CFG halves), else a copy."""
+    if rows is None:
+        return tensor
+    per_row, left = divmod(tensor.shape[0], batch)
+    if left:
+        raise ValueError(f"AdaCache: a tensor of shape {tuple(tensor.shape)} does not hold {batch} batch rows along "
+                         "its first dimension, so a video's rows cannot be taken from it; set "
+                         "AdaCacheConfig(batch_schedule='shared')")
+    if rows == tuple(range(rows[0], rows[0] + len(rows))):
+        return tensor[rows[0] * per_row:(rows[0] + len(rows)) * per_row]
+    index = torch.tensor(rows, device=tensor.device)
+    return tensor.unflatten(0, (batch, per_row)).index_select(0, index).flatten(0, 1)
+
+
+def _gather_rows(pieces: list[tuple[tuple[int, ...] | None, torch.Tensor]], batch: int | None) -> torch.Tensor:
+    """One tensor of `batch` rows from pieces holding some rows each (together every row once), in row order."""
+    if len(pieces) == 1 and pieces[0][0] is None:
+        return pieces[0][1]
+    order = [row for rows, _ in pieces for row in rows]
+    joined = torch.cat([piece.unflatten(0, (len(rows), -1)) for rows, piece in pieces])
+    if order != list(range(batch)):
+        inverse = sorted(range(len(order)), key=order.__getitem__)
+        joined = joined.index_select(0, torch.tensor(inverse, device=joined.device))
+    return joined.flatten(0, 1)
+
+
+def _cut(value: Any, rows: tuple[int, ...], batch: int) -> Any:
+    """An argument cut to `rows`: tensors whose first dimension is the batch, also inside tuples, lists, dicts."""
+    if isinstance(value, torch.Tensor):
+        return _rows_of(value, rows, batch) if value.dim() > 0 and value.shape[0] == batch else value
+    if isinstance(value, dict):
+        return {key: _cut(item, rows, batch) for key, item in value.items()}
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_cut(item, rows, batch) for item in value)
+    return value
+
+
+def _merge_outputs(parts: list[tuple[tuple[int, ...], Any]], batch: int) -> Any:
+    """The outputs of a call made in parts (each running some rows), as the whole call's: tensors joined in row
+    order (inside tuples, lists and diffusers' output classes too)."""
+    first = parts[0][1]
+    if isinstance(first, torch.Tensor):
+        for rows, output in parts:
+            if output.dim() == 0 or output.shape[0] % len(rows):
+                raise ValueError(
+                    f"AdaCache: the transformer returned a tensor of shape {tuple(output.shape)} for {len(rows)} batch "
+                    "rows; its outputs must be batch-first for a batch's videos to run apart. Set "
+                    "AdaCacheConfig(batch_schedule='shared') for this model"
+                )
+        return _gather_rows(parts, batch)
+    if isinstance(first, dict):  # diffusers' BaseOutput (Transformer2DModelOutput) is a dict too
+        merged = {key: _merge_outputs([(rows, output[key]) for rows, output in parts], batch) for key in first}
+        return type(first)(**merged)
+    if isinstance(first, (list, tuple)) and not hasattr(first, "_fields"):
+        return type(first)(_merge_outputs([(rows, output[i]) for rows, output in parts], batch)
+                           for i in range(len(first)))
+    return first
+
+
+def _total(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of a tensor's values, in at least float32: finite exactly when every value is (short of overflow)."""
+    return tensor.sum(dtype=torch.promote_types(tensor.dtype, torch.float32))
 
 
 def _stamp(tensor: torch.Tensor | None) -> Any:
@@ -552,7 +756,7 @@ def _like(cached: torch.Tensor, now: torch.Tensor, call: _Call) -> torch.Tensor:
     within the generation: the residual is still the best estimate of what the skipped blocks would add)."""
     if cached.dtype == now.dtype and cached.device == now.device:
         return cached
-    call.state.schedule.note(
+    call.note(
         f"the cached residual ({cached.dtype}, {cached.device}) was converted to the tokens' {now.dtype} on "
         f"{now.device}: the model's dtype or device changed within a generation"
     )
@@ -657,10 +861,20 @@ def _context_hook_class():
                 if runtime.spec is None:
                     _infer_and_install(runtime, module, args, kwargs, self.call_original)
                 runtime.context = self.cache_context
-                runtime.begin_call(args, kwargs)
-                output = self.call_original(*args, **kwargs)
-                runtime.end_call()
-                return output
+                calls = runtime.begin_call(args, kwargs)
+                if len(calls) == 1:
+                    runtime.current = calls[0]
+                    output = self.call_original(*args, **kwargs)
+                    runtime.end_call()
+                    return output
+                # some videos compute this step and others skip it: the rows of each run on their own
+                outputs = []
+                for call in calls:
+                    part_args, part_kwargs = runtime.cut_arguments(args, kwargs, call.rows, call.state.batch)
+                    runtime.current = call
+                    outputs.append((call.rows, self.call_original(*part_args, **part_kwargs)))
+                    runtime.end_call()
+                return _merge_outputs(outputs, calls[0].state.batch)
             finally:
                 if holding:
                     runtime.leave()

@@ -7,9 +7,11 @@ of the hidden states into contiguous slices, rank r of the context-parallel grou
 again after the blocks. AdaCache's block wrappers sit inside that split (see `refuse_outside_split`), so each rank
 measures its own slice of the probe. What this module adds, per generation (`ShardedProbe`):
 
-- `reduce`: the probe's sums (L1 of the change, L1 of the base, MoReg's numerator and denominator per stride) are
-  added over the ranks in one all-reduce of a small stacked tensor per computed step; every rank then divides the
-  same sums, so every rank looks the same rate up. Sums, never per-rank ratios: slices may be uneven.
+- `reduce_all`: the probe's sums (L1 of the change, L1 of the base, MoReg's numerator and denominator per stride;
+  per video, when a batch's videos have their own schedules) are added over the ranks in one all-reduce of a small
+  stacked tensor per computed step, together with the sums of the residuals about to be cached (a non-finite value
+  on one rank makes the total non-finite on all); every rank then divides the same sums, so every rank looks the
+  same rate up and makes the same keep-or-recompute choice. Sums, never per-rank ratios: slices may be uneven.
 - `motion`: MoReg's frame-to-frame differences pair token i with token i - stride * S (S tokens per frame), which
   for the first stride * S tokens of a slice lie on the ranks before it. Those tokens (at most max(stride) frames)
   are sent by point-to-point from the ranks that hold them; the rest is measured locally, and the sums are then
@@ -69,13 +71,31 @@ class ShardedProbe:
         self.bounds: list[tuple[int, int]] | None = None  # each rank's [start, end) of the token dimension
 
     def reduce(self, sums: ProbeSums) -> ProbeSums:
-        """The sums over every rank's slice: one all-reduce of [change, base, (numerator, denominator) per stride]."""
-        motion = sums.motion or []
-        parts = [sums.change, sums.base, *(value for pair in motion for value in pair)]
-        dtype = torch.promote_types(parts[0].dtype, torch.float32)
-        total = self.parallel.all_sum(torch.stack([p.to(dtype) for p in parts]))
-        pairs = [(total[2 + 2 * i], total[3 + 2 * i]) for i in range(len(motion))]
-        return ProbeSums(total[0], total[1], pairs if sums.motion is not None else None, moreg=sums.moreg)
+        """The sums over every rank's slice (`reduce_all` of one probe)."""
+        return self.reduce_all([sums])[0][0]
+
+    def reduce_all(self, sums: list[ProbeSums], checks: list[torch.Tensor] = ()
+                   ) -> tuple[list[ProbeSums], list[torch.Tensor]]:
+        """Each probe's sums (one per video that computed this step) over every rank's slice, and `checks` (0-d
+        sums of the residuals: non-finite on one rank, non-finite in the total) added over the ranks, in one
+        all-reduce of [change, base, (numerator, denominator) per stride] per probe with a last one to compare,
+        then the checks. A step with nothing to add (every probe a first one, no check) calls nothing."""
+        parts = [value for s in sums if not s.first
+                 for value in (s.change, s.base, *(v for pair in s.motion or [] for v in pair))]
+        parts += list(checks)
+        if not parts:
+            return list(sums), list(checks)
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in parts) else torch.float32
+        total = iter(self.parallel.all_sum(torch.stack([p.to(dtype) for p in parts])))
+        reduced = []
+        for s in sums:
+            if s.first:
+                reduced.append(s)
+                continue
+            change, base = next(total), next(total)
+            pairs = [(next(total), next(total)) for _ in s.motion or []]
+            reduced.append(ProbeSums(change, base, pairs if s.motion is not None else None, moreg=s.moreg))
+        return reduced, list(total)
 
     def motion(self, probe: torch.Tensor, frames: int,
                strides: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:

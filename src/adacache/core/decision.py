@@ -171,6 +171,11 @@ class Schedule:
         sums = self.measure(step, probe, frames)
         if self.reduce is not None and not sums.first:  # (the first step compares nothing on every rank alike)
             sums = self.reduce(sums)
+        return self.conclude(step, probe, sums)
+
+    def conclude(self, step: int, probe: torch.Tensor, sums: ProbeSums) -> StepRecord:
+        """`decide` from `sums` (this probe's, reduced over whatever holds the rest of it), then keep `probe` as
+        the one the next computed step compares with."""
         record = self.decide(step, sums)
         if record.distance is not None and not math.isfinite(record.distance):
             self.note(f"non-finite probe distance at step {step}: computing the next step, forgetting this probe")

@@ -463,7 +463,37 @@ def _build_spec(model, lists, watch: _Watch, args, kwargs, moreg: bool) -> Model
         frames_argument=frames_argument,
         frames_dim=frames_dim,
         temporal_patch=temporal_patch,
+        unbatched_arguments=_unbatched_arguments(model, args, kwargs, batch),
     )
+
+
+def _unbatched_arguments(model: torch.nn.Module, args: tuple, kwargs: dict, batch: int | None) -> tuple[str, ...]:
+    """The arguments the same for every row of the batch, as far as the watched call shows: tables and scales (a
+    tensor, or a tuple or list of tensors and numbers) none of whose tensors has the batch as its first dimension,
+    and which hold a number or a tensor whose first dimension is over 1 (a (1, ...) tensor is broadcast, and is
+    never cut anyway). A per-video run of a batch cuts every other tensor whose first dimension is the batch."""
+    if batch is None:
+        return ()
+
+    def leaves(value: Any) -> list[Any] | None:
+        if isinstance(value, torch.Tensor) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            return [value]
+        if isinstance(value, (tuple, list)) and value:
+            found = [leaves(item) for item in value]
+            return None if any(f is None for f in found) else [leaf for f in found for leaf in f]
+        return None
+
+    unbatched = []
+    for name in _argument_names(model):
+        found = leaves(_bound(_argument_names(model), args, kwargs, name))
+        if not found or (len(found) == 1 and not isinstance(found[0], torch.Tensor)):
+            continue  # nothing, or a single number (a frame count, a flag): never cut
+        tensors = [t for t in found if isinstance(t, torch.Tensor) and t.dim() > 0]
+        if any(t.shape[0] == batch for t in tensors):
+            continue
+        if len(tensors) < len(found) or any(t.shape[0] > 1 for t in tensors):
+            unbatched.append(name)
+    return tuple(unbatched)
 
 
 def _subsets_largest_first(names: list[str], size) -> list[list[str]]:
@@ -616,7 +646,8 @@ def spec_source(spec: ModelSpec, class_name: str | None = None) -> str:
         lines.append(f"        BlockList({block_list.attribute!r}, BlockSpec({', '.join(fields)})),")
     lines.append("    ),")
     base = ModelSpec(block_lists=spec.block_lists)
-    for key in ("interleave", "cache_start", "timestep_argument", "frames_argument", "frames_dim", "temporal_patch"):
+    for key in ("interleave", "cache_start", "timestep_argument", "frames_argument", "frames_dim", "temporal_patch",
+                "batch_argument", "unbatched_arguments"):
         if getattr(spec, key) != getattr(base, key):
             lines.append(f"    {key}={getattr(spec, key)!r},")
     lines.append(")")

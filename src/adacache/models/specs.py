@@ -84,6 +84,11 @@ class ModelSpec:
     frames_dim: int | None = 2
     # Temporal patch size: an int, or the name of a config attribute ("patch_size_t"; "patch_size[0]" indexes).
     temporal_patch: int | str = 1
+    # Several videos in one call: each video's rows of the batch are run alone when the others skip a step. The
+    # transformer's arguments are cut to those rows wherever a tensor's first dimension is the batch (read from
+    # `batch_argument`), except the arguments named here, which are the same for every row (rotary tables, scales).
+    batch_argument: str = "hidden_states"
+    unbatched_arguments: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.block_lists:
@@ -146,6 +151,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         block_lists=(BlockList("transformer_blocks", _DUAL),),
         frames_dim=1,  # hidden_states come as (B, F, C, H, W)
         temporal_patch="patch_size_t",
+        unbatched_arguments=("image_rotary_emb",),  # (tokens, dim) tables, one for the whole batch
     ),
     "HunyuanVideoTransformer3DModel": ModelSpec(
         # 20 dual-stream blocks then 40 single-stream ones; both take and return (video, text) separately.
@@ -160,9 +166,11 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         frames_argument="num_frames",  # hidden_states come packed as tokens; the latent frame count is an argument
         frames_dim=None,
         temporal_patch="patch_size_t",
+        unbatched_arguments=("rope_interpolation_scale",),  # three scales (a tuple, or a tensor of 3)
     ),
     "MochiTransformer3DModel": ModelSpec(block_lists=(BlockList("transformer_blocks", _DUAL),)),
-    "AllegroTransformer3DModel": ModelSpec(block_lists=(BlockList("transformer_blocks"),), temporal_patch="patch_size_t"),
+    "AllegroTransformer3DModel": ModelSpec(block_lists=(BlockList("transformer_blocks"),), temporal_patch="patch_size_t",
+                                           unbatched_arguments=("image_rotary_emb",)),
     "LatteTransformer3DModel": ModelSpec(
         block_lists=(
             BlockList("transformer_blocks", BlockSpec(token_layout="(bt)sc")),  # spatial blocks

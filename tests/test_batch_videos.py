@@ -1,0 +1,273 @@
+"""Several videos in one call (issue 12): each video gets its own schedule, takes the steps it takes alone, and a
+step runs the blocks only on the videos that compute it.
+
+The check everywhere: a batched generation against each of its videos generated alone, on the same inputs. The
+codebook threshold is put between the videos' distances, measured first, so that the videos' schedules really
+differ (a test where every video took the same steps could not fail on the split calls).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import pytest
+import torch
+
+import adacache
+from adacache import AdaCacheConfig, apply_adacache, get_stats, remove_adacache
+from adacache.config import ConfigError
+from adacache.models import specs
+from adacache.testing import TINY_MODELS
+
+STEPS = 6
+TIMESTEPS = [1000.0 - 150.0 * i for i in range(STEPS)]
+FAMILIES = sorted(TINY_MODELS)
+
+
+def rows_of(kwargs: dict, rows: list[int], batch: int, unbatched: tuple[str, ...]) -> dict:
+    """The test's own cut of a batch's inputs to some rows (tensors whose first dimension is the batch)."""
+    def cut(value):
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch:
+            return value[rows]
+        if isinstance(value, (tuple, list)):
+            return type(value)(cut(v) for v in value)
+        return value
+
+    return {k: v if k in unbatched else cut(v) for k, v in kwargs.items()}
+
+
+def denoise(model, tiny, kwargs: dict, context: str | None):
+    """A fixed-step loop over a batch; returns the per-step outputs."""
+    kwargs, outputs = dict(kwargs), []
+    batch = kwargs["hidden_states"].shape[0]
+    with torch.no_grad():
+        for index, t in enumerate(TIMESTEPS):
+            kwargs[tiny.timestep_key] = torch.full((batch,), t)
+            with adacache.cache_context(model, context, index, STEPS) if context else contextlib.nullcontext():
+                out = model(**kwargs)[0]
+            outputs.append(out)
+            kwargs["hidden_states"] = kwargs["hidden_states"] - 0.1 * out
+    return outputs
+
+
+def videos_of(stats):
+    return {s.video: s for s in stats}
+
+
+def split_codebook(model, tiny, kwargs, context, **config) -> AdaCacheConfig:
+    """A codebook that gives the video with the smaller step-2 distance rate 3 and the other rate 1."""
+    apply_adacache(model, AdaCacheConfig(codebook={1e9: 1}, num_inference_steps=STEPS, **config))
+    try:
+        denoise(model, tiny, kwargs, context)
+        distances = [s.distances[1] for s in get_stats(model) if s.video is not None]
+    finally:
+        remove_adacache(model)
+    low, high = min(distances), max(distances)
+    assert high > 1.001 * low, distances  # far enough apart for float differences not to cross the threshold
+    return AdaCacheConfig(codebook={(low * high) ** 0.5: 3, 1e9: 1}, num_inference_steps=STEPS, **config)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    tiny = TINY_MODELS[request.param]
+    return tiny, tiny.build(seed=0)
+
+
+@pytest.mark.parametrize("store", ["reuse", "forecast"])
+def test_each_video_of_a_batch_takes_its_own_steps_and_frames(family, store):
+    """Two videos in one call (no CFG), on every family: each computes the steps it computes alone and gives the
+    same outputs, and the rows of a video that skips a step never reach the blocks."""
+    tiny, model = family
+    spec = specs.registered_spec(model)
+    kwargs = tiny.inputs(model, batch_size=2)
+    config = split_codebook(model, tiny, kwargs, "cond", store=store)
+    _, block, block_spec = spec.blocks(model)[-1]
+    seen_rows = []  # the first dimension of the last block's attention output: it runs only where the block runs
+    handle = block.get_submodule(block_spec.attention).register_forward_hook(
+        lambda m, a, o: seen_rows.append((o[0] if isinstance(o, tuple) else o).shape[0]))
+    apply_adacache(model, config)
+    try:
+        batched = denoise(model, tiny, kwargs, "cond")
+        stats = videos_of(get_stats(model))
+    finally:
+        remove_adacache(model)
+        handle.remove()
+    assert sorted(stats) == [0, 1]
+    assert stats[0].computed_steps != stats[1].computed_steps  # the schedules differ: the split calls ran
+    per_video = seen_rows[0] // 2  # step 1: both videos computed, in one call
+    assert sum(seen_rows) == per_video * sum(len(s.computed_steps) for s in stats.values())
+    for video in (0, 1):
+        alone_kwargs = rows_of(kwargs, [video], 2, spec.unbatched_arguments)
+        apply_adacache(model, config)
+        try:
+            alone = denoise(model, tiny, alone_kwargs, "cond")
+            (alone_stats,) = get_stats(model)
+        finally:
+            remove_adacache(model)
+        assert alone_stats.computed_steps == stats[video].computed_steps
+        for step, (a, b) in enumerate(zip(alone, batched)):
+            torch.testing.assert_close(b[video:video + 1], a, rtol=1e-4, atol=1e-5, msg=f"step {step + 1}")
+
+
+@pytest.mark.parametrize("name", ["ltx_video", "latte"])
+def test_batched_cfg_halves_of_a_video_share_its_decision(name):
+    """Two videos with batched CFG (rows uncond 0, 1 then cond 0, 1, cache_context "cond_uncond"): video v is rows
+    v and v + 2, one schedule, and equals the video run alone with its two halves. Latte reshapes its tokens
+    between blocks by the batch size it read at the start of the call: the videos that compute run as a call of
+    their own, so that holds too."""
+    tiny = TINY_MODELS[name]
+    model = tiny.build(seed=0)
+    spec = specs.registered_spec(model)
+    kwargs = tiny.inputs(model, batch_size=4)
+    config = split_codebook(model, tiny, kwargs, "cond_uncond")
+    apply_adacache(model, config)
+    try:
+        batched = denoise(model, tiny, kwargs, "cond_uncond")
+        stats = videos_of(get_stats(model))
+    finally:
+        remove_adacache(model)
+    assert sorted(stats) == [0, 1] and stats[0].computed_steps != stats[1].computed_steps
+    for video in (0, 1):
+        rows = [video, video + 2]
+        apply_adacache(model, config)
+        try:
+            alone = denoise(model, tiny, rows_of(kwargs, rows, 4, spec.unbatched_arguments), "cond_uncond")
+            (alone_stats,) = get_stats(model)
+        finally:
+            remove_adacache(model)
+        assert alone_stats.video is None and alone_stats.computed_steps == stats[video].computed_steps
+        for a, b in zip(alone, batched):
+            torch.testing.assert_close(b[rows], a, rtol=1e-4, atol=1e-5)
+
+
+def test_row_schedules_split_the_cfg_halves_and_shared_is_one_decision():
+    tiny = TINY_MODELS["ltx_video"]
+    model = tiny.build(seed=0)
+    kwargs = tiny.inputs(model, batch_size=4)
+    for mode, videos in (("row", [0, 1, 2, 3]), ("shared", [None]), ("video", [0, 1])):
+        apply_adacache(model, AdaCacheConfig(codebook={0.1: 2, 1e9: 1}, num_inference_steps=STEPS,
+                                             batch_schedule=mode))
+        try:
+            denoise(model, tiny, kwargs, "cond_uncond")
+            assert [s.video for s in get_stats(model)] == videos, mode
+        finally:
+            remove_adacache(model)
+
+
+def test_paper_mode_shares_one_decision_unless_told_otherwise():
+    assert AdaCacheConfig(paper_mode=True).batch_mode == "shared"
+    assert AdaCacheConfig().batch_mode == "video"
+    assert AdaCacheConfig(paper_mode=True, batch_schedule="video").batch_mode == "video"
+    with pytest.raises(ConfigError, match="batch_schedule must be one of"):
+        AdaCacheConfig(batch_schedule="per-video")
+    assert AdaCacheConfig.from_dict(AdaCacheConfig(batch_schedule="row").to_dict()).batch_schedule == "row"
+
+
+def test_the_split_call_returns_diffusers_output_classes_and_keeps_the_arguments_whole():
+    """return_dict=True (Transformer2DModelOutput) is put back together; an argument the spec marks as the same for
+    every row is passed whole even where its first dimension equals the batch."""
+    tiny = TINY_MODELS["wan"]
+    model = tiny.build(seed=0)
+    kwargs = tiny.inputs(model, batch_size=2)
+    config = split_codebook(model, tiny, kwargs, "cond")
+    apply_adacache(model, config)
+    try:
+        expected = denoise(model, tiny, kwargs, "cond")
+        adacache.reset_state(model)
+        kwargs2, outputs = {**kwargs, "return_dict": True}, []
+        for index, t in enumerate(TIMESTEPS):
+            kwargs2["timestep"] = torch.full((2,), t)
+            with torch.no_grad(), adacache.cache_context(model, "cond", index, STEPS):
+                out = model(**kwargs2)
+            assert type(out).__name__ == "Transformer2DModelOutput"
+            outputs.append(out.sample)
+            kwargs2["hidden_states"] = kwargs2["hidden_states"] - 0.1 * out.sample
+    finally:
+        remove_adacache(model)
+    for a, b in zip(expected, outputs):
+        torch.testing.assert_close(a, b)
+
+    # the spec's unbatched arguments pass whole, every other tensor with the batch first is cut (nested ones too)
+    runtime_spec = dataclasses.replace(specs.registered_spec(model), unbatched_arguments=("encoder_hidden_states",))
+    apply_adacache(model, config, spec=runtime_spec)
+    try:
+        table = (torch.zeros(2, 5), [torch.ones(2, 3)])
+        args, cut = model._adacache.cut_arguments((kwargs["hidden_states"],), {**kwargs, "attention_kwargs": {
+            "table": table}}, rows=(1,), batch=2)
+        assert torch.equal(args[0], kwargs["hidden_states"][1:])
+        assert cut["encoder_hidden_states"] is kwargs["encoder_hidden_states"]
+        assert torch.equal(cut["timestep"], kwargs["timestep"][1:])
+        assert cut["attention_kwargs"]["table"][0].shape == (1, 5) and cut["attention_kwargs"]["table"][1][0].shape == (1, 3)
+        # wrongly kept whole, the text broadcasts the one video's tokens to two rows: refused, not a wrong tensor
+        with pytest.raises(ValueError, match="no residual spans them"):
+            denoise(model, tiny, kwargs, "cond")
+    finally:
+        remove_adacache(model)
+
+
+def test_a_changed_batch_within_a_generation_is_refused_and_a_new_one_is_fine():
+    tiny = TINY_MODELS["wan"]
+    model = tiny.build(seed=0)
+    kwargs = tiny.inputs(model, batch_size=2)
+    apply_adacache(model, AdaCacheConfig(codebook={1e9: 3}, num_inference_steps=STEPS))
+    try:
+        with torch.no_grad():
+            for index in range(2):
+                with adacache.cache_context(model, "cond", index, STEPS):
+                    model(**kwargs)
+            one = rows_of(kwargs, [0], 2, ())
+            with pytest.raises(ValueError, match="batch size or resolution changed"), \
+                    adacache.cache_context(model, "cond", 2, STEPS):
+                model(**one)
+            with adacache.cache_context(model, "cond", 0, STEPS):  # step 0: a new generation
+                model(**one)
+        assert [s.video for s in get_stats(model)] == [0, 1, None]
+    finally:
+        remove_adacache(model)
+
+
+def test_a_non_finite_video_recomputes_alone():
+    """A video whose residual is not finite is not cached and computes its next step; the other video keeps its
+    schedule."""
+    tiny = TINY_MODELS["wan"]
+    model = tiny.build(seed=0)
+    kwargs = tiny.inputs(model, batch_size=2)
+    poisoned = {"on": False}
+
+    def poison(module, args, kwargs_, output):
+        if poisoned["on"]:
+            output = output.clone()
+            output[1] = float("nan")
+            return output
+        return output
+
+    handle = model.blocks[-1].ffn.register_forward_hook(poison, with_kwargs=True)  # inside the block's own forward
+    apply_adacache(model, AdaCacheConfig(codebook={1e9: 3}, num_inference_steps=STEPS))
+    try:
+        with torch.no_grad():
+            for index, t in enumerate(TIMESTEPS):
+                kwargs["timestep"] = torch.full((2,), t)
+                poisoned["on"] = index == 1
+                with adacache.cache_context(model, "cond", index, STEPS):
+                    model(**kwargs)
+        stats = videos_of(get_stats(model))
+    finally:
+        handle.remove()
+        remove_adacache(model)
+    assert stats[0].computed_steps == [1, 2, 5, 6] and not stats[0].notes
+    assert stats[1].computed_steps[:3] == [1, 2, 3]
+    assert any("non-finite values in the video residual" in n for n in stats[1].notes)
+
+
+def test_stats_name_the_video():
+    tiny = TINY_MODELS["wan"]
+    model = tiny.build(seed=0)
+    apply_adacache(model, AdaCacheConfig(codebook={1e9: 1}, num_inference_steps=STEPS))
+    try:
+        denoise(model, tiny, tiny.inputs(model, batch_size=3), "cond")
+        stats = get_stats(model)
+    finally:
+        remove_adacache(model)
+    assert [s.video for s in stats] == [0, 1, 2]
+    assert stats[2].to_dict()["video"] == 2 and "video 2" in str(stats[2])
