@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -271,3 +272,65 @@ def test_stats_name_the_video():
         remove_adacache(model)
     assert [s.video for s in stats] == [0, 1, 2]
     assert stats[2].to_dict()["video"] == 2 and "video 2" in str(stats[2])
+
+
+# --- real pipelines: several prompts in one call against each prompt alone -----------------------------------------
+def test_the_embedded_pipeline_gives_each_prompt_its_own_steps():
+    """The embedded model's pipeline (batched CFG under cache_context "cond_uncond"), four mixed prompts at 30 steps
+    with the shipped codebook: every video takes the steps and frames it takes alone."""
+    from adacache.embedded.pipeline import WEIGHTS_DIR, EmbeddedVideoPipeline, tuned_config
+
+    pipe = EmbeddedVideoPipeline.from_pretrained(WEIGHTS_DIR, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a red circle standing still", "a green triangle moving left fast", "a blue square moving up slow",
+               "a yellow circle moving down fast"]
+    latents = torch.randn(4, 3, 8, 16, 16, generator=torch.Generator().manual_seed(0))
+    apply_adacache(pipe, str(tuned_config(30)))
+    try:
+        batch = pipe(prompts, num_inference_steps=30, latents=latents).frames
+        stats = get_stats(pipe)
+        assert [s.video for s in stats] == [0, 1, 2, 3] and {s.branch for s in stats} == {"cond_uncond"}
+        assert len({tuple(s.computed_steps) for s in stats}) > 1  # not one schedule for all
+        for video, prompt in enumerate(prompts):
+            alone = pipe(prompt, num_inference_steps=30, latents=latents[video:video + 1]).frames
+            assert get_stats(pipe)[-1].computed_steps == stats[video].computed_steps
+            torch.testing.assert_close(batch[video:video + 1], alone, rtol=0, atol=1e-4)
+    finally:
+        remove_adacache(pipe)
+
+
+@pytest.mark.parametrize("kind", ["wan", "latte"])
+def test_a_diffusers_pipeline_gives_each_prompt_its_own_steps(kind, tmp_path):
+    """Wan (CFG as two calls, "cond" and "uncond") and Latte (batched CFG with no cache context: the guiding
+    pipeline tells it), two prompts with a generator each, against each prompt alone with its generator."""
+    from adacache.testing_pipelines import TINY_PIPELINE_CALL, load_tiny_pipeline, save_tiny_pipeline
+
+    pipe = load_tiny_pipeline(save_tiny_pipeline(kind, tmp_path))
+    prompts = ["a red circle moving left", "a blue square standing still"]
+    # Latte's mask_feature cuts every prompt's text to the batch's longest: a video in a batch then differs from
+    # the same video alone with no cache at all (by up to 11 here), so it is off for this comparison
+    call = {**TINY_PIPELINE_CALL[kind], **({"mask_feature": False} if kind == "latte" else {})}
+
+    def generate(config, which=(0, 1)):
+        apply_adacache(pipe, config)
+        try:
+            out = pipe([prompts[i] for i in which], num_inference_steps=STEPS,
+                       generator=[torch.Generator().manual_seed(i) for i in which],
+                       **call)
+            return torch.as_tensor(np.asarray(out.frames)), get_stats(pipe)
+        finally:
+            remove_adacache(pipe)
+
+    _, measured = generate(AdaCacheConfig(codebook={1e9: 1}))
+    branch = measured[-1].branch
+    low, high = sorted(s.distances[1] for s in measured if s.branch == branch)
+    config = AdaCacheConfig(codebook={(low * high) ** 0.5: 3, 1e9: 1})
+    frames, stats = generate(config)
+    by = {(s.branch, s.video): s.computed_steps for s in stats}
+    assert by[(branch, 0)] != by[(branch, 1)]
+    assert {s.branch for s in stats} == ({"cond", "uncond"} if kind == "wan" else {"default"})
+    for video in (0, 1):
+        alone, alone_stats = generate(config, which=(video,))
+        assert {s.branch: s.computed_steps for s in alone_stats} == {b: steps for (b, v), steps in by.items()
+                                                                     if v == video}
+        torch.testing.assert_close(frames[video:video + 1], alone, rtol=1e-4, atol=5e-4)

@@ -85,6 +85,63 @@ def _single_vs_ulysses(family: str, config: dict, order: str = "adacache-first")
     }
 
 
+def _videos_under_ulysses() -> dict:
+    """Two videos in one call (per-video schedules, MoReg on), whole and under Ulysses 2: each video's steps and the
+    outputs, and AdaCache's all-reduces per call of the transformer (counted at ContextParallel.all_sum)."""
+    import adacache
+    from diffusers import ContextParallelConfig
+
+    from adacache.parallel import ContextParallel
+    from adacache.testing import tiny_model
+
+    tiny = tiny_model("wan")
+    model = tiny.build(seed=0)
+    inputs = tiny.inputs(model, batch_size=2)
+
+    def denoise():
+        state, outputs = dict(inputs), []
+        for index in range(STEPS):
+            state["timestep"] = torch.full((2,), 1000.0 - 90.0 * index)
+            before = calls[0]
+            with torch.no_grad(), adacache.cache_context(model, "cond", index, STEPS):
+                output = model(**state)[0]
+            per_call.append(calls[0] - before)
+            outputs.append(output)
+            state["hidden_states"] = state["hidden_states"] - 0.05 * output
+        stats = {s.video: s for s in adacache.get_stats(model) if s.generation == adacache.get_stats(model)[-1].generation}
+        return torch.stack(outputs), stats
+
+    calls, per_call = [0], []
+    real_all_sum = ContextParallel.all_sum
+
+    def counted(self, values):
+        calls[0] += 1
+        return real_all_sum(self, values)
+
+    ContextParallel.all_sum = counted
+    try:
+        moreg = {k: v for k, v in WAN_MOREG.items() if k != "codebook"}
+        adacache.apply_adacache(model, {"codebook": {1e9: 1}, **moreg})
+        _, measured = denoise()  # each video's step-2 distance: the threshold goes between them
+        low, high = sorted(measured[v].distances[1] for v in (0, 1))
+        adacache.remove_adacache(model)
+        adacache.apply_adacache(model, {"codebook": {(low * high) ** 0.5: 3, 1e9: 1}, **moreg})
+        whole, whole_stats = denoise()
+        adacache.reset_state(model)
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
+        per_call.clear()
+        sharded, sharded_stats = denoise()
+    finally:
+        ContextParallel.all_sum = real_all_sum
+    return {
+        "computed": [(whole_stats[v].computed_steps, sharded_stats[v].computed_steps) for v in (0, 1)],
+        "distances": [(whole_stats[v].distances, sharded_stats[v].distances) for v in (0, 1)],
+        "identical": torch.equal(whole, sharded),
+        "max_difference": (whole - sharded).abs().max().item(),
+        "all_reduces_per_call": list(per_call),
+    }
+
+
 def _wrong_order(rank: int) -> str:
     import adacache
     from diffusers import ContextParallelConfig
@@ -167,6 +224,7 @@ def _worker(rank: int, store: str, results: multiprocessing.Queue) -> None:
             "wan moreg": _single_vs_ulysses("wan", WAN_MOREG),
             "ltx moreg": _single_vs_ulysses("ltx_video", LTX_MOREG, order="adacache-second"),
             "wrong order": _wrong_order(rank),
+            "videos": _videos_under_ulysses(),
         }
         dist.barrier()
         results.put((rank, outcome))
@@ -252,6 +310,22 @@ def test_ranks_on_either_side_of_a_threshold_decide_alike(ranks):
         threshold = outcome["reduction"]["threshold"]
         assert threshold["sharded"][0] == threshold["whole"][0] == 1
         assert math.isclose(threshold["sharded"][1], threshold["whole"][1], rel_tol=1e-6)
+
+
+def test_each_video_of_a_batch_takes_its_single_process_steps_under_ulysses(ranks):
+    """Per-video schedules under Ulysses 2 (MoReg on): each video computes the steps it computes on one process, the
+    two videos' schedules differ (the split calls ran on both ranks alike), the outputs are the same, and AdaCache
+    adds at most one all-reduce per call of the transformer."""
+    for outcome in ranks:
+        videos = outcome["videos"]
+        for whole, sharded in videos["computed"]:
+            assert whole == sharded
+        assert videos["computed"][0][0] != videos["computed"][1][0]
+        for whole, sharded in videos["distances"]:
+            assert all((a is None and b is None) or math.isclose(a, b, rel_tol=1e-4) for a, b in zip(whole, sharded))
+        assert videos["identical"], videos["max_difference"]
+        assert max(videos["all_reduces_per_call"]) == 1 and videos["all_reduces_per_call"][0] == 0
+    assert ranks[0]["videos"]["distances"] == ranks[1]["videos"]["distances"]
 
 
 def test_enabling_parallelism_before_adacache_is_refused(ranks):

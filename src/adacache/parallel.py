@@ -58,10 +58,6 @@ class ContextParallel:
         dist.all_reduce(values, op=dist.ReduceOp.SUM, group=self.group)
         return values
 
-    def any(self, flag: bool, device: torch.device | str = "cpu") -> bool:
-        """Whether `flag` is set on any rank (one all-reduce of one number)."""
-        return bool(self.all_sum(torch.tensor([float(flag)], device=device)).item() > 0)
-
 
 class ShardedProbe:
     """One generation's probe measurement under context parallelism: `reduce` and `motion` for its Schedule."""
