@@ -170,6 +170,36 @@ def test_generations_take_turns(page, monkeypatch):
     assert len({r[0] for r in results}) == 2  # each run its own folder
 
 
+def test_close_waits_for_the_generation_in_progress_and_refuses_new_ones(page, monkeypatch):
+    """`serve` closes the page on Ctrl-C. The server's worker threads are daemons: one still inside torch when the
+    interpreter exits is killed there and the process aborts (exit -6, not 130); so close() waits for it."""
+    gr = pytest.importorskip("gradio")
+    import adacache.serve
+
+    started, release, real = threading.Event(), threading.Event(), adacache.serve.compare
+
+    def held(*args, **kwargs):
+        started.set()
+        release.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(adacache.serve, "compare", held)
+    results = []
+    worker = threading.Thread(target=lambda: results.append(page.generate(DEFAULT_PROMPT, "auto", False, 4, 0, 4.0)))
+    worker.start()
+    assert started.wait(60) and page.busy
+    closer = threading.Thread(target=page.close)
+    closer.start()
+    closer.join(0.5)
+    assert closer.is_alive()  # waiting for the generation
+    release.set()
+    closer.join(60)
+    worker.join(60)
+    assert not closer.is_alive() and len(results) == 1 and not page.busy
+    with pytest.raises(gr.Error, match="the server is stopping"):
+        page.generate(DEFAULT_PROMPT, "auto", False, 4, 0, 4.0)
+
+
 def test_generate_on_a_diffusers_pipeline(tmp_path):
     """A --model pipeline (a tiny WanPipeline: CFG as two calls, so two branches in the plot and the numbers)."""
     pytest.importorskip("gradio")
@@ -347,8 +377,12 @@ def test_page_in_a_headless_browser(tmp_path):
     cwd.mkdir()
     port = _free_port()
     env = {**os.environ, "TMPDIR": str(temp)}
+    # SIGINT at its default, as under a terminal's Ctrl-C: a child inherits an ignored SIGINT (pytest run as a
+    # background job of a script), Python then installs no KeyboardInterrupt handler, and the server would rightly
+    # ignore the SIGINT below until killed (as in test_cli_hostile)
     server = subprocess.Popen([sys.executable, "-m", "adacache.cli", "serve", "--port", str(port), "--no-browser"],
-                              cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     url = f"http://127.0.0.1:{port}/"
 
     def up() -> bool:
@@ -412,11 +446,14 @@ def test_page_in_a_headless_browser(tmp_path):
         if page is not None:
             page.quit()
         server.send_signal(signal.SIGINT)
+        killed = False
         try:
             output = server.communicate(timeout=60)[0]
         except subprocess.TimeoutExpired:
             server.kill()
             output = server.communicate()[0]
+            killed = True
+    assert not killed, f"the server did not stop within 60 s of SIGINT and was killed:\n{output}"
     assert server.returncode == 130, output
     assert "Traceback" not in output, output
     assert list(temp.iterdir()) == [] and list(cwd.iterdir()) == []  # nothing left outside its temporary folder

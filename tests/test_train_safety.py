@@ -105,9 +105,22 @@ def test_stop_raised_inside_the_optimizer_step_saves_no_half_step(exception, ref
     assert_matches_reference(tmp_path, reference)
 
 
+@pytest.fixture
+def sigint_raises():
+    """SIGINT raising KeyboardInterrupt, as in a process started from a terminal, whatever pytest inherited: a
+    background job of a non-interactive shell (`pytest &` in a script, CI wrappers) starts with SIGINT ignored,
+    Python then installs no KeyboardInterrupt handler, and a SIGINT is rightly dropped (train() restores SIG_IGN
+    and re-raises into it). The previous handler is restored afterwards."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("signum, exception", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)])
 def test_signal_during_the_optimizer_step_is_held_to_the_step_boundary(signum, exception, reference, tmp_path,
-                                                                       monkeypatch):
+                                                                       monkeypatch, sigint_raises):
     """Defect 3: Ctrl-C or SIGTERM arriving during the update lets the step finish, saves it, then propagates (as
     `Terminated` for SIGTERM, for the CLI's exit code 143)."""
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
@@ -120,6 +133,19 @@ def test_signal_during_the_optimizer_step_is_held_to_the_step_boundary(signum, e
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # restored
     monkeypatch.undo()
     train(tmp_path, tiny(), progress=False)
+    assert_matches_reference(tmp_path, reference)
+
+
+def test_an_ignored_sigint_during_the_optimizer_step_stays_ignored(reference, tmp_path, monkeypatch):
+    """Guard: a process that ignores SIGINT (a background job of a script) is not stopped by one held in the
+    update; training runs on, and SIG_IGN is restored."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        stop_inside_the_optimizer_step(monkeypatch, at_call=3, stop=lambda: signal.raise_signal(signal.SIGINT))
+        train(tmp_path, tiny(), progress=False)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert_matches_reference(tmp_path, reference)
 
 

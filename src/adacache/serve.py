@@ -255,6 +255,7 @@ class WebPage:
         self.call = dict(call or {})  # height / width / num_frames for --model pipelines
         self._lock = threading.Lock()  # one generation at a time, whatever the queue does
         self._runs = 0
+        self._closed = False  # set by close(): the server is stopping, no new generation starts
 
     @property
     def cache_choices(self) -> list[str]:
@@ -300,6 +301,22 @@ class WebPage:
         unknown = encoder.check_prompt(prompt) if hasattr(encoder, "check_prompt") else []  # cli._check_prompts
         return prompt, cache, bool(moreg), steps, seed, float(guidance), unknown
 
+    def close(self) -> None:
+        """Wait for the generation in progress, if any, to finish, and refuse any later one.
+
+        The server runs generations in its worker threads, which are daemon threads (started from gradio's daemon
+        server thread). Left running when the command returns, one is still inside torch when the interpreter
+        shuts down and is killed there: the process aborts (exit -6, "terminate called without an active
+        exception") instead of exiting 130, and its videos may land after the temporary folder was deleted.
+        Waiting here is interruptible (a second Ctrl-C stops waiting)."""
+        with self._lock:
+            self._closed = True
+
+    @property
+    def busy(self) -> bool:
+        """A generation is running."""
+        return self._lock.locked()
+
     def next_folder(self) -> Path:
         """A fresh folder for this run's videos; runs older than the last KEEP_RUNS are deleted."""
         self._runs += 1
@@ -331,6 +348,8 @@ class WebPage:
             call.update(_finite_step_check(self.pipe, steps))
         try:
             with self._lock:
+                if self._closed:
+                    raise ConfigError("the server is stopping; no new generation starts")
                 if progress is not None:
                     progress(0.05, desc="generating uncached, then with AdaCache")
                 result = compare(self.pipe, prompt, config, self.next_folder(), steps=steps, seed=seed,
@@ -469,7 +488,7 @@ def serve(model: str | None = None, codebook_files: Sequence[str] = (), *, host:
     # importing diffusers makes torch inductor's cache folder (empty) in the system's temporary folder; a cache
     # the user chose is kept
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder / "torchinductor"))
-    app = None
+    app = page = None
     try:
         _gradio()  # before the model loads: a missing gradio is one line
         codebooks = load_codebooks(codebook_files)
@@ -491,11 +510,17 @@ def serve(model: str | None = None, codebook_files: Sequence[str] = (), *, host:
         while True:  # the server runs in its own threads; this thread waits for Ctrl-C or SIGTERM
             time.sleep(0.2)
     finally:
-        if app is not None:
-            app.close(verbose=False)
-        shutil.rmtree(folder, ignore_errors=True)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        try:
+            if app is not None:
+                app.close(verbose=False)
+            if page is not None:
+                if page.busy:
+                    print("adacache: waiting for the generation in progress to finish (Ctrl-C again stops at once)")
+                page.close()  # before the interpreter exits under it (see WebPage.close)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
