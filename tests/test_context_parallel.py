@@ -354,3 +354,70 @@ def test_compat_context_parallel_names_match_diffusers():
     assert {"_flattened_mesh", "ulysses_anything", "ring_anything"} <= fields
     with pytest.raises(RuntimeError, match="no device mesh"):
         compat.context_parallel_group(ContextParallelConfig(ulysses_degree=2))
+
+
+# --- the command line under torchrun (the embedded model, CPU, gloo) --------------------------------------------------
+def _torchrun(args: list[str], cwd) -> str:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD), "-m", "adacache.cli",
+               *args]
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=DEADLINE_S)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_generate_under_torchrun_reports_the_single_process_result(tmp_path):
+    """`adacache generate --context-parallel ulysses` on two processes: one report (rank 0's) and one video, with the
+    computed steps and the PSNR of the same command on one process."""
+    from adacache.cli import main
+
+    args = ["generate", "a green triangle moving left fast", "--steps", "12", "--compare", "--no-progress"]
+    sharded = _torchrun([*args, "-o", "cp.mp4", "--context-parallel", "ulysses"], tmp_path)
+    assert sharded.count("computed") == 1 and "ulysses over 2 processes" in sharded
+    import contextlib
+    import io
+
+    whole = io.StringIO()
+    with contextlib.redirect_stdout(whole):
+        assert main([*args, "-o", str(tmp_path / "one.mp4")]) == 0
+
+    def lines(text, start):
+        return [line.strip() for line in text.splitlines() if line.strip().startswith(start)]
+
+    assert lines(sharded, "cond_uncond") == lines(whole.getvalue(), "cond_uncond")
+    assert lines(sharded, "PSNR") == lines(whole.getvalue(), "PSNR")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cp.mp4", "one.mp4"]
+
+
+def test_bench_under_torchrun_runs_every_video_on_both_processes(tmp_path):
+    """`adacache bench --context-parallel ulysses`: rank 0 writes the records and the report; the peers that cannot
+    run inside the split are left out of the default comparison."""
+    import json
+
+    out = _torchrun(["bench", "--num-prompts", "1", "--seeds", "0", "--steps", "10", "--warmup", "0", "--no-flops",
+                     "--context-parallel", "ulysses", "-o", "b", "--no-progress"], tmp_path)
+    assert out.count("| auto | AdaCache") == 1
+    records = [json.loads(line) for line in (tmp_path / "b" / "records.rank0.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in records} >= {"none", "auto", "static:2"} and all(r["status"] == "ok" for r in records)
+    assert not any(r["method"].startswith(("fbc", "dbcache")) for r in records)
+    assert sorted(p.name for p in (tmp_path / "b").glob("records.rank*")) == ["records.rank0.jsonl"]
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["context_parallel"] == "ulysses"
+
+
+@pytest.mark.parametrize("argv, world, message", [
+    (["generate", "a red circle", "--context-parallel", "ulysses"], "1", "launch it with torchrun"),
+    (["generate", "a red circle"], "2", "add --context-parallel ulysses"),
+    (["bench", "--context-parallel", "ring", "--methods", "none,fbc:0.1"], "2", "leave out fbc:0.1"),
+])
+def test_context_parallel_options_that_cannot_work_are_refused(argv, world, message, monkeypatch, capsys, tmp_path):
+    from adacache.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -20,6 +20,7 @@ _EXPORTS = {
     "PRESETS": ".config", "AdaCacheConfig": ".config", "ConfigError": ".config",
     "GenerationStats": ".hooks", "apply_adacache": ".hooks", "cache_context": ".hooks", "compile_blocks": ".hooks",
     "get_stats": ".hooks", "remove_adacache": ".hooks", "reset_state": ".hooks", "describe": ".hooks",
+    "reconfigure": ".hooks",
     "transformers_of": ".hooks",
     "InferenceError": ".models.infer",
     "MODEL_SPECS": ".models.specs", "BlockList": ".models.specs", "BlockSpec": ".models.specs",

@@ -251,13 +251,8 @@ def _frames_of(output) -> "np.ndarray":
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import time
-
-    import torch
-
-    from .demo import psnr
-    from .hooks import apply_adacache, get_stats, remove_adacache
-    from .video import check_writable, side_by_side, to_uint8, upscale, write_video
+    from . import parallel
+    from .video import check_writable
 
     if not args.prompt.strip():
         raise ConfigError("the prompt is empty; describe a clip, e.g. 'a red circle moving right fast'")
@@ -276,8 +271,30 @@ def _generate(args: argparse.Namespace) -> int:
     if args.moreg and args.cache == "none":
         raise ConfigError("--moreg is part of AdaCache; with --cache none it would do nothing (leave out one of them)")
     config = None if args.cache == "none" else _cache_config(args)
-    pipe = _load_pipeline(args.model, progress=not args.no_progress)
-    pipe.set_progress_bar_config(disable=args.no_progress)
+    mode = _context_parallel(args, "generate")
+    with parallel.process_group() if mode != "none" else contextlib.nullcontext(0) as rank:
+        return _generate_on(args, kind, sizes, output, gif, config, mode, rank)
+
+
+def _generate_on(args: argparse.Namespace, kind: str, sizes: dict, output: Path, gif: Path | None,
+                 config: AdaCacheConfig | None, mode: str, rank: int) -> int:
+    import time
+
+    import torch
+
+    from . import parallel
+    from .demo import psnr
+    from .hooks import apply_adacache, get_stats, reconfigure, remove_adacache, transformers_of
+    from .video import side_by_side, to_uint8, upscale, write_video
+
+    quiet = args.no_progress or rank != 0
+    pipe = _load_pipeline(args.model, progress=not quiet)
+    pipe.set_progress_bar_config(disable=quiet)
+    if mode != "none":  # AdaCache first (paused until its run), then diffusers' split around its blocks
+        if config is not None:
+            apply_adacache(pipe, config)
+            reconfigure(pipe, None)
+        parallel.enable_context_parallel(pipe, mode, transformers_of(pipe))
     # output_type "np": uint8 from the embedded model (its loop checks every step for inf/nan), floats in [0, 1]
     # from diffusers pipelines, which to_uint8 refuses when they hold inf/nan
     call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="np", **sizes)
@@ -294,17 +311,26 @@ def _generate(args: argparse.Namespace) -> int:
         pipe(args.prompt, generator=torch.Generator().manual_seed(args.seed), **{**call, "num_inference_steps": 1})
     uncached = run() if args.compare or config is None else None
     if config is not None:
-        apply_adacache(pipe, config)
+        if mode != "none":
+            reconfigure(pipe, config)
+        else:
+            apply_adacache(pipe, config)
         try:
             cached = run()
             stats = get_stats(pipe)  # applied just before: only this generation's branches
         finally:
-            remove_adacache(pipe)
+            if mode == "none":
+                remove_adacache(pipe)
+    if rank != 0:
+        return 0  # (the same video: rank 0 reports it)
     prefix = "  " if args.compare and config is not None else ""
     if args.compare and config is not None:
         print(f"uncached {uncached[1]:.2f} s, AdaCache {cached[1]:.2f} s: speed-up {uncached[1] / cached[1]:.2f}x")
     for s in stats if config is not None else []:
-        print(f"{prefix}{s.branch}: computed {len(s.computed_steps)}/{s.steps_seen} steps {s.computed_steps}")
+        video = f" video {s.video}" if s.video is not None else ""
+        print(f"{prefix}{s.branch}{video}: computed {len(s.computed_steps)}/{s.steps_seen} steps {s.computed_steps}")
+    if mode != "none":
+        print(f"context parallelism: {mode} over {parallel.launched_world()} processes")
     if args.compare and config is not None:
         reference, other = (torch.from_numpy(v[0]).float() for v in (uncached, cached))
         print(f"PSNR against the uncached video (same seed): {psnr(reference, other):.2f} dB")
@@ -389,9 +415,20 @@ def _bench(args: argparse.Namespace) -> int:
     # auto[+moreg]: the embedded model's calibrated codebooks for this step count (MoReg's where one ships)
     tuned = {"plain": _tuned(args.steps), "moreg": _tuned(args.steps, moreg=True)} if args.model is None else None
     parse_methods(methods, tuned)  # every name checked before the model loads
+    mode = _context_parallel(args, "bench")
+    if mode != "none":
+        from .evaluation.methods import AdaCacheMethod, Baseline
+
+        parsed = parse_methods(methods, tuned)
+        others = [m.name for m in parsed if not isinstance(m, (Baseline, AdaCacheMethod))]
+        if others and args.methods is not None:
+            raise ConfigError(f"under --context-parallel the bench runs the uncached model and AdaCache only (AdaCache "
+                              f"stays inside diffusers' split); leave out {', '.join(others)}")
+        methods = [m.name for m in parsed if m.name not in others]
     settings = BenchSettings(
         model=args.model or "embedded", prompts=prompts, methods=methods, seeds=seeds, steps=args.steps,
         guidance=args.guidance, repeats=args.repeats, warmup=args.warmup, flops=not args.no_flops, call=sizes,
+        context_parallel=mode,
     )
     out = Path(args.out)
     made = not out.exists()
@@ -406,7 +443,19 @@ def _bench(args: argparse.Namespace) -> int:
         raise
     _to_device(pipe)
     command = "adacache " + " ".join(shlex.quote(a) for a in args.argv)
-    report = run_bench(pipe, settings, args.out, tuned=tuned, progress=not args.no_progress, command=command)
+    if mode == "none":
+        report = run_bench(pipe, settings, args.out, tuned=tuned, progress=not args.no_progress, command=command)
+    else:
+        from . import parallel
+        from .hooks import apply_adacache, reconfigure, transformers_of
+
+        with parallel.process_group() as rank:
+            # AdaCache first, paused (each AdaCache method reconfigures it), then diffusers' split around its blocks
+            apply_adacache(pipe)
+            reconfigure(pipe, None)
+            parallel.enable_context_parallel(pipe, mode, transformers_of(pipe))
+            report = run_bench(pipe, settings, args.out, tuned=tuned, progress=not args.no_progress and rank == 0,
+                               command=command)
     if report is not None:
         from .evaluation.report import markdown
 
@@ -582,6 +631,25 @@ def _to_device(pipe) -> None:
         pipe.to(f"cuda:{local}")
 
 
+CONTEXT_PARALLEL = ("none", "ulysses", "ring")
+
+
+def _context_parallel(args: argparse.Namespace, command: str) -> str:
+    """The --context-parallel mode, checked against the launch: it needs torchrun (or another launcher) with two
+    processes or more; generate under a launcher without it would write one video per process to one file."""
+    from .parallel import launched_world
+
+    world = launched_world()
+    if args.context_parallel != "none" and world == 1:
+        raise ConfigError(f"--context-parallel {args.context_parallel} splits the work over processes, but this is "
+                          f"one process; launch it with torchrun, e.g. torchrun --nproc-per-node 2 -m adacache.cli "
+                          f"{command} ... --context-parallel {args.context_parallel}")
+    if command == "generate" and args.context_parallel == "none" and world > 1:
+        raise ConfigError(f"adacache generate under a launcher ({world} processes) would make the same video "
+                          "{world} times; add --context-parallel ulysses to split it over them".replace("{world}", str(world)))
+    return args.context_parallel
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adacache", description="Adaptive Caching (AdaCache) with Motion Regularization for video DiTs."
@@ -619,6 +687,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--gif", action="store_true",
                      help="also write a GIF next to an .mp4 output (same name, .gif); with a .gif output it adds "
                           "nothing")
+    gen.add_argument("--context-parallel", choices=CONTEXT_PARALLEL, default="none",
+                     help="under torchrun: split each video's tokens over the processes with diffusers' context "
+                          "parallelism (ulysses or ring; ring needs an attention backend with log-sum-exp, a GPU "
+                          "one); rank 0 prints and writes (default none)")
     gen.add_argument("--no-progress", action="store_true", help="hide progress bars")
     gen.set_defaults(run=_generate)
 
@@ -643,6 +715,10 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--width", type=_POSITIVE, default=None, help="frame width, for --model pipelines")
     be.add_argument("--num-frames", type=_POSITIVE, default=None, help="number of frames, for --model pipelines")
     be.add_argument("-o", "--out", default="bench", help="output folder; a run there resumes (default bench)")
+    be.add_argument("--context-parallel", choices=CONTEXT_PARALLEL, default="none",
+                    help="under torchrun: run every video on all processes, its tokens split by diffusers' context "
+                         "parallelism (ulysses or ring), AdaCache and the uncached model only; default none: each "
+                         "process takes its share of the videos")
     be.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     be.set_defaults(run=_bench)
 

@@ -13,6 +13,7 @@ Checked with diffusers 0.41.0, 0.42.0 and 0.42.1; 0.40 lacks what `cache_context
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from typing import Any, Callable, Iterator
@@ -250,6 +251,22 @@ def has_context_parallel_hook(module: torch.nn.Module) -> bool:
     `cp_input---{id}` and `cp_output---{id}` of `diffusers.hooks.context_parallel`, in the module's registry)."""
     registry = module.__dict__.get("_diffusers_hook")
     return registry is not None and any(name.startswith(_CONTEXT_PARALLEL_HOOK_PREFIXES) for name in registry.hooks)
+
+
+@contextlib.contextmanager
+def cpu_ranks_on_one_device() -> Iterator[None]:
+    """While enabling parallelism on a host with no accelerator (CPU ranks on gloo): diffusers'
+    `_resolve_parallel_config` places rank r on device `rank % torch.accelerator.device_count()`, a division by zero
+    there. For this block only, the count reads 1 (every rank on the CPU); with an accelerator, nothing changes."""
+    if torch.accelerator.device_count() != 0:
+        yield
+        return
+    count = torch.accelerator.device_count
+    torch.accelerator.device_count = lambda: 1
+    try:
+        yield
+    finally:
+        torch.accelerator.device_count = count
 
 
 # --- pipelines ----------------------------------------------------------------------------------------------------

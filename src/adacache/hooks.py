@@ -218,6 +218,7 @@ class _Runtime(_Bound):
         self.busy = threading.Lock()  # held for the length of a transformer call
         self.busy_thread: int | None = None
         self.context = None  # receives diffusers' cache_context (see _ContextHook)
+        self.paused = False  # reconfigure(model, None): calls run the model as it is
         # Set when applied to a pipeline: the pipeline, weakly (it owns the model). Its scheduler is read at each
         # call, so one swapped in after apply (pipe.scheduler = X.from_config(...)) is the one followed.
         self.pipeline_ref: Callable[[], Any] | None = None
@@ -856,6 +857,8 @@ def _context_hook_class():
 
         def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
             runtime, holding = self.runtime, False
+            if runtime.paused:
+                return self.call_original(*args, **kwargs)
             try:  # entered inside the try: a Ctrl-C right after the lock is taken still releases it
                 holding = runtime.enter()
                 if runtime.spec is None:
@@ -953,12 +956,7 @@ def apply_adacache(
     `model.enable_cache(...)` refuses a second one, as this refuses a model with a diffusers cache enabled. Remove
     AdaCache with `remove_adacache`; diffusers' `model.disable_cache()` refuses it, changing nothing.
     """
-    if config is None:
-        config = AdaCacheConfig()
-    elif isinstance(config, Mapping):
-        config = AdaCacheConfig.from_dict(config)
-    elif not isinstance(config, AdaCacheConfig):
-        config = AdaCacheConfig.load(config)
+    config = _as_config(config)
     models = transformers_of(target)
     done = []
     try:
@@ -971,6 +969,50 @@ def apply_adacache(
         for model in done:  # all or nothing
             remove_adacache(model)
         raise
+
+
+def _as_config(config: AdaCacheConfig | Mapping[str, Any] | str | None) -> AdaCacheConfig:
+    if config is None:
+        return AdaCacheConfig()
+    if isinstance(config, Mapping):
+        return AdaCacheConfig.from_dict(config)
+    if not isinstance(config, AdaCacheConfig):
+        return AdaCacheConfig.load(config)
+    return config
+
+
+def is_applied(target: Any) -> bool:
+    """Whether AdaCache is applied to the model (or to every transformer of the pipeline)."""
+    return all(_RUNTIME_ATTRIBUTE in model.__dict__ for model in transformers_of(target))
+
+
+def reconfigure(target: Any, config: AdaCacheConfig | Mapping[str, Any] | str | None) -> None:
+    """Give an applied AdaCache another config, as `remove_adacache` then `apply_adacache` would, without
+    unwrapping the blocks: every generation in progress ends and the stats are cleared. With None, AdaCache is
+    paused: calls run the model as it is, caching and measuring nothing, until a config is given again.
+
+    The way to change configs where AdaCache cannot be removed and applied again: under diffusers' context
+    parallelism, whose split hooks wrap AdaCache's blocks (enable_parallelism comes after apply_adacache). The probe
+    (probe_block, probe_point) is where the blocks were wrapped, so it cannot change here."""
+    config = _as_config(config) if config is not None else None
+    runtimes = [_runtime_of(model) for model in transformers_of(target)]
+    for runtime in runtimes:
+        old = runtime.config
+        if config is not None and (config.probe_block, config.probe_point) != (old.probe_block, old.probe_point):
+            raise ValueError(
+                f"reconfigure cannot move the probe (probe_block {old.probe_block!r} -> {config.probe_block!r}, "
+                f"probe_point {old.probe_point!r} -> {config.probe_point!r}): it is where the blocks were wrapped. "
+                "Call remove_adacache and apply_adacache with the new config instead"
+            )
+    for runtime in runtimes:
+        runtime.reset()
+        runtime.paused = config is None
+        if config is not None:
+            runtime.config = config
+            runtime.clock.default_num_steps = config.num_inference_steps
+            runtime.history = collections.deque(maxlen=config.stats_history)
+        else:
+            runtime.history.clear()
 
 
 def transformers_of(target: Any) -> list[torch.nn.Module]:

@@ -20,8 +20,10 @@ measures its own slice of the probe. What this module adds, per generation (`Sha
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any
+import os
+from typing import Any, Iterator
 
 import torch
 
@@ -179,6 +181,54 @@ class ShardedProbe:
         if not received:
             return probe[:, :0]
         return torch.cat(received, dim=1)
+
+
+# --- launching: torchrun and diffusers' engine, for the command line ------------------------------------------------
+def launched_world() -> int:
+    """How many processes a launcher (torchrun, or any that sets WORLD_SIZE) started for this run; 1 outside one."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+@contextlib.contextmanager
+def process_group() -> Iterator[int]:
+    """Under a launcher, the default process group (gloo for CPU tensors, and NCCL for CUDA ones where CUDA is, with
+    this process's GPU from LOCAL_RANK), destroyed on the way out unless something did already; yields this
+    process's rank (0 outside a launcher, with no group)."""
+    import torch.distributed as dist
+
+    if launched_world() == 1 or dist.is_initialized():
+        yield dist.get_rank() if dist.is_initialized() else 0
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        yield dist.get_rank()
+    finally:
+        if dist.is_initialized():  # (the bench leaves the group itself)
+            dist.destroy_process_group()
+
+
+def enable_context_parallel(pipe: Any, mode: str, transformers: list[torch.nn.Module]) -> None:
+    """diffusers' own context parallelism over every launched process (`enable_parallelism` with Ulysses or Ring of
+    the world's degree) on each transformer: after apply_adacache, so AdaCache's blocks sit inside the split."""
+    from diffusers import ContextParallelConfig
+
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    config = ContextParallelConfig(**{f"{mode}_degree": world})
+    for model in transformers:
+        heads = getattr(getattr(model, "config", None), "num_attention_heads", None)
+        if mode == "ulysses" and heads is not None and heads % world:
+            raise ValueError(f"Ulysses splits the attention heads over the processes: {type(model).__name__} has "
+                             f"{heads} heads, which {world} processes do not divide; launch a divisor of {heads} "
+                             "processes, or use --context-parallel ring")
+        with compat.cpu_ranks_on_one_device():
+            model.enable_parallelism(config=config)
 
 
 def refuse_outside_split(model: torch.nn.Module, blocks: list[tuple[str, torch.nn.Module, Any]], first: int) -> None:

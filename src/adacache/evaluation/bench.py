@@ -25,6 +25,7 @@ for methods that drop their state at the end of a call) and stats (record fields
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -41,7 +42,7 @@ import torch
 
 from ..hooks import transformers_of
 from .folder import BenchFolderError, BenchSettings, finite, refuse, write_atomic
-from .methods import Method, parse_methods
+from .methods import AdaCacheMethod, Method, parse_methods
 from .metrics import LPIPS, TransformerMeter, as_video, frame_motion, object_psnr, psnr, ssim
 from .report import write_report
 
@@ -102,11 +103,14 @@ class Bench:
         self.pipe, self.settings, self.rank, self.world, self.progress = pipe, settings, rank, world, progress
         self.methods: list[Method] = parse_methods(settings.methods, tuned)
         videos = settings.videos()
-        if world > len(videos):
+        if world > len(videos) and settings.context_parallel == "none":
             raise ValueError(
                 f"{world} processes for {len(videos)} videos (prompts x seeds): use at most {len(videos)} processes"
             )
-        self.videos = videos[rank::world]
+        # under context parallelism every process runs every video, together; rank 0 alone writes
+        self.together = settings.context_parallel != "none"
+        self.videos = videos if self.together else videos[rank::world]
+        self.writes = rank == 0 or not self.together
         self.out = prepare_folder(out)
         check_folder(self.out)
         (self.out / "videos").mkdir(exist_ok=True)
@@ -127,6 +131,8 @@ class Bench:
         if path.is_file():
             try:
                 theirs = json.loads(path.read_bytes().decode("utf-8"))
+                if isinstance(theirs, dict):  # written before the setting existed: the videos were shared out
+                    theirs.setdefault("context_parallel", "none")
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
                 raise refuse(path, f"is not a readable settings file ({error}), so the records beside it cannot be "
                                    "matched to settings", remedy) from None
@@ -165,9 +171,10 @@ class Bench:
             logger.warning("LPIPS not computed: %s", self.lpips.reason)
         self.pipe.set_progress_bar_config(disable=True)
         records_path = self.out / f"records.rank{self.rank}.jsonl"
-        _drop_unfinished_line(records_path)
+        if self.writes:
+            _drop_unfinished_line(records_path)
         try:
-            sink = records_path.open("a")
+            sink = records_path.open("a") if self.writes else contextlib.nullcontext()  # (rank 0 writes them)
         except OSError as error:
             raise refuse(records_path, f"cannot be appended to ({error.strerror or error})",
                          "make it a writable file or pass another --out folder") from None
@@ -203,12 +210,19 @@ class Bench:
             return
         _, _, prompt, seed = todo[0][0]
         for method in self.methods:
-            if method.unsupported(self.pipe, self.settings.guidance, self.settings.steps):
+            if self._unsupported(method):
                 continue
             try:
                 self._with(method, lambda: [self._generate(prompt, seed) for _ in range(self.settings.warmup)])
             except Exception:  # noqa: BLE001 - reported when the method is measured
                 pass
+
+    def _unsupported(self, method: Method) -> str | None:
+        if self.together and not (method.is_baseline or isinstance(method, AdaCacheMethod)):
+            return ("under context parallelism the bench runs the uncached model and AdaCache only: AdaCache stays "
+                    "applied inside diffusers' split (changing configs with reconfigure), where another cache "
+                    "cannot be enabled and removed around it")
+        return method.unsupported(self.pipe, self.settings.guidance, self.settings.steps)
 
     def _with(self, method: Method, work):
         try:  # a method that fails to enable on a second transformer must not stay on the first
@@ -287,7 +301,8 @@ class Bench:
         frames, seconds, _, _ = self._timed(self.methods[0], prompt, seed)
         peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
         flops, _ = self._counted(self.methods[0], prompt, seed)
-        _save_video(path, frames)
+        if self.writes:
+            _save_video(path, frames)
         record = self._record(video, self.methods[0], frames, seconds, flops, {}, peak, None, reference=None)
         _append(sink, record)
         return {"frames": frames, "record": record}
@@ -307,14 +322,15 @@ class Bench:
                                f"{record['video']} were measured against (motion {frame_motion(frames):.6g}, recorded "
                                f"{record.get('motion')})",
                          f"delete the folder {self.out} or pass another --out folder")
-        _save_video(path, frames)
+        if self.writes:
+            _save_video(path, frames)
         return frames
 
     def _measure(self, video: tuple, method: Method, reference: dict[str, Any]) -> dict[str, Any]:
         vid, index, prompt, seed = video
         base = {"video": vid, "prompt_index": index, "prompt": prompt, "seed": seed, "method": method.name,
                 "family": method.family}
-        reason = method.unsupported(self.pipe, self.settings.guidance, self.settings.steps)
+        reason = self._unsupported(method)
         if reason:
             return {**base, "status": "skipped", "reason": reason}
         try:
@@ -412,6 +428,8 @@ def _drop_unfinished_line(path: Path) -> None:
 
 
 def _append(sink, record: dict[str, Any]) -> None:
+    if isinstance(sink, contextlib.nullcontext):  # a process that does not write (context parallelism, rank > 0)
+        return
     sink.write(json.dumps(finite(record), allow_nan=False) + "\n")
     sink.flush()
     os.fsync(sink.fileno())
@@ -492,8 +510,9 @@ def load_records(out: Path) -> list[dict[str, Any]]:
 def run_bench(pipe: Any, settings: BenchSettings, out: str | os.PathLike, *, tuned: Any = None,
               progress: bool = True, command: str | None = None) -> dict[str, Any] | None:
     """Run (or resume) a bench into `out` and write its report. Under torchrun (WORLD_SIZE > 1) each process takes
-    every WORLD_SIZE-th video; rank 0 waits for all, merges their records and writes the report (the others
-    return None)."""
+    every WORLD_SIZE-th video, or, with `settings.context_parallel` (diffusers' context parallelism enabled on the
+    pipeline's transformers, after AdaCache), every process runs every video together and rank 0 writes the
+    records; rank 0 waits for all, merges the records and writes the report (the others return None)."""
     rank, world = _distributed()
     bench = Bench(pipe, settings, out, tuned=tuned, rank=rank, world=world, progress=progress)
     # Each phase ends with every rank saying whether it failed, so one rank's error stops all (no rank is left
@@ -511,9 +530,9 @@ def run_bench(pipe: Any, settings: BenchSettings, out: str | os.PathLike, *, tun
             if rank == 0:
                 report = write_report(settings, load_records(bench.out), bench.out, command)
     finally:
-        if world > 1:  # leave the group cleanly: a process exiting with gloo's threads alive aborts
-            import torch.distributed as dist
+        import torch.distributed as dist
 
+        if world > 1 and dist.is_initialized():  # leave the group cleanly: gloo's threads alive at exit abort
             dist.destroy_process_group()
     return report
 

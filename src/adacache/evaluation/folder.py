@@ -29,6 +29,9 @@ class BenchSettings:
     warmup: int = 1  # untimed generations per method at the start of each process
     flops: bool = True  # count the transformer FLOPs in an extra pass per video and method
     call: dict[str, Any] = field(default_factory=dict)  # extra pipeline arguments (height, width, num_frames)
+    # "none": under torchrun, each process takes its share of the videos; "ulysses" or "ring": every process runs
+    # every video together, its tokens split over them by diffusers' context parallelism
+    context_parallel: str = "none"
 
     def __post_init__(self) -> None:
         if not self.prompts or any(not isinstance(p, str) or not p.strip() for p in self.prompts):

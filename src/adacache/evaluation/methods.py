@@ -47,7 +47,7 @@ import torch
 
 from .. import compat
 from ..config import PRESETS, AdaCacheConfig, ConfigError
-from ..hooks import apply_adacache, get_stats, remove_adacache, transformers_of
+from ..hooks import apply_adacache, get_stats, is_applied, reconfigure, remove_adacache, transformers_of
 from ..models.specs import BlockSpec, registered_spec
 from .metrics import held_tensor_bytes, state_tensor_bytes
 
@@ -167,14 +167,20 @@ class AdaCacheMethod(Method):
         return {**super().describe(), "config": self.adacache.to_dict()}
 
     def apply(self, pipe: Any, steps: int, run: Callable[[], Any] | None = None, guidance: float | None = None) -> None:
-        apply_adacache(pipe, self.adacache)
+        if _inside_context_parallelism(pipe):  # applied (paused) before diffusers' split, which wraps its blocks
+            reconfigure(pipe, self.adacache)
+        else:
+            apply_adacache(pipe, self.adacache)
 
     def remove(self, pipe: Any) -> None:
-        remove_adacache(pipe)
+        if _inside_context_parallelism(pipe):
+            reconfigure(pipe, None)
+        else:
+            remove_adacache(pipe)
 
     def held_bytes(self, pipe: Any) -> int | None:
         """The cached residuals and probe of the latest generation of each branch (its peak over the generation)."""
-        latest = {(s.model, s.branch): s for s in get_stats(pipe)}  # oldest first: the last one of each stays
+        latest = {(s.model, s.branch, s.video): s for s in get_stats(pipe)}  # oldest first: the last of each stays
         return sum(s.cache_bytes for s in latest.values())
 
     def stats(self, pipe: Any) -> dict[str, Any]:
@@ -185,6 +191,14 @@ class AdaCacheMethod(Method):
                 "steps": max(s["steps_seen"] for s in stats),
                 "adacache": [{k: s[k] for k in ("branch", "model", "computed_steps", "rates", "distances", "motion")}
                              for s in stats]}
+
+
+def _inside_context_parallelism(pipe: Any) -> bool:
+    """Whether AdaCache stays applied to the pipeline's transformer under diffusers' context parallelism (the bench
+    applies it, paused, before enabling parallelism: the split hooks then wrap its blocks, so a config changes with
+    `reconfigure` instead of a removal and a new apply)."""
+    model = transformers_of(pipe)[0]
+    return is_applied(model) and compat.context_parallel_config(model) is not None
 
 
 @dataclass
