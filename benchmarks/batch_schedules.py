@@ -10,6 +10,7 @@ shipped thresholds only, are medians of interleaved repeats of the uncached batc
 point.
 
     python benchmarks/batch_schedules.py                 # 30 steps, repeats 3
+    python benchmarks/batch_schedules.py --moreg           # the shipped MoReg codebook
     python benchmarks/batch_schedules.py --steps 50 --repeats 5 --json out.json
 """
 
@@ -46,12 +47,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3, help="timed batches per schedule (median)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--moreg", action="store_true", help="the shipped MoReg codebook (motion regularization on)")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
     torch.set_num_threads(2)
     pipe = EmbeddedVideoPipeline.from_embedded()
     pipe.set_progress_bar_config(disable=True)
-    base = AdaCacheConfig.load(tuned_config(args.steps))
+    base = AdaCacheConfig.load(tuned_config(args.steps, moreg=args.moreg))
     latents = torch.randn(len(PROMPTS), 3, 8, 16, 16, generator=torch.Generator().manual_seed(args.seed))
 
     def generate(config: AdaCacheConfig | None) -> tuple[torch.Tensor, list[int], float]:
@@ -116,6 +118,26 @@ def main() -> None:
                 row["shared"][side] = {"steps": count, "scale": shared_scale, "psnr": quality(shared_frames)}
         rows.append(row)
 
+    # batch-invariance at the shipped thresholds: each video generated alone against the same video in the batch
+    alone = []
+    for i, prompt in enumerate(PROMPTS):
+        apply_adacache(pipe, scaled(base, 1.0, "video"))
+        try:
+            frames = pipe(prompt, num_inference_steps=args.steps, latents=latents[i:i + 1]).frames
+            steps = len(get_stats(pipe)[-1].computed_steps)
+        finally:
+            remove_adacache(pipe)
+        alone.append((as_video(frames[0]), steps))
+    shared_one, shared_steps, _ = generate(scaled(base, 1.0, "shared"))
+    per_video_one = points[SCALES.index(1.0)]
+    invariance = {
+        "alone_steps": [steps for _, steps in alone],
+        "per_video": {"steps": per_video_one[2],
+                      "psnr_vs_alone": [psnr(a, as_video(per_video_one[1][i])) for i, (a, _) in enumerate(alone)]},
+        "shared": {"steps": shared_steps,
+                   "psnr_vs_alone": [psnr(a, as_video(shared_one[i])) for i, (a, _) in enumerate(alone)]},
+    }
+
     # wall time at the shipped thresholds: per-video, the nearer shared point and uncached, interleaved
     timed = rows[SCALES.index(1.0)]
     near = min(timed["shared"].values(), key=lambda s: abs(s["steps"] - timed["mean_steps"]))
@@ -132,7 +154,8 @@ def main() -> None:
         return statistics.fmean(finite) if finite else math.inf
 
     print(f"batch of {len(PROMPTS)} prompts in one call, {args.steps} steps, embedded model, CFG batched "
-          f"(cond_uncond); shipped codebook scaled; PSNR (dB) per video against the uncached batch")
+          f"(cond_uncond); shipped {'MoReg ' if args.moreg else ''}codebook scaled; PSNR (dB) per video against "
+          "the uncached batch")
     print(f"prompts: {'; '.join(PROMPTS)}")
     for row in rows:
         print(f"\nthresholds x{row['scale']}: per-video steps {row['per_video_steps']} (mean {row['mean_steps']:.2f})")
@@ -146,9 +169,15 @@ def main() -> None:
             print(f"  wall (median of {args.repeats}): uncached {s['uncached']:.2f} s; per-video {s['per_video']:.2f} "
                   f"s ({s['uncached'] / s['per_video']:.2f}x); shared {row['wall_shared_steps']} steps "
                   f"{s['shared']:.2f} s ({s['uncached'] / s['shared']:.2f}x)")
+    print(f"\neach video alone (thresholds x1): steps {invariance['alone_steps']}")
+    for name in ("per_video", "shared"):
+        entry = invariance[name]
+        print(f"  in the batch, {name:<9} steps {entry['steps']}, PSNR against alone: "
+              + " ".join(f"{v:.1f}" for v in entry["psnr_vs_alone"]))
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"prompts": PROMPTS, "steps": args.steps, "rows": rows}, handle, indent=1)
+            json.dump({"prompts": PROMPTS, "steps": args.steps, "rows": rows, "invariance": invariance}, handle,
+                      indent=1, default=str)
 
 
 if __name__ == "__main__":

@@ -334,3 +334,28 @@ def test_a_diffusers_pipeline_gives_each_prompt_its_own_steps(kind, tmp_path):
         assert {s.branch: s.computed_steps for s in alone_stats} == {b: steps for (b, v), steps in by.items()
                                                                      if v == video}
         torch.testing.assert_close(frames[video:video + 1], alone, rtol=1e-4, atol=5e-4)
+
+
+def test_a_video_that_keeps_its_residual_alone_holds_a_copy_of_its_rows():
+    """Where one video keeps its residual and the other keeps nothing, the kept rows are a copy: a slice would keep
+    the whole batch's residual alive while the stats count one video's."""
+    tiny = TINY_MODELS["wan"]
+    model = tiny.build(seed=0)
+    kwargs = tiny.inputs(model, batch_size=2)
+    config = split_codebook(model, tiny, kwargs, "cond")
+    apply_adacache(model, config)
+    try:
+        with torch.no_grad():
+            for index, t in enumerate(TIMESTEPS[:2]):
+                kwargs["timestep"] = torch.full((2,), t)
+                with adacache.cache_context(model, "cond", index, STEPS):
+                    out = model(**kwargs)[0]
+                kwargs["hidden_states"] = kwargs["hidden_states"] - 0.1 * out  # as denoise() does
+        videos = model._adacache.states["cond"].videos
+        kept = [v for v in videos if v.store.holds]
+        assert len(kept) == 1 and not any(v.store.holds for v in videos if v is not kept[0])
+        residual = kept[0].store.latest[0]
+        assert residual._base is None and residual.shape[0] == 1
+        assert kept[0].store.nbytes() == residual.untyped_storage().nbytes()
+    finally:
+        remove_adacache(model)

@@ -625,7 +625,7 @@ class _Runtime(_Bound):
                 keeping.append(i)
         if keeping:
             if residuals is None:
-                residuals = self._residuals(call, outputs)
+                residuals = self._residuals(call, outputs, keeping)
                 checks = [_total(r) for i in keeping for r in residuals[i] if r is not None]
             else:  # (reduced over the ranks above, for every video: keep the ones of the videos that keep)
                 per_video = [sum(r is not None for r in rs) for rs in residuals]
@@ -643,17 +643,23 @@ class _Runtime(_Bound):
                     )
                     video.store.clear()
                     video.schedule.reset_after_bad_cache(call.step)
+                elif len(keeping) < len(call.parts):  # a slice would hold the whole residual: keep a copy
+                    video.store.put(call.step, tuple(r.clone() if r is not None and r._base is not None else r
+                                                     for r in residuals[i]))
                 else:
                     video.store.put(call.step, residuals[i])
         for video, _ in call.parts:
             video.peak_bytes = max(video.peak_bytes, video.cache_bytes())
 
-    def _residuals(self, call: _Call, outputs: tuple) -> list[tuple[torch.Tensor | None, ...]]:
-        """Per video of the call, its rows of the stack residual, per stream; detached (a grad-enabled call must
-        not keep its graph alive in the cache)."""
+    def _residuals(self, call: _Call, outputs: tuple, keeping: list[int] | None = None
+                   ) -> list[tuple[torch.Tensor | None, ...] | None]:
+        """Per video of the call (those in `keeping`, or all; None for the others), its rows of the stack residual,
+        per stream; detached (a grad-enabled call must not keep its graph alive in the cache)."""
         whole = tuple((out - first).detach() if out is not None and first is not None else None
                       for out, first in zip(outputs, call.first_inputs))
-        return [tuple(None if r is None else _rows_of(r, rows, call.size) for r in whole) for _, rows in call.parts]
+        wanted = range(len(call.parts)) if keeping is None else keeping
+        return [tuple(None if r is None else _rows_of(r, rows, call.size) for r in whole) if i in wanted else None
+                for i, (_, rows) in enumerate(call.parts)]
 
     # -- stats --
     def stats(self) -> list[GenerationStats]:
