@@ -113,14 +113,15 @@ def test_each_video_of_a_batch_takes_its_own_steps_and_frames(family, store):
 
 @pytest.mark.parametrize("name", ["ltx_video", "latte"])
 def test_batched_cfg_halves_of_a_video_share_its_decision(name):
-    """Two videos with batched CFG (rows uncond 0, 1 then cond 0, 1, cache_context "cond_uncond"): video v is rows
-    v and v + 2, one schedule, and equals the video run alone with its two halves. Latte reshapes its tokens
+    """Two videos with batched CFG (rows uncond 0, 1 then cond 0, 1: the same latents in both halves, two texts):
+    video v is rows v and v + 2, one schedule, and equals the video run alone with its two halves. Latte reshapes its tokens
     between blocks by the batch size it read at the start of the call: the videos that compute run as a call of
     their own, so that holds too."""
     tiny = TINY_MODELS[name]
     model = tiny.build(seed=0)
     spec = specs.registered_spec(model)
     kwargs = tiny.inputs(model, batch_size=4)
+    kwargs["hidden_states"] = torch.cat([kwargs["hidden_states"][:2]] * 2)  # each video's latents in both halves
     config = split_codebook(model, tiny, kwargs, "cond_uncond")
     apply_adacache(model, config)
     try:
@@ -146,6 +147,7 @@ def test_row_schedules_split_the_cfg_halves_and_shared_is_one_decision():
     tiny = TINY_MODELS["ltx_video"]
     model = tiny.build(seed=0)
     kwargs = tiny.inputs(model, batch_size=4)
+    kwargs["hidden_states"] = torch.cat([kwargs["hidden_states"][:2]] * 2)  # batched CFG: two videos, two halves
     for mode, videos in (("row", [0, 1, 2, 3]), ("shared", [None]), ("video", [0, 1])):
         apply_adacache(model, AdaCacheConfig(codebook={0.1: 2, 1e9: 1}, num_inference_steps=STEPS,
                                              batch_schedule=mode))

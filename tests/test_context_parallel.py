@@ -142,6 +142,37 @@ def _videos_under_ulysses() -> dict:
     }
 
 
+def _non_finite_on_one_rank(rank: int) -> list:
+    """Two videos under Ulysses 2; at step 2, video 1's residual is non-finite on rank 1's slice only (the check
+    rides on the step's one all-reduce). Every rank's (video, computed steps, whether a note says non-finite)."""
+    import adacache
+    from diffusers import ContextParallelConfig
+
+    from adacache.testing import tiny_model
+
+    tiny = tiny_model("wan")
+    model = tiny.build(seed=0)
+    inputs, poisoned = tiny.inputs(model, batch_size=2), [False]
+
+    def poison(module, args, output):
+        if poisoned[0] and rank == 1:
+            output = output.clone()
+            output[1] = float("nan")
+        return output
+
+    model.blocks[-1].ffn.register_forward_hook(poison)  # inside the last block's own forward
+    adacache.apply_adacache(model, {"codebook": {1e9: 3}})
+    model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
+    state = dict(inputs)
+    for index in range(6):
+        state["timestep"] = torch.full((2,), 1000.0 - 150.0 * index)
+        poisoned[0] = index == 1
+        with torch.no_grad(), adacache.cache_context(model, "cond", index, 6):
+            output = model(**state)[0]
+        state["hidden_states"] = state["hidden_states"] - 0.05 * torch.nan_to_num(output)
+    return [(s.video, s.computed_steps, any("non-finite" in n for n in s.notes)) for s in adacache.get_stats(model)]
+
+
 def _wrong_order(rank: int) -> str:
     import adacache
     from diffusers import ContextParallelConfig
@@ -225,6 +256,7 @@ def _worker(rank: int, store: str, results: multiprocessing.Queue) -> None:
             "ltx moreg": _single_vs_ulysses("ltx_video", LTX_MOREG, order="adacache-second"),
             "wrong order": _wrong_order(rank),
             "videos": _videos_under_ulysses(),
+            "non-finite on one rank": _non_finite_on_one_rank(rank),
         }
         dist.barrier()
         results.put((rank, outcome))
@@ -326,6 +358,15 @@ def test_each_video_of_a_batch_takes_its_single_process_steps_under_ulysses(rank
         assert videos["identical"], videos["max_difference"]
         assert max(videos["all_reduces_per_call"]) == 1 and videos["all_reduces_per_call"][0] == 0
     assert ranks[0]["videos"]["distances"] == ranks[1]["videos"]["distances"]
+
+
+def test_a_residual_non_finite_on_one_ranks_slice_makes_every_rank_recompute_that_video(ranks):
+    """Found by the hostile review: video 1's residual is NaN on rank 1's slice only; both ranks drop that video's
+    cache and compute its next step, video 0 keeps its schedule, and nothing hangs."""
+    assert ranks[0]["non-finite on one rank"] == ranks[1]["non-finite on one rank"]
+    (video0, steps0, noted0), (video1, steps1, noted1) = ranks[0]["non-finite on one rank"]
+    assert (video0, video1) == (0, 1) and not noted0 and noted1
+    assert steps0 == [1, 2, 5, 6] and steps1[:3] == [1, 2, 3]
 
 
 def test_enabling_parallelism_before_adacache_is_refused(ranks):

@@ -115,8 +115,8 @@ def test_split_cfg_without_context_gets_one_schedule_per_branch():
 
 
 def test_batched_cfg_is_one_decision_per_batch():
-    # (issue 12: a batch is one decision only where it is one video's two CFG halves, cache_context
-    # "cond_uncond" as diffusers' pipelines name it; a batch of two rows without one is two videos)
+    # (issue 12: a batch is one decision only where it is one video's two CFG halves, whose latents are the same;
+    # a batch of two different rows is two videos)
     config = AdaCacheConfig(codebook={0.5: 3, 1.0: 2, 1e9: 1}, num_inference_steps=8)
     model = ToyDiT()
     apply_adacache(model, config, spec=TOY_SPEC)
@@ -125,7 +125,7 @@ def test_batched_cfg_is_one_decision_per_batch():
         with adacache.cache_context(m, "cond_uncond"):
             return m(x, torch.full((x.shape[0],), t))
 
-    denoise(model, toy_input(batch=2), num_steps=8, call=cfg_call)
+    denoise(model, toy_input().repeat(2, 1, 1), num_steps=8, call=cfg_call)  # one video's latents, twice
     (stats,) = get_stats(model)
     assert stats.branch == "cond_uncond" and stats.steps_seen == 8 and stats.computed_steps[:2] == [1, 2]
     assert stats.video is None

@@ -22,9 +22,12 @@ def family(request):
 
 
 def denoise(model, tiny, batch_size=2):
-    """A fixed-step loop as a pipeline with batched CFG would run it (a batch of 2 is one video's two CFG halves,
-    under the cache context diffusers' pipelines name "cond_uncond"); returns the per-step outputs."""
+    """A fixed-step loop as a pipeline with batched CFG would run it (a batch of 2 is one video's two CFG halves:
+    the same latents, two texts, as diffusers' pipelines call it under the cache context "cond_uncond"); returns
+    the per-step outputs."""
     kwargs = tiny.inputs(model, batch_size=batch_size)
+    half = batch_size // 2
+    kwargs["hidden_states"] = torch.cat([kwargs["hidden_states"][:half]] * 2)
     outputs = []
     with torch.no_grad():
         for t in TIMESTEPS:

@@ -298,11 +298,9 @@ def test_transformer_alone_splits_branches_and_finds_generations_but_not_the_ste
         stats = get_stats(pipe.transformer)
     finally:
         remove_adacache(pipe.transformer)
-    names, batch = CFG_PATTERN[kind]
-    if names == ["default"]:  # batched CFG with no cache context, and no pipeline to ask whether it guides: each
-        names = names * batch  # half of the batch is taken for a video of its own (issue 12)
-        assert [s.video for s in stats] == list(range(batch)) * 2
+    names = CFG_PATTERN[kind][0]
     assert [s.branch for s in stats] == names * 2
+    assert all(s.video is None for s in stats)  # batched CFG (its halves hold the same latents): one video
     extra = ITERATIONS.get(kind, STEPS) - STEPS  # loop iterations beyond the step count
     assert [s.steps_seen for s in stats] == [STEPS + extra] * len(names) + [4 + extra] * len(names)
     assert all(s.computed_steps == [1, 2] and s.num_steps is None for s in stats)

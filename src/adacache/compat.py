@@ -267,19 +267,3 @@ def cpu_ranks_on_one_device() -> Iterator[None]:
         yield
     finally:
         torch.accelerator.device_count = count
-
-
-# --- pipelines ----------------------------------------------------------------------------------------------------
-def pipeline_batches_guidance(pipeline: Any) -> bool:
-    """Whether a pipeline that opens no cache context is guiding this generation, and so (as Latte, Allegro and Sana
-    Video do) runs the unconditional and conditional halves in one call. Reads its `do_classifier_free_guidance`
-    property, or else the guidance scale it keeps from its call (relies on: the attribute `_guidance_scale`, set at
-    the start of `__call__`); False where neither is readable."""
-    try:
-        guided = getattr(pipeline, "do_classifier_free_guidance", None)
-        if guided is None:
-            scale = getattr(pipeline, "_guidance_scale", None)
-            guided = scale is not None and float(scale) > 1
-        return bool(guided)
-    except Exception:  # a property reading a field the pipeline has not set yet
-        return False

@@ -92,11 +92,12 @@ class AdaCacheConfig:
     forecast_reach: float = 0.5
     # Several videos in one call (several prompts, or several videos per prompt): "video" gives each video its own
     # schedule, so it computes the steps it would compute alone, and a step runs the blocks only on the videos that
-    # compute it (the two CFG halves of a video batched in one call, cache_context "cond_uncond", share its
-    # decision); "row" gives every batch row its own, CFG halves included; "shared" takes one decision for the
-    # whole batch, as the authors' code does. None: "shared" in paper_mode, else "video".
+    # compute it (the two CFG halves of a video batched in one call share its decision: a batch whose two halves
+    # hold the same latents); "row" gives every batch row its own, CFG halves included; "shared" takes one
+    # decision for the whole batch, as the authors' code does. None: "shared" in paper_mode, else "video".
     batch_schedule: str | None = None
-    # Finished generations kept for `get_stats` (per transformer).
+    # Finished generations kept for `get_stats` (per transformer; each CFG branch counts apart, a batch's videos
+    # together).
     stats_history: int = 8
 
     def __setattr__(self, name: str, value: Any) -> None:

@@ -135,6 +135,7 @@ class _BranchState:
     thread: int | None = None  # the thread that made this generation's last call
     layout: Any = None  # the shape of the model's frames argument: fixed within a generation
     sharded: parallel.ShardedProbe | None = None  # under context parallelism: this rank's slice of the probe
+    output_shapes: list[tuple[int, ...]] | None = None  # of the last call that ran every row, with several videos
 
     @property
     def only(self) -> _VideoState:
@@ -212,7 +213,8 @@ class _Runtime(_Bound):
         if spec is not None:
             self.configure(model, spec)
         self.states: dict[str, _BranchState] = {}
-        self.history: collections.deque[GenerationStats] = collections.deque(maxlen=config.stats_history)
+        # finished generations, one entry per generation and branch (the stats of each of its videos)
+        self.history: collections.deque[list[GenerationStats]] = collections.deque(maxlen=config.stats_history)
         self.generations = 0
         self.local = threading.local()  # the call in progress, per thread: see `current`
         self.busy = threading.Lock()  # held for the length of a transformer call
@@ -323,7 +325,8 @@ class _Runtime(_Bound):
         branch, state = tick.branch, self.states.get(tick.branch)
         frames_value = self._argument(self.spec.frames_argument, args, kwargs)
         layout = tuple(frames_value.shape) if isinstance(frames_value, torch.Tensor) else frames_value
-        batch = self._batch(args, kwargs)
+        latents = self._batch(args, kwargs)
+        batch = latents.shape[0] if latents is not None else None
         thread = threading.get_ident()
         if not tick.new_generation and state.thread != thread:
             raise RuntimeError(
@@ -344,7 +347,7 @@ class _Runtime(_Bound):
         sharded = self._sharded_probe() if tick.new_generation else None  # (refuses before the clock moves)
         self.clock.commit(tick)
         if tick.new_generation:
-            state = self._new_generation(branch, tick.num_steps, self._video_rows(batch, name))
+            state = self._new_generation(branch, tick.num_steps, self._video_rows(latents))
             state.layout, state.batch = layout, batch
             if sharded is not None:  # every rank decides from the sums of the whole probe
                 state.sharded = sharded
@@ -368,31 +371,30 @@ class _Runtime(_Bound):
             calls.append(_Call(branch, state, tick.step, compute, frames, parts, rows=rows, size=len(rows)))
         return calls
 
-    def _batch(self, args: tuple, kwargs: dict) -> int | None:
-        """Rows in the call's batch: the first dimension of the spec's batch argument (None where there is none)."""
+    def _batch(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """The spec's batch argument (its first dimension is the batch), or None where it is not a tensor."""
         name = self.spec.batch_argument
         if name not in self.forward_parameters and self.forward_parameters:
             name = self.forward_parameters[0]  # a model naming it otherwise (x, latents): its first argument
         value = self._argument(name, args, kwargs)
-        return value.shape[0] if isinstance(value, torch.Tensor) and value.dim() > 0 else None
+        return value if isinstance(value, torch.Tensor) and value.dim() > 0 else None
 
-    def _video_rows(self, batch: int | None, name: str | None) -> list[tuple[int, ...] | None]:
-        """Each video's rows of a batch (one entry of None: one schedule for the whole batch). With batched CFG
-        (diffusers' cache_context "cond_uncond"; or no context, in a pipeline that guides: Latte, Allegro) video v
-        is rows v and v + batch/2, the unconditional half first."""
+    def _video_rows(self, latents: torch.Tensor | None) -> list[tuple[int, ...] | None]:
+        """Each video's rows of a batch (one entry of None: one schedule for the whole batch). A batch whose two
+        halves hold the same latents is batched CFG (every diffusers pipeline that guides in one call passes
+        torch.cat([latents] * 2), the unconditional half first): video v is rows v and v + batch/2. Read once per
+        generation, from its first call. Anything else is one video per row."""
+        batch = latents.shape[0] if latents is not None else None
         mode = self.config.batch_mode
         if batch is None or batch < 2 or mode == "shared":
             return [None]
-        if name is None:  # no cache context: a pipeline that guides batches both halves in one call
-            pipeline = self.pipeline_ref() if self.pipeline_ref is not None else None
-            batched_cfg = pipeline is not None and compat.pipeline_batches_guidance(pipeline)
-        else:
-            batched_cfg = name == "cond_uncond"
-        halves = 2 if mode == "video" and batched_cfg and batch % 2 == 0 else 1
+        half = batch // 2
+        batched_cfg = mode == "video" and batch % 2 == 0 and torch.equal(latents[:half], latents[half:])
+        halves = 2 if batched_cfg else 1
         count = batch // halves
         if count == 1:
             return [None]
-        return [tuple(v + half * count for half in range(halves)) for v in range(count)]
+        return [tuple(v + h * count for h in range(halves)) for v in range(count)]
 
     def cut_arguments(self, args: tuple, kwargs: dict, rows: tuple[int, ...], batch: int) -> tuple[tuple, dict]:
         """The call's arguments for `rows` of its batch: every tensor whose first dimension is the batch, cut to
@@ -447,7 +449,7 @@ class _Runtime(_Bound):
                         video_rows: list[tuple[int, ...] | None]) -> _BranchState:
         old = self.states.get(branch)
         if old is not None:
-            self.history.extend(old.stats(branch))
+            self.history.append(old.stats(branch))
         self.generations += 1
         videos = [_VideoState(Schedule(self.config, num_steps=num_steps), make_store(self.config), rows,
                               video=None if rows is None else v) for v, rows in enumerate(video_rows)]
@@ -596,6 +598,8 @@ class _Runtime(_Bound):
         probes, sums = [], []
         for video, rows in call.parts:
             probe = _rows_of(call.probe, rows, call.size)
+            if probe._base is not None and len(call.parts) > 1:
+                probe = probe.clone()  # kept as the video's last probe: its own rows only (see _residuals)
             if state.sharded is not None:  # a slice of the tokens: ShardedProbe.motion pairs its frames across ranks
                 probe, frames = probe, call.frames
             elif (framed := _probe_frames(probe, self.probe_layout, call.frames)) is None:
@@ -643,9 +647,6 @@ class _Runtime(_Bound):
                     )
                     video.store.clear()
                     video.schedule.reset_after_bad_cache(call.step)
-                elif len(keeping) < len(call.parts):  # a slice would hold the whole residual: keep a copy
-                    video.store.put(call.step, tuple(r.clone() if r is not None and r._base is not None else r
-                                                     for r in residuals[i]))
                 else:
                     video.store.put(call.step, residuals[i])
         for video, _ in call.parts:
@@ -655,21 +656,27 @@ class _Runtime(_Bound):
                    ) -> list[tuple[torch.Tensor | None, ...] | None]:
         """Per video of the call (those in `keeping`, or all; None for the others), its rows of the stack residual,
         per stream; detached (a grad-enabled call must not keep its graph alive in the cache)."""
-        whole = tuple((out - first).detach() if out is not None and first is not None else None
-                      for out, first in zip(outputs, call.first_inputs))
         wanted = range(len(call.parts)) if keeping is None else keeping
-        return [tuple(None if r is None else _rows_of(r, rows, call.size) for r in whole) if i in wanted else None
-                for i, (_, rows) in enumerate(call.parts)]
+
+        def rows_of(out: torch.Tensor | None, first: torch.Tensor | None, rows) -> torch.Tensor | None:
+            if out is None or first is None:
+                return None
+            # each video's own rows, subtracted apart: a tensor of its own, never a view that would hold the
+            # other videos' rows alive after their steps part ways
+            return (_rows_of(out, rows, call.size) - _rows_of(first, rows, call.size)).detach()
+
+        return [tuple(rows_of(out, first, rows) for out, first in zip(outputs, call.first_inputs))
+                if i in wanted else None for i, (_, rows) in enumerate(call.parts)]
 
     # -- stats --
     def stats(self) -> list[GenerationStats]:
         current = [entry for branch, state in self.states.items() for entry in state.stats(branch)]
-        return sorted([*self.history, *current],
+        return sorted([*(entry for entries in self.history for entry in entries), *current],
                       key=lambda s: (s.generation, s.branch, -1 if s.video is None else s.video))
 
     def reset(self) -> None:
         for branch, state in self.states.items():
-            self.history.extend(state.stats(branch))
+            self.history.append(state.stats(branch))
         self.states.clear()
         self.clock.forget()
         self.current = None
@@ -717,24 +724,43 @@ def _cut(value: Any, rows: tuple[int, ...], batch: int) -> Any:
 
 def _merge_outputs(parts: list[tuple[tuple[int, ...], Any]], batch: int) -> Any:
     """The outputs of a call made in parts (each running some rows), as the whole call's: tensors joined in row
-    order (inside tuples, lists and diffusers' output classes too)."""
+    order (inside tuples, lists, named tuples and diffusers' output classes too). A tensor whose first dimension
+    does not hold its part's rows (an output that is not batch-first) is refused, as is any other container."""
     first = parts[0][1]
     if isinstance(first, torch.Tensor):
-        for rows, output in parts:
-            if output.dim() == 0 or output.shape[0] % len(rows):
-                raise ValueError(
-                    f"AdaCache: the transformer returned a tensor of shape {tuple(output.shape)} for {len(rows)} batch "
-                    "rows; its outputs must be batch-first for a batch's videos to run apart. Set "
-                    "AdaCacheConfig(batch_schedule='shared') for this model"
-                )
+        per_row = {output.shape[0] / len(rows) if output.dim() else None for rows, output in parts}
+        trailing = {tuple(output.shape[1:]) for _, output in parts}
+        if len(per_row) != 1 or None in per_row or not float(next(iter(per_row))).is_integer() or len(trailing) != 1:
+            raise _not_batch_first([tuple(output.shape) for _, output in parts], [len(rows) for rows, _ in parts])
         return _gather_rows(parts, batch)
+    if first is None or isinstance(first, (str, int, float, bool)):
+        return first
     if isinstance(first, dict):  # diffusers' BaseOutput (Transformer2DModelOutput) is a dict too
         merged = {key: _merge_outputs([(rows, output[key]) for rows, output in parts], batch) for key in first}
         return type(first)(**merged)
-    if isinstance(first, (list, tuple)) and not hasattr(first, "_fields"):
-        return type(first)(_merge_outputs([(rows, output[i]) for rows, output in parts], batch)
-                           for i in range(len(first)))
-    return first
+    if isinstance(first, (list, tuple)):
+        items = [_merge_outputs([(rows, output[i]) for rows, output in parts], batch) for i in range(len(first))]
+        return type(first)(*items) if hasattr(first, "_fields") else type(first)(items)
+    raise TypeError(f"AdaCache: the transformer returned a {type(first).__name__}, which a batch's videos run apart "
+                    "cannot be put back together from; set AdaCacheConfig(batch_schedule='shared') for this model")
+
+
+def _tensor_shapes(value: Any) -> list[tuple[int, ...]]:
+    """The shapes of the tensors in an output, in order (inside tuples, lists and dicts)."""
+    if isinstance(value, torch.Tensor):
+        return [tuple(value.shape)]
+    if isinstance(value, dict):
+        return [shape for item in value.values() for shape in _tensor_shapes(item)]
+    if isinstance(value, (list, tuple)):
+        return [shape for item in value for shape in _tensor_shapes(item)]
+    return []
+
+
+def _not_batch_first(shapes: list[tuple[int, ...]], rows: list[int]) -> ValueError:
+    return ValueError(
+        f"AdaCache: the transformer returned tensors of shapes {shapes} for {rows} batch rows: its outputs must be "
+        "batch-first for a batch's videos to run apart. Set AdaCacheConfig(batch_schedule='shared') for this model"
+    )
 
 
 def _total(tensor: torch.Tensor) -> torch.Tensor:
@@ -871,19 +897,31 @@ def _context_hook_class():
                     _infer_and_install(runtime, module, args, kwargs, self.call_original)
                 runtime.context = self.cache_context
                 calls = runtime.begin_call(args, kwargs)
-                if len(calls) == 1:
-                    runtime.current = calls[0]
-                    output = self.call_original(*args, **kwargs)
-                    runtime.end_call()
+                try:
+                    state = calls[0].state
+                    if len(calls) == 1:
+                        runtime.current = calls[0]
+                        output = self.call_original(*args, **kwargs)
+                        runtime.end_call()
+                        if len(state.videos) > 1:  # what a call made in parts must give back
+                            state.output_shapes = _tensor_shapes(output)
+                        return output
+                    # some videos compute this step and others skip it: the rows of each run on their own
+                    outputs = []
+                    for call in calls:
+                        part_args, part_kwargs = runtime.cut_arguments(args, kwargs, call.rows, state.batch)
+                        runtime.current = call
+                        outputs.append((call.rows, self.call_original(*part_args, **part_kwargs)))
+                        runtime.end_call()
+                    output = _merge_outputs(outputs, state.batch)
+                    if state.output_shapes is not None and _tensor_shapes(output) != state.output_shapes:
+                        raise _not_batch_first([_tensor_shapes(o) for _, o in outputs], [len(c.rows) for c in calls])
                     return output
-                # some videos compute this step and others skip it: the rows of each run on their own
-                outputs = []
-                for call in calls:
-                    part_args, part_kwargs = runtime.cut_arguments(args, kwargs, call.rows, call.state.batch)
-                    runtime.current = call
-                    outputs.append((call.rows, self.call_original(*part_args, **part_kwargs)))
-                    runtime.end_call()
-                return _merge_outputs(outputs, calls[0].state.batch)
+                except BaseException:
+                    # the generation cannot go on from a call that did not finish (an interrupt, an error): the
+                    # next call starts a new one, rather than being counted as this step's next CFG branch
+                    runtime.reset()
+                    raise
             finally:
                 if holding:
                     runtime.leave()
@@ -1186,7 +1224,7 @@ def describe(target: Any, *args: Any, print_source: bool = True, **kwargs: Any) 
     elif args or kwargs:
         if runtime is not None:
             raise RuntimeError("AdaCache is applied to this model but has not seen a call yet: call the model (its "
-                               "spec is then inferred), or describe it before apply_adacache")
+                               "spec is then inferred), or describe it before apply_adacache" + _paused_hint(runtime))
         spec, origin = infer_spec(model, args, kwargs, moreg=False), "inferred"
     else:
         spec = registered_spec(model)
@@ -1219,6 +1257,11 @@ def get_stats(target: Any) -> list[GenerationStats]:
             entry.model = name
             stats.append(entry)
     return stats
+
+
+def _paused_hint(runtime: _Runtime) -> str:
+    return ("; AdaCache is paused (reconfigure(model, None)), and a paused model runs its calls as they are, "
+            "inferring nothing: give it a config with reconfigure first") if runtime.paused else ""
 
 
 def _runtime_of(model: torch.nn.Module) -> _Runtime:
@@ -1256,7 +1299,7 @@ def compile_blocks(model: torch.nn.Module, **compile_kwargs: Any) -> None:
     if runtime is not None and runtime.spec is None:
         raise RuntimeError(
             f"AdaCache infers the structure of this {type(model).__name__} on its first call, which has not happened "
-            "yet: run one call (or generation) first, or pass apply_adacache(..., spec=...)"
+            "yet: run one call (or generation) first, or pass apply_adacache(..., spec=...)" + _paused_hint(runtime)
         )
     blocks = runtime.blocks if runtime is not None else spec_for(model).blocks(model)
     for _, block, _ in blocks:
