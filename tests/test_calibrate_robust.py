@@ -8,6 +8,7 @@
    recovered or refused naming the file, never a traceback or silently wrong results.
 """
 
+import dataclasses
 import json
 import logging
 import math
@@ -437,3 +438,19 @@ def test_the_bench_command_reports_a_damaged_folder_without_a_traceback(tmp_path
                  "--steps", "4", "--seeds", "0", "--no-flops", "--warmup", "0", "--out", str(out), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and f"{out / 'run.json'} holds list JSON" in err and "Traceback" not in err
+
+
+def test_a_bench_folder_from_before_context_parallelism_resumes(tiny_pipe, tmp_path):
+    """run.json written before the context_parallel setting existed (the videos were shared out over processes)
+    still resumes: a missing key reads as "none"."""
+    import json
+
+    settings = _settings(prompts=PROMPTS[:1])
+    run_bench(tiny_pipe, settings, tmp_path, progress=False)
+    path = tmp_path / "run.json"
+    saved = json.loads(path.read_text())
+    del saved["context_parallel"]
+    path.write_text(json.dumps(saved))
+    run_bench(tiny_pipe, settings, tmp_path, progress=False)  # resumes: nothing left to measure, no refusal
+    with pytest.raises(ValueError, match="context_parallel differ"):
+        Bench(tiny_pipe, dataclasses.replace(settings, context_parallel="ulysses"), tmp_path).check_settings()

@@ -131,8 +131,8 @@ class Bench:
         if path.is_file():
             try:
                 theirs = json.loads(path.read_bytes().decode("utf-8"))
-                if isinstance(theirs, dict):  # written before the setting existed: the videos were shared out
-                    theirs.setdefault("context_parallel", "none")
+                if isinstance(theirs, dict) and set(theirs) & set(expected):  # (settings written before the
+                    theirs.setdefault("context_parallel", "none")  # option existed: the videos were shared out)
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
                 raise refuse(path, f"is not a readable settings file ({error}), so the records beside it cannot be "
                                    "matched to settings", remedy) from None
