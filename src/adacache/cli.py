@@ -646,7 +646,7 @@ def _context_parallel(args: argparse.Namespace, command: str) -> str:
                           f"{command} ... --context-parallel {args.context_parallel}")
     if command == "generate" and args.context_parallel == "none" and world > 1:
         raise ConfigError(f"adacache generate under a launcher ({world} processes) would make the same video "
-                          "{world} times; add --context-parallel ulysses to split it over them".replace("{world}", str(world)))
+                          f"{world} times; add --context-parallel ulysses to split it over them")
     return args.context_parallel
 
 
