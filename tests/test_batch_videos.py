@@ -8,6 +8,7 @@ differ (a test where every video took the same steps could not fail on the split
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 
@@ -195,9 +196,13 @@ def test_the_split_call_returns_diffusers_output_classes_and_keeps_the_arguments
     runtime_spec = dataclasses.replace(specs.registered_spec(model), unbatched_arguments=("encoder_hidden_states",))
     apply_adacache(model, config, spec=runtime_spec)
     try:
-        table = (torch.zeros(2, 5), [torch.ones(2, 3)])
+        pair = collections.namedtuple("Pair", "per_row shared")(torch.zeros(2, 4), torch.zeros(3, 4))
+        table = (torch.zeros(2, 5), [torch.ones(2, 3)], pair)
         args, cut = model._adacache.cut_arguments((kwargs["hidden_states"],), {**kwargs, "attention_kwargs": {
             "table": table}}, rows=(1,), batch=2)
+        assert type(cut["attention_kwargs"]["table"][2]) is type(pair)
+        assert cut["attention_kwargs"]["table"][2].per_row.shape == (1, 4)
+        assert cut["attention_kwargs"]["table"][2].shared.shape == (3, 4)
         assert torch.equal(args[0], kwargs["hidden_states"][1:])
         assert cut["encoder_hidden_states"] is kwargs["encoder_hidden_states"]
         assert torch.equal(cut["timestep"], kwargs["timestep"][1:])

@@ -712,13 +712,15 @@ def _gather_rows(pieces: list[tuple[tuple[int, ...] | None, torch.Tensor]], batc
 
 
 def _cut(value: Any, rows: tuple[int, ...], batch: int) -> Any:
-    """An argument cut to `rows`: tensors whose first dimension is the batch, also inside tuples, lists, dicts."""
+    """An argument cut to `rows`: tensors whose first dimension is the batch, also inside (named) tuples, lists and
+    dicts."""
     if isinstance(value, torch.Tensor):
         return _rows_of(value, rows, batch) if value.dim() > 0 and value.shape[0] == batch else value
     if isinstance(value, dict):
         return {key: _cut(item, rows, batch) for key, item in value.items()}
-    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-        return type(value)(_cut(item, rows, batch) for item in value)
+    if isinstance(value, (list, tuple)):
+        items = [_cut(item, rows, batch) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
     return value
 
 
