@@ -14,6 +14,13 @@ The decision is plain Python between block calls; each block's own forward is ca
 compiled (`block.compile()`, or `compile_blocks` for fullgraph). State lives in one `_Runtime` object on the
 model, keyed by (CFG branch) and reset per generation; nothing is global, no class is patched.
 
+Several videos in one call each get their own schedule and store (`_VideoState`; the two CFG halves of a video
+batched in one call share one). On a step where some compute and others skip, the transformer's forward is called
+twice, with its arguments cut to the computing rows and then to the rest (`cut_arguments`), and the two outputs are
+put back in row order (`_merge_outputs`). The cut is at the transformer's arguments, not at each block's: whatever
+the model does between its blocks then sees one consistent sub-batch (Latte reshapes its tokens by a batch size
+read before its block loop).
+
 A patched model serves one generation at a time: calls from two threads at once, or a thread continuing another
 thread's generation, are refused (the per-branch state is one per model; two threads generating at once would share
 it). The cache context is read per thread, so threads taking turns never read each other's branch. A patched model cannot be deep-copied or pickled (its hooks are bound to this instance);
