@@ -495,8 +495,9 @@ def test_an_unbatched_table_as_long_as_the_batch_is_whole_when_the_spec_names_it
         alone, _ = toy_run(model, config, x[video:video + 1], call, spec)
         for a, b in zip(alone, outs):
             torch.testing.assert_close(b[video:video + 1], a, rtol=1e-4, atol=1e-5)
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError) as raised:
         toy_run(model, config, x, call, TOY_SPEC)
+    assert any("unbatched_arguments" in note for note in raised.value.__notes__)  # the error says what to do
 
 
 def test_positional_arguments_are_cut_like_keywords():

@@ -920,7 +920,16 @@ def _context_hook_class():
                     for call in calls:
                         part_args, part_kwargs = runtime.cut_arguments(args, kwargs, call.rows, state.batch)
                         runtime.current = call
-                        outputs.append((call.rows, self.call_original(*part_args, **part_kwargs)))
+                        try:
+                            outputs.append((call.rows, self.call_original(*part_args, **part_kwargs)))
+                        except Exception as error:
+                            error.add_note(
+                                f"AdaCache ran rows {list(call.rows)} of a batch of {state.batch} on their own (the "
+                                "batch's videos have their own schedules), cutting every argument whose first "
+                                "dimension is the batch. An argument the same for every row whose length equals the "
+                                "batch belongs in ModelSpec.unbatched_arguments; or set "
+                                "AdaCacheConfig(batch_schedule='shared')")
+                            raise
                         runtime.end_call()
                     output = _merge_outputs(outputs, state.batch)
                     if state.output_shapes is not None and _tensor_shapes(output) != state.output_shapes:
