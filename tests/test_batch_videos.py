@@ -70,6 +70,24 @@ def split_codebook(model, tiny, kwargs, context, **config) -> AdaCacheConfig:
     return AdaCacheConfig(codebook={(low * high) ** 0.5: 3, 1e9: 1}, num_inference_steps=STEPS, **config)
 
 
+def assert_each_video_as_alone(model, tiny, kwargs, config, context, batched, stats, videos) -> dict:
+    """Each video (`videos`: index -> its rows of the batch) generated alone: the computed steps it took in the
+    batch and the same outputs. Returns each video's stats alone, for more checks."""
+    unbatched = specs.registered_spec(model).unbatched_arguments if specs.registered_spec(model) else ()
+    batch, alone_stats = kwargs["hidden_states"].shape[0], {}
+    for video, rows in videos.items():
+        apply_adacache(model, config)
+        try:
+            alone = denoise(model, tiny, rows_of(kwargs, list(rows), batch, unbatched), context)
+            (alone_stats[video],) = get_stats(model)
+        finally:
+            remove_adacache(model)
+        assert alone_stats[video].video is None and alone_stats[video].computed_steps == stats[video].computed_steps
+        for step, (a, b) in enumerate(zip(alone, batched)):
+            torch.testing.assert_close(b[list(rows)], a, rtol=1e-4, atol=1e-5, msg=f"video {video}, step {step + 1}")
+    return alone_stats
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request):
     tiny = TINY_MODELS[request.param]
@@ -99,17 +117,7 @@ def test_each_video_of_a_batch_takes_its_own_steps_and_frames(family, store):
     assert stats[0].computed_steps != stats[1].computed_steps  # the schedules differ: the split calls ran
     per_video = seen_rows[0] // 2  # step 1: both videos computed, in one call
     assert sum(seen_rows) == per_video * sum(len(s.computed_steps) for s in stats.values())
-    for video in (0, 1):
-        alone_kwargs = rows_of(kwargs, [video], 2, spec.unbatched_arguments)
-        apply_adacache(model, config)
-        try:
-            alone = denoise(model, tiny, alone_kwargs, "cond")
-            (alone_stats,) = get_stats(model)
-        finally:
-            remove_adacache(model)
-        assert alone_stats.computed_steps == stats[video].computed_steps
-        for step, (a, b) in enumerate(zip(alone, batched)):
-            torch.testing.assert_close(b[video:video + 1], a, rtol=1e-4, atol=1e-5, msg=f"step {step + 1}")
+    assert_each_video_as_alone(model, tiny, kwargs, config, "cond", batched, stats, {0: [0], 1: [1]})
 
 
 @pytest.mark.parametrize("name", ["ltx_video", "latte"])
@@ -120,7 +128,6 @@ def test_batched_cfg_halves_of_a_video_share_its_decision(name):
     their own, so that holds too."""
     tiny = TINY_MODELS[name]
     model = tiny.build(seed=0)
-    spec = specs.registered_spec(model)
     kwargs = tiny.inputs(model, batch_size=4)
     kwargs["hidden_states"] = torch.cat([kwargs["hidden_states"][:2]] * 2)  # each video's latents in both halves
     config = split_codebook(model, tiny, kwargs, "cond_uncond")
@@ -131,17 +138,7 @@ def test_batched_cfg_halves_of_a_video_share_its_decision(name):
     finally:
         remove_adacache(model)
     assert sorted(stats) == [0, 1] and stats[0].computed_steps != stats[1].computed_steps
-    for video in (0, 1):
-        rows = [video, video + 2]
-        apply_adacache(model, config)
-        try:
-            alone = denoise(model, tiny, rows_of(kwargs, rows, 4, spec.unbatched_arguments), "cond_uncond")
-            (alone_stats,) = get_stats(model)
-        finally:
-            remove_adacache(model)
-        assert alone_stats.video is None and alone_stats.computed_steps == stats[video].computed_steps
-        for a, b in zip(alone, batched):
-            torch.testing.assert_close(b[rows], a, rtol=1e-4, atol=1e-5)
+    assert_each_video_as_alone(model, tiny, kwargs, config, "cond_uncond", batched, stats, {0: [0, 2], 1: [1, 3]})
 
 
 def test_row_schedules_split_the_cfg_halves_and_shared_is_one_decision():

@@ -19,9 +19,8 @@ import torch
 
 import adacache
 from adacache import AdaCacheConfig, apply_adacache, get_stats, reconfigure, remove_adacache
-from adacache.models import specs
 from adacache.testing import TINY_MODELS
-from test_batch_videos import STEPS, TIMESTEPS, denoise, rows_of, split_codebook
+from test_batch_videos import STEPS, TIMESTEPS, assert_each_video_as_alone, denoise, rows_of, split_codebook
 from toy import TOY_SPEC, ToyDiT, timesteps
 from toy import denoise as toy_denoise
 
@@ -289,7 +288,6 @@ def test_each_video_matches_itself_alone_in_odd_settings(case):
 def test_moreg_per_video_on_latte_probes_matches_each_video_alone(probe_block):
     tiny = TINY_MODELS["latte"]
     model = tiny.build(seed=0)
-    spec = specs.registered_spec(model)
     kwargs = tiny.inputs(model, batch_size=4)
     kwargs["hidden_states"] = torch.cat([kwargs["hidden_states"][:2]] * 2)  # batched CFG: the same latents twice
     config = split_codebook(model, tiny, kwargs, "cond_uncond", moreg=True, moreg_window=(1, STEPS),
@@ -301,20 +299,12 @@ def test_moreg_per_video_on_latte_probes_matches_each_video_alone(probe_block):
     finally:
         remove_adacache(model)
     assert [s.video for s in stats] == [0, 1] and stats[0].computed_steps != stats[1].computed_steps
+    alone = assert_each_video_as_alone(model, tiny, kwargs, config, "cond_uncond", batched, stats,
+                                       {0: [0, 2], 1: [1, 3]})
     for video in (0, 1):
-        rows = [video, video + 2]
-        apply_adacache(model, config)
-        try:
-            alone = denoise(model, tiny, rows_of(kwargs, rows, 4, spec.unbatched_arguments), "cond_uncond")
-            (alone_stats,) = get_stats(model)
-        finally:
-            remove_adacache(model)
-        assert alone_stats.computed_steps == stats[video].computed_steps
-        assert [m is None for m in alone_stats.motion] == [m is None for m in stats[video].motion]
-        assert [m for m in alone_stats.motion if m is not None] == pytest.approx(
+        assert [m is None for m in alone[video].motion] == [m is None for m in stats[video].motion]
+        assert [m for m in alone[video].motion if m is not None] == pytest.approx(
             [m for m in stats[video].motion if m is not None], rel=1e-4)
-        for a, b in zip(alone, batched):
-            torch.testing.assert_close(b[rows], a, rtol=1e-4, atol=1e-5)
 
 
 def test_a_split_step_with_grad_enabled_backpropagates_to_every_row():
@@ -532,7 +522,6 @@ def test_non_contiguous_rows_with_the_forecast_store_match_each_video_alone():
     """Batched CFG (video v is rows v and v + 2) with the forecast store: the rows are gathered, not sliced."""
     tiny = TINY_MODELS["ltx_video"]
     model = tiny.build(seed=0)
-    spec = specs.registered_spec(model)
     kwargs = tiny.inputs(model, batch_size=4)
     kwargs["hidden_states"] = torch.cat([kwargs["hidden_states"][:2]] * 2)  # batched CFG: the same latents twice
     config = split_codebook(model, tiny, kwargs, "cond_uncond", store="forecast")
@@ -544,18 +533,9 @@ def test_non_contiguous_rows_with_the_forecast_store_match_each_video_alone():
         remove_adacache(model)
     assert [s.video for s in stats] == [0, 1] and stats[0].computed_steps != stats[1].computed_steps
     assert all(s.store == "forecast" and s.cache_bytes > 0 for s in stats)
-    for video in (0, 1):
-        rows = [video, video + 2]
-        apply_adacache(model, config)
-        try:
-            alone = denoise(model, tiny, rows_of(kwargs, rows, 4, spec.unbatched_arguments), "cond_uncond")
-            (alone_stats,) = get_stats(model)
-        finally:
-            remove_adacache(model)
-        assert alone_stats.computed_steps == stats[video].computed_steps
-        assert alone_stats.cache_bytes == stats[video].cache_bytes
-        for a, b in zip(alone, batched):
-            torch.testing.assert_close(b[rows], a, rtol=1e-4, atol=1e-5)
+    alone = assert_each_video_as_alone(model, tiny, kwargs, config, "cond_uncond", batched, stats,
+                                       {0: [0, 2], 1: [1, 3]})
+    assert [alone[video].cache_bytes for video in (0, 1)] == [stats[video].cache_bytes for video in (0, 1)]
 
 
 def test_two_threads_with_a_model_each_match_one_thread():
