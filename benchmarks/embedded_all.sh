@@ -18,11 +18,9 @@ python benchmarks/direction_sign.py | tee runs/direction-sign.txt
 adacache calibrate --speedup 2.5 --num-prompts 6 --check 12 -o "$weights/adacache.json" | tee runs/calibrate-30.txt
 adacache calibrate --steps 100 --speedup 2.5 --num-prompts 4 --check 6 -o "$weights/adacache-100.json" \
   | tee runs/calibrate-100.txt
-# the same for a compute target, and MoReg with its normalisation calibrated (BENCHMARKS.md)
+# the same for a compute target (BENCHMARKS.md)
 adacache calibrate --compute --speedup 2.5 --num-prompts 6 --check 12 \
   -o benchmarks/codebooks/embedded-30-compute-2.5x.json | tee runs/calibrate-30-compute.txt
-adacache calibrate --moreg --speedup 2.5 --num-prompts 6 --check 12 \
-  -o benchmarks/codebooks/embedded-30-moreg.json | tee runs/calibrate-30-moreg.txt
 # 4. quality with the shipped codebook
 python benchmarks/embedded_quality.py --cache "$weights/adacache.json" | tee runs/quality-cached.txt
 # 5. AdaCache's fronts (reuse and forecast, several targets) and the shipped MoReg codebooks, then every peer
@@ -32,6 +30,10 @@ bash benchmarks/bench_fronts.sh
 bash benchmarks/bench_low.sh
 python benchmarks/forecast_reach.py | tee runs/forecast-reach-30.txt
 python benchmarks/forecast_reach.py --steps 100 --prompts 6 --preset opensora-100-fast | tee runs/forecast-reach-100.txt
+# per-video schedules against one shared schedule, 8 prompts in one call (BENCHMARKS.md; timed: nothing else running)
+python benchmarks/batch_schedules.py --repeats 5 --json runs/batch-schedules.json | tee runs/batch-schedules.txt
+python benchmarks/batch_schedules.py --moreg --repeats 3 --json runs/batch-schedules-moreg.json \
+  | tee runs/batch-schedules-moreg.txt
 # 6. how much of each frame is background (BENCHMARKS.md), and calibration under load (10 minutes; nothing else
 # may run meanwhile)
 python benchmarks/background_share.py | tee runs/background-share.txt

@@ -1,6 +1,8 @@
 """How far the forecast store should extrapolate: PSNR against the uncached video for plain reuse and for the
-forecast at several reaches (`AdaCacheConfig.forecast_reach`), on the embedded model, with the same codebooks
-(so the same computed steps: only what skipped steps add differs). No clock is read.
+forecast at several reaches (`AdaCacheConfig.forecast_reach`), on the embedded model, with the same codebooks.
+A fixed schedule (static:3) computes the same steps at every reach. An adaptive codebook may compute others, as the
+forecast changes later distances; its "computed steps" column is the count at the largest reach. No clock is
+read.
 
     python benchmarks/forecast_reach.py                      # 30 steps, 8 prompts, the shipped codebook and static:3
     python benchmarks/forecast_reach.py --steps 100 --prompts 6 --preset opensora-100-fast
@@ -54,7 +56,7 @@ def main() -> None:
     references = [generate(p, None)[0] for p in prompts]
     print(f"embedded model, {args.steps} steps, {len(prompts)} prompts, seed 0, guidance 4: mean PSNR (dB) against "
           "the uncached videos")
-    print(f"| codebook | computed steps | reuse | " + " | ".join(f"forecast, reach {r:g}" for r in REACHES[1:]) + " |")
+    print("| codebook | computed steps | reuse | " + " | ".join(f"forecast, reach {r:g}" for r in REACHES[1:]) + " |")
     print("|---" * (len(REACHES) + 2) + "|")
     for name, config in codebooks.items():
         cells, computed = [], None

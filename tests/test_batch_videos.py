@@ -53,18 +53,24 @@ def denoise(model, tiny, kwargs: dict, context: str | None):
     return outputs
 
 
+def run_cached(model, tiny, kwargs, config, context, **applied):
+    """`denoise` with AdaCache applied for the run (removed after, whatever happens): the outputs and the stats."""
+    apply_adacache(model, config, **applied)
+    try:
+        return denoise(model, tiny, kwargs, context), get_stats(model)
+    finally:
+        remove_adacache(model)
+
+
 def videos_of(stats):
     return {s.video: s for s in stats}
 
 
 def split_codebook(model, tiny, kwargs, context, **config) -> AdaCacheConfig:
     """A codebook that gives the video with the smaller step-2 distance rate 3 and the other rate 1."""
-    apply_adacache(model, AdaCacheConfig(codebook={1e9: 1}, num_inference_steps=STEPS, **config))
-    try:
-        denoise(model, tiny, kwargs, context)
-        distances = [s.distances[1] for s in get_stats(model) if s.video is not None]
-    finally:
-        remove_adacache(model)
+    _, stats = run_cached(model, tiny, kwargs, AdaCacheConfig(codebook={1e9: 1}, num_inference_steps=STEPS, **config),
+                          context)
+    distances = [s.distances[1] for s in stats if s.video is not None]
     low, high = min(distances), max(distances)
     assert high > 1.001 * low, distances  # far enough apart for float differences not to cross the threshold
     return AdaCacheConfig(codebook={(low * high) ** 0.5: 3, 1e9: 1}, num_inference_steps=STEPS, **config)
@@ -76,12 +82,8 @@ def assert_each_video_as_alone(model, tiny, kwargs, config, context, batched, st
     unbatched = specs.registered_spec(model).unbatched_arguments if specs.registered_spec(model) else ()
     batch, alone_stats = kwargs["hidden_states"].shape[0], {}
     for video, rows in videos.items():
-        apply_adacache(model, config)
-        try:
-            alone = denoise(model, tiny, rows_of(kwargs, list(rows), batch, unbatched), context)
-            (alone_stats[video],) = get_stats(model)
-        finally:
-            remove_adacache(model)
+        alone, (alone_stats[video],) = run_cached(model, tiny, rows_of(kwargs, list(rows), batch, unbatched), config,
+                                                  context)
         assert alone_stats[video].video is None and alone_stats[video].computed_steps == stats[video].computed_steps
         for step, (a, b) in enumerate(zip(alone, batched)):
             torch.testing.assert_close(b[list(rows)], a, rtol=1e-4, atol=1e-5, msg=f"video {video}, step {step + 1}")
@@ -131,12 +133,8 @@ def test_batched_cfg_halves_of_a_video_share_its_decision(name):
     kwargs = tiny.inputs(model, batch_size=4)
     kwargs["hidden_states"] = torch.cat([kwargs["hidden_states"][:2]] * 2)  # each video's latents in both halves
     config = split_codebook(model, tiny, kwargs, "cond_uncond")
-    apply_adacache(model, config)
-    try:
-        batched = denoise(model, tiny, kwargs, "cond_uncond")
-        stats = videos_of(get_stats(model))
-    finally:
-        remove_adacache(model)
+    batched, stats = run_cached(model, tiny, kwargs, config, "cond_uncond")
+    stats = videos_of(stats)
     assert sorted(stats) == [0, 1] and stats[0].computed_steps != stats[1].computed_steps
     assert_each_video_as_alone(model, tiny, kwargs, config, "cond_uncond", batched, stats, {0: [0, 2], 1: [1, 3]})
 
@@ -147,13 +145,10 @@ def test_row_schedules_split_the_cfg_halves_and_shared_is_one_decision():
     kwargs = tiny.inputs(model, batch_size=4)
     kwargs["hidden_states"] = torch.cat([kwargs["hidden_states"][:2]] * 2)  # batched CFG: two videos, two halves
     for mode, videos in (("row", [0, 1, 2, 3]), ("shared", [None]), ("video", [0, 1])):
-        apply_adacache(model, AdaCacheConfig(codebook={0.1: 2, 1e9: 1}, num_inference_steps=STEPS,
-                                             batch_schedule=mode))
-        try:
-            denoise(model, tiny, kwargs, "cond_uncond")
-            assert [s.video for s in get_stats(model)] == videos, mode
-        finally:
-            remove_adacache(model)
+        _, stats = run_cached(model, tiny, kwargs, AdaCacheConfig(codebook={0.1: 2, 1e9: 1},
+                                                                  num_inference_steps=STEPS, batch_schedule=mode),
+                              "cond_uncond")
+        assert [s.video for s in stats] == videos, mode
 
 
 def test_paper_mode_shares_one_decision_unless_told_otherwise():
@@ -268,12 +263,8 @@ def test_a_non_finite_video_recomputes_alone():
 def test_stats_name_the_video():
     tiny = TINY_MODELS["wan"]
     model = tiny.build(seed=0)
-    apply_adacache(model, AdaCacheConfig(codebook={1e9: 1}, num_inference_steps=STEPS))
-    try:
-        denoise(model, tiny, tiny.inputs(model, batch_size=3), "cond")
-        stats = get_stats(model)
-    finally:
-        remove_adacache(model)
+    _, stats = run_cached(model, tiny, tiny.inputs(model, batch_size=3),
+                          AdaCacheConfig(codebook={1e9: 1}, num_inference_steps=STEPS), "cond")
     assert [s.video for s in stats] == [0, 1, 2]
     assert stats[2].to_dict()["video"] == 2 and "video 2" in str(stats[2])
 

@@ -10,17 +10,16 @@
 
 import collections
 import json
-import math
 import types
 
-import numpy as np
 import pytest
 
 from adacache.cli import main
 from adacache.config import AdaCacheConfig
 from adacache.embedded.train import build_pipeline
 from adacache.evaluation import calibrate as calibrate_module
-from adacache.evaluation.calibrate import Calibrator, CostModel, Run, config_name
+from adacache.evaluation.calibrate import Calibrator, CostModel, config_name
+from test_calibrate_robust import _synthetic  # made-up measurements, a function of the threshold scale
 
 PROMPTS = ["a red circle moving left fast", "a blue square standing still"]
 RECORDER = ((1.0, 1),)  # the rate-1 codebook that records the distance curves
@@ -92,24 +91,6 @@ def test_several_targets_share_the_references_and_generate_each_codebook_once(ti
         alone = Calibrator(tiny_pipe, PROMPTS[:1], steps=16, guidance=4.0).calibrate(speedup=target, wall_clock=False,
                                                                                       iterations=5)
         assert alone.config.codebook == result.config.codebook and alone.about["scale"] == result.about["scale"]
-
-
-def _synthetic(calibrator, monkeypatch):
-    """Made-up distances and measurements, a function of the threshold scale; returns the scales measured."""
-    pooled = [0.05 * (1 + i) for i in range(12)]
-    monkeypatch.setattr(calibrator, "curves", lambda: ([pooled], [Run(np.zeros((1, 2, 2, 3)), 1.0, 12, 12)]))
-    unit = list(calibrate_module.derive_codebook(pooled, calibrate_module.max_rate(12)))[0]
-    scales = []
-
-    def measure(config, references):
-        scale = list(config.codebook)[0] / unit
-        scales.append(scale)
-        computed = max(6.0, 12 - 2 * math.log(30 * scale))
-        return {"compute_speedup": 12 / computed, "wall_speedup": 12 / computed, "computed_steps": computed,
-                "psnr": 40 - 10 * math.log10(scale)}
-
-    monkeypatch.setattr(calibrator, "measure", measure)
-    return scales
 
 
 def test_psnr_targets_measure_the_conservative_end_and_shared_scales_once(monkeypatch):

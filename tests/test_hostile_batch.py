@@ -20,7 +20,8 @@ import torch
 import adacache
 from adacache import AdaCacheConfig, apply_adacache, get_stats, reconfigure, remove_adacache
 from adacache.testing import TINY_MODELS
-from test_batch_videos import STEPS, TIMESTEPS, assert_each_video_as_alone, denoise, rows_of, split_codebook
+from test_batch_videos import (STEPS, TIMESTEPS, assert_each_video_as_alone, denoise, rows_of, run_cached,
+                               split_codebook)
 from toy import TOY_SPEC, ToyDiT, timesteps
 from toy import denoise as toy_denoise
 
@@ -292,12 +293,7 @@ def test_moreg_per_video_on_latte_probes_matches_each_video_alone(probe_block):
     kwargs["hidden_states"] = torch.cat([kwargs["hidden_states"][:2]] * 2)  # batched CFG: the same latents twice
     config = split_codebook(model, tiny, kwargs, "cond_uncond", moreg=True, moreg_window=(1, STEPS),
                             probe_block=probe_block)
-    apply_adacache(model, config)
-    try:
-        batched = denoise(model, tiny, kwargs, "cond_uncond")
-        stats = get_stats(model)
-    finally:
-        remove_adacache(model)
+    batched, stats = run_cached(model, tiny, kwargs, config, "cond_uncond")
     assert [s.video for s in stats] == [0, 1] and stats[0].computed_steps != stats[1].computed_steps
     alone = assert_each_video_as_alone(model, tiny, kwargs, config, "cond_uncond", batched, stats,
                                        {0: [0, 2], 1: [1, 3]})
@@ -334,12 +330,7 @@ def test_a_non_finite_residual_in_a_split_call_stays_with_its_video():
     model = tiny.build(seed=0)
     kwargs = tiny.inputs(model, batch_size=2)
     config = split_codebook(model, tiny, kwargs, "cond")
-    apply_adacache(model, config)
-    try:
-        clean = denoise(model, tiny, kwargs, "cond")
-        clean_stats = get_stats(model)
-    finally:
-        remove_adacache(model)
+    clean, clean_stats = run_cached(model, tiny, kwargs, config, "cond")
     a, b = (set(s.computed_steps) for s in clean_stats)
     split = min(a ^ b)
     lone = 0 if split in a else 1
@@ -525,12 +516,7 @@ def test_non_contiguous_rows_with_the_forecast_store_match_each_video_alone():
     kwargs = tiny.inputs(model, batch_size=4)
     kwargs["hidden_states"] = torch.cat([kwargs["hidden_states"][:2]] * 2)  # batched CFG: the same latents twice
     config = split_codebook(model, tiny, kwargs, "cond_uncond", store="forecast")
-    apply_adacache(model, config)
-    try:
-        batched = denoise(model, tiny, kwargs, "cond_uncond")
-        stats = get_stats(model)
-    finally:
-        remove_adacache(model)
+    batched, stats = run_cached(model, tiny, kwargs, config, "cond_uncond")
     assert [s.video for s in stats] == [0, 1] and stats[0].computed_steps != stats[1].computed_steps
     assert all(s.store == "forecast" and s.cache_bytes > 0 for s in stats)
     alone = assert_each_video_as_alone(model, tiny, kwargs, config, "cond_uncond", batched, stats,

@@ -85,10 +85,10 @@ def _cache_config(args: argparse.Namespace) -> AdaCacheConfig:
     cache = args.cache
     if cache == "auto":  # the embedded model's own calibrated codebook for this step count; else the 30-step preset
         # (with --moreg, its MoReg codebook, whose motion normalisation was measured on it, where one ships)
-        on_embedded = getattr(args, "model", None) is None
-        tuned = (_tuned(args.steps, moreg=True) if args.moreg and on_embedded else None) or (
-            _tuned(args.steps) if on_embedded else None)
-        cache = tuned or "opensora-30-fast"
+        from .embedded.pipeline import auto_config
+
+        tuned = auto_config(args.steps, args.moreg) if getattr(args, "model", None) is None else None
+        cache = str(tuned) if tuned else "opensora-30-fast"
     config = _load_config(cache, "--cache")
     if args.moreg:
         config = dataclasses.replace(config, moreg=True)
@@ -414,13 +414,10 @@ def _bench(args: argparse.Namespace) -> int:
                               "none,auto,fbc:0.1 (or leave --methods out for the default comparison)")
     # auto[+moreg]: the embedded model's calibrated codebooks for this step count (MoReg's where one ships)
     tuned = {"plain": _tuned(args.steps), "moreg": _tuned(args.steps, moreg=True)} if args.model is None else None
-    parse_methods(methods, tuned)  # every name checked before the model loads
+    parsed = parse_methods(methods, tuned)  # every name checked before the model loads
     mode = _context_parallel(args, "bench")
     if mode != "none":
-        from .evaluation.methods import AdaCacheMethod, Baseline
-
-        parsed = parse_methods(methods, tuned)
-        others = [m.name for m in parsed if not isinstance(m, (Baseline, AdaCacheMethod))]
+        others = [m.name for m in parsed if not m.runs_under_context_parallelism]
         if others and args.methods is not None:
             raise ConfigError(f"under --context-parallel the bench runs the uncached model and AdaCache only (AdaCache "
                               f"stays inside diffusers' split); leave out {', '.join(others)}")

@@ -608,14 +608,14 @@ class _Runtime(_Bound):
             if probe._base is not None and len(call.parts) > 1:
                 probe = probe.clone()  # kept as the video's last probe: its own rows only (see _residuals)
             if state.sharded is not None:  # a slice of the tokens: ShardedProbe.motion pairs its frames across ranks
-                probe, frames = probe, call.frames
+                frames = call.frames
             elif (framed := _probe_frames(probe, self.probe_layout, call.frames)) is None:
                 frames = None  # MoReg cannot read frames from it: the distance decides
             else:
                 probe, frames = framed, framed.shape[1]
             probes.append(probe)
             sums.append(video.schedule.measure(call.step, probe, frames))
-        residuals = checks = None
+        residuals, checks = None, {}  # checks: per video, the sums of its residual streams (finite or not)
         if state.sharded is not None:
             # One all-reduce for the step: every video's sums, and the sums of the residuals it may keep (so that
             # a slice that is not finite on one rank makes every rank compute that video's next step).
@@ -623,10 +623,12 @@ class _Runtime(_Bound):
             first_only = all(s.first for s in sums) and not any(v.store.wants(1) for v, _ in call.parts)
             if not last_step and not first_only:
                 residuals = self._residuals(call, outputs)
-                checks = [_total(r) for rs in residuals for r in rs if r is not None]
-            sums, checks = state.sharded.reduce_all(sums, checks or [])
+                checks = {i: [_total(r) for r in rs if r is not None] for i, rs in enumerate(residuals)}
+            sums, reduced = state.sharded.reduce_all(sums, [c for cs in checks.values() for c in cs])
+            reduced = iter(reduced)
+            checks = {i: [next(reduced) for _ in cs] for i, cs in checks.items()}
         keeping = []
-        for i, ((video, rows), probe, measured) in enumerate(zip(call.parts, probes, sums)):
+        for i, ((video, _), probe, measured) in enumerate(zip(call.parts, probes, sums)):
             video.schedule.conclude(call.step, probe, measured)
             if last_step:
                 video.schedule.prev_probe = None  # the generation is over: hold nothing
@@ -637,12 +639,9 @@ class _Runtime(_Bound):
         if keeping:
             if residuals is None:
                 residuals = self._residuals(call, outputs, keeping)
-                checks = [_total(r) for i in keeping for r in residuals[i] if r is not None]
-            else:  # (reduced over the ranks above, for every video: keep the ones of the videos that keep)
-                per_video = [sum(r is not None for r in rs) for rs in residuals]
-                starts = [sum(per_video[:i]) for i in range(len(residuals))]
-                checks = [c for i in keeping for c in checks[starts[i]:starts[i] + per_video[i]]]
-            finite = iter(torch.isfinite(torch.stack(checks)).tolist() if checks else [])
+                checks = {i: [_total(r) for r in residuals[i] if r is not None] for i in keeping}
+            kept_checks = [c for i in keeping for c in checks[i]]
+            finite = iter(torch.isfinite(torch.stack(kept_checks)).tolist() if kept_checks else [])
             for i in keeping:
                 video = call.parts[i][0]
                 bad = [name for name, r in zip(("video", "text"), residuals[i]) if r is not None and not next(finite)]

@@ -263,11 +263,11 @@ class WebPage:
 
     def resolve_cache(self, choice: str, steps: int, moreg: bool) -> tuple[AdaCacheConfig, str]:
         """The config for a dropdown choice, and how to name it on the page."""
-        from .cli import _tuned
+        from .embedded.pipeline import auto_config
 
         if choice == AUTO:
             # as `adacache generate --cache auto [--moreg]`
-            tuned = ((_tuned(steps, moreg=True) if moreg else None) or _tuned(steps)) if self.model is None else None
+            tuned = auto_config(steps, moreg) if self.model is None else None
             config = AdaCacheConfig.load(tuned) if tuned else AdaCacheConfig.from_preset("opensora-30-fast")
             label = f"auto: the embedded model's {Path(tuned).name}" if tuned else "auto: opensora-30-fast"
         elif choice in PRESETS:

@@ -38,6 +38,12 @@ def tuned_config(steps: int = 30, moreg: bool = False) -> Path | None:
     return None
 
 
+def auto_config(steps: int = 30, moreg: bool = False) -> Path | None:
+    """What `--cache auto` uses on the embedded model: with `moreg`, its MoReg codebook where one ships, else its
+    plain one (`tuned_config`); None when neither ships."""
+    return (tuned_config(steps, moreg=True) if moreg else None) or tuned_config(steps)
+
+
 RGB = 3  # the model works in pixel space: its latents are the clip's RGB channels
 
 

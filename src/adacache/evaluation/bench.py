@@ -20,7 +20,8 @@ without run.json, and a folder where a file belongs (or a file where a folder be
 
 The bench knows a method only through `methods.Method`: apply, remove, unsupported (a reason: the method is
 recorded as skipped), held_bytes (read after the generation, or after every transformer call of the untimed pass
-for methods that drop their state at the end of a call) and stats (record fields such as computed_steps).
+for methods that drop their state at the end of a call), stats (record fields such as computed_steps), describe,
+and its flags is_baseline, watch_memory_live and runs_under_context_parallelism.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import torch
 
 from ..hooks import transformers_of
 from .folder import BenchFolderError, BenchSettings, finite, refuse, write_atomic
-from .methods import AdaCacheMethod, Method, parse_methods
+from .methods import Method, parse_methods
 from .metrics import LPIPS, TransformerMeter, as_video, frame_motion, object_psnr, psnr, ssim
 from .report import write_report
 
@@ -102,13 +103,13 @@ class Bench:
                  rank: int = 0, world: int = 1, progress: bool = True) -> None:
         self.pipe, self.settings, self.rank, self.world, self.progress = pipe, settings, rank, world, progress
         self.methods: list[Method] = parse_methods(settings.methods, tuned)
+        # under context parallelism every process runs every video, together; rank 0 alone writes
+        self.together = settings.context_parallel != "none"
         videos = settings.videos()
-        if world > len(videos) and settings.context_parallel == "none":
+        if world > len(videos) and not self.together:
             raise ValueError(
                 f"{world} processes for {len(videos)} videos (prompts x seeds): use at most {len(videos)} processes"
             )
-        # under context parallelism every process runs every video, together; rank 0 alone writes
-        self.together = settings.context_parallel != "none"
         self.videos = videos if self.together else videos[rank::world]
         self.writes = rank == 0 or not self.together
         self.out = prepare_folder(out)
@@ -131,14 +132,13 @@ class Bench:
         if path.is_file():
             try:
                 theirs = json.loads(path.read_bytes().decode("utf-8"))
-                if isinstance(theirs, dict) and set(theirs) & set(expected):  # (settings written before the
-                    theirs.setdefault("context_parallel", "none")  # option existed: the videos were shared out)
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
                 raise refuse(path, f"is not a readable settings file ({error}), so the records beside it cannot be "
                                    "matched to settings", remedy) from None
             if not isinstance(theirs, dict) or not set(theirs) & set(expected):
                 raise refuse(path, f"holds {type(theirs).__name__} JSON, not the settings a bench writes, so the "
                                    "records beside it cannot be matched to settings", remedy)
+            theirs.setdefault("context_parallel", "none")  # written before the option: the videos were shared out
             if theirs != expected:
                 changed = sorted(k for k in set(expected) | set(theirs) if expected.get(k) != theirs.get(k))
                 raise ValueError(
@@ -218,7 +218,7 @@ class Bench:
                 pass
 
     def _unsupported(self, method: Method) -> str | None:
-        if self.together and not (method.is_baseline or isinstance(method, AdaCacheMethod)):
+        if self.together and not method.runs_under_context_parallelism:
             return ("under context parallelism the bench runs the uncached model and AdaCache only: AdaCache stays "
                     "applied inside diffusers' split (changing configs with reconfigure), where another cache "
                     "cannot be enabled and removed around it")
@@ -252,6 +252,8 @@ class Bench:
                 if torch.cuda.is_available():
                     torch.cuda.reset_peak_memory_stats()
                 frames = self._generate(prompt, seed)
+                if i:  # only the first repeat's stats and memory are kept
+                    return frames, {}, None
                 return (frames, method.stats(self.pipe),
                         None if method.watch_memory_live else method.held_bytes(self.pipe))
 

@@ -423,6 +423,9 @@ class Calibrator:
         if psnrs:  # every PSNR target's codebook has the same shape (rate): one measurement checks them all
             conservative = self._conservative_end(self._codebooks(pooled, None), lo + (hi - lo) / 2**iterations,
                                                   max(psnrs), memo)
+        # what the distances were: the same for every target
+        quantiles = {str(q): float(np.quantile(pooled, q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)}
+        mean_curve = [statistics.fmean(c[i] for c in curves if len(c) > i) for i in range(max(len(c) for c in curves))]
         results = []
         for target, goal in zip(targets, goals):
             if len(targets) > 1:
@@ -439,9 +442,7 @@ class Calibrator:
                            "clock": "wall" if wall_clock else "compute"},
                 "max_rate": max(config.codebook.values()), "scale": scale, "reached": measured, "moreg_norm": norm,
                 "skip_cost": self.cost_model.skip_cost if self.cost_model else None,
-                "distance_quantiles": {str(q): float(np.quantile(pooled, q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)},
-                "mean_distance_curve": [statistics.fmean(c[i] for c in curves if len(c) > i)
-                                        for i in range(max(len(c) for c in curves))],
+                "distance_quantiles": dict(quantiles), "mean_distance_curve": list(mean_curve),
             }
             if len(targets) > 1:
                 about["calibrated_with"] = [t for t in targets if t != target]  # the run's other targets
@@ -551,12 +552,10 @@ class _Measurements:
     def __init__(self, calibrator: Calibrator, references: list[Run]) -> None:
         self.calibrator, self.references = calibrator, references
         self.measured: dict[tuple[tuple[float, int], ...], dict[str, float]] = {}
-        self.reused = 0
 
     def measure(self, config: AdaCacheConfig, label: str) -> dict[str, float]:
         key = tuple(config.codebook.items())  # the rest of the config is the run's base, the same for every target
         if key in self.measured:
-            self.reused += 1
             self.calibrator.say(f"{label}: {_describe(self.measured[key])} (measured before)")
             return dict(self.measured[key])
         measured = self.measured[key] = self.calibrator.measure(config, self.references)

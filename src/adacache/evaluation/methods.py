@@ -48,7 +48,7 @@ import torch
 from .. import compat
 from ..config import PRESETS, AdaCacheConfig, ConfigError
 from ..hooks import apply_adacache, get_stats, is_applied, reconfigure, remove_adacache, transformers_of
-from ..models.specs import BlockSpec, registered_spec
+from ..models.specs import BlockSpec, get_attribute, registered_spec
 from .metrics import held_tensor_bytes, state_tensor_bytes
 
 PEERS = ("fbc", "pab", "magcache", "taylorseer", "fastercache")
@@ -105,6 +105,9 @@ class Method:
     # the generation (the bench watches `held_bytes` after every transformer call of an untimed pass); False where
     # `held_bytes` after the generation is the peak (AdaCache's stats keep it).
     watch_memory_live: ClassVar[bool] = False
+    # Whether it runs inside diffusers' context parallelism in the bench: there AdaCache stays applied (paused) around
+    # every method, so only the uncached model and AdaCache itself (through `reconfigure`) can run.
+    runs_under_context_parallelism: ClassVar[bool] = False
 
     @property
     def is_adacache(self) -> bool:
@@ -144,6 +147,7 @@ class Baseline(Method):
 
     kind: ClassVar[str] = "none"
     is_baseline: ClassVar[bool] = True
+    runs_under_context_parallelism: ClassVar[bool] = True
 
     def setting(self) -> Hashable:
         return ("none",)
@@ -155,6 +159,7 @@ class AdaCacheMethod(Method):
 
     adacache: AdaCacheConfig | None = None
     kind: ClassVar[str] = "adacache"
+    runs_under_context_parallelism: ClassVar[bool] = True
 
     @property
     def is_adacache(self) -> bool:
@@ -425,8 +430,8 @@ def _mask_policy(token: str, param: str) -> str:
 
 def parse_method(name: str, tuned: str | os.PathLike | Mapping[str, Any] | None = None) -> Method:
     """A `Method` from its name (see the module docstring); ConfigError (a ValueError) with the grammar or the
-    valid range for anything else. `tuned` is the model's own calibrated codebook file, which `auto` stands for
-    (None: opensora-30-fast)."""
+    valid range for anything else. `tuned` is what `auto[+moreg]` stands for: the model's own calibrated codebook
+    file, or a mapping of its plain and MoReg ones (see `_auto_source`; None: opensora-30-fast)."""
     if not isinstance(name, str):
         raise ConfigError(f"a method name must be a string, got {name!r}")
     token = name.strip()
@@ -730,9 +735,10 @@ def _cachedit_plan(model: torch.nn.Module) -> _CacheDitPlan | str:
                 "cache-dit caches each block list as one unit, run one after the other")
     blocks, patterns = [], []
     for block_list in spec.block_lists:
-        modules = model
-        for part in block_list.attribute.split("."):
-            modules = getattr(modules, part, None)
+        try:
+            modules = get_attribute(model, block_list.attribute)
+        except AttributeError:
+            modules = None
         if not isinstance(modules, torch.nn.ModuleList) or not len(modules):
             return f"{name}.{block_list.attribute} is not a ModuleList of blocks, as its ModelSpec says"
         pattern = _forward_pattern(block_list.block, modules[0])

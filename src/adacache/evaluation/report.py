@@ -108,9 +108,8 @@ def _share(flags) -> float | None:
 
 
 # --- verdicts at matched speed-up --------------------------------------------------------------------------------
-# Margins smaller than these are ties: the report prints PSNR to 0.1 dB and SSIM to 0.001.
+# A PSNR margin smaller than this is a tie (the report prints PSNR to 0.1 dB).
 PSNR_TIE_DB = 0.05
-SSIM_TIE = 0.0005
 
 
 def is_adacache_row(row: dict[str, Any]) -> bool:
@@ -355,7 +354,7 @@ def plots(report: dict[str, Any], folder: Path) -> list[Path]:
     for i, family in enumerate(families):
         mine = sorted((m for m in rows if m["family"] == family), key=lambda m: m["speedup"])
         xs, ys = [m["speedup"] for m in mine], [m["psnr"] for m in mine]
-        style = "-o" if family.startswith("AdaCache") else "--s" if family == "static reuse" else ":^"
+        style = "-o" if is_adacache_row({"family": family}) else "--s" if family == "static reuse" else ":^"
         spread = lambda key: [math.nan if m[key] is None else m[key] for m in mine]  # noqa: E731
         ax.errorbar(xs, ys, xerr=spread("speedup_std"), yerr=spread("psnr_std"), fmt=style,
                     capsize=2, label=family, color=f"C{i}")
@@ -376,7 +375,7 @@ def plots(report: dict[str, Any], folder: Path) -> list[Path]:
 
     records = [r for r in report["records"] if r.get("status") == "ok"]
     baseline = {r["video"]: r for r in records if r["method"] == "none"}
-    adaptive = [m["method"] for m in report["methods"] if m["videos"] and (m["family"] or "").startswith("AdaCache")]
+    adaptive = [m["method"] for m in report["methods"] if m["videos"] and is_adacache_row(m)]
     fig, ax = plt.subplots(figsize=(7, 5))
     for i, name in enumerate(adaptive):
         pts = [(_motion_of(baseline[r["video"]]), r["computed_steps"]) for r in records

@@ -483,9 +483,9 @@ def _unbatched_arguments(model: torch.nn.Module, args: tuple, kwargs: dict, batc
             return None if any(f is None for f in found) else [leaf for f in found for leaf in f]
         return None
 
-    unbatched = []
-    for name in _argument_names(model):
-        found = leaves(_bound(_argument_names(model), args, kwargs, name))
+    unbatched, names = [], _argument_names(model)
+    for name in names:
+        found = leaves(_bound(names, args, kwargs, name))
         if not found or (len(found) == 1 and not isinstance(found[0], torch.Tensor)):
             continue  # nothing, or a single number (a frame count, a flag): never cut
         tensors = [t for t in found if isinstance(t, torch.Tensor) and t.dim() > 0]

@@ -101,7 +101,7 @@ class ModelSpec:
         """(qualified name, block, block spec) for every block, in call order."""
         lists = []
         for block_list in self.block_lists:
-            modules = _get_attribute(model, block_list.attribute)
+            modules = get_attribute(model, block_list.attribute)
             if not isinstance(modules, (torch.nn.ModuleList, torch.nn.Sequential, list, tuple)):
                 raise TypeError(
                     f"{type(model).__name__}.{block_list.attribute} is a {type(modules).__name__}, not a ModuleList "
@@ -127,7 +127,8 @@ class ModelSpec:
         return int(value) if value is not None else 1
 
 
-def _get_attribute(obj: Any, dotted: str) -> Any:
+def get_attribute(obj: Any, dotted: str) -> Any:
+    """`obj.a.b.c` for the path "a.b.c"; an AttributeError naming the part that is missing."""
     for part in dotted.split("."):
         if not hasattr(obj, part):
             raise AttributeError(f"{type(obj).__name__} has no attribute {part!r} (from spec path {dotted!r})")
