@@ -773,9 +773,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = commands.add_parser("train", help="train (or resume) the embedded model on the procedural domain")
     tr.add_argument("--out", default="runs/embedded", help="run folder: checkpoint.pt and log.jsonl (default runs/embedded)")
-    tr.add_argument("--size", default="small", help="model size: small (shipped) or tiny (smoke test)")
-    tr.add_argument("--architecture", default="wan", choices=["wan", "latte"],
-                    help="diffusers transformer class: wan (3D attention, shipped) or latte (spatial/temporal blocks)")
+    tr.add_argument("--size", default="small",
+                    help="model size: small (the first shipped model), deep (24 blocks, the second) or tiny (smoke test)")
+    tr.add_argument("--architecture", default="wan", choices=["wan", "cogvideox", "latte"],
+                    help="diffusers transformer class: wan (3D attention, the first shipped model), cogvideox (joint "
+                         "text-video attention, the deep one) or latte (spatial/temporal blocks)")
     tr.add_argument("--steps", type=_POSITIVE, default=4000, help="total optimizer steps (default 4000, as shipped)")
     tr.add_argument("--batch-size", type=_POSITIVE, default=16)
     tr.add_argument("--lr", type=_number(0.0, above=True), default=1e-3)

@@ -67,6 +67,22 @@ def with_frame_channel(transformer: torch.nn.Module, clip: torch.Tensor) -> torc
     return torch.cat([clip, ramp.view(1, 1, t, 1, 1).expand(b, 1, t, h, w)], dim=1)  # (B, 4, T, H, W)
 
 
+# Transformer classes that take and return (B, T, C, H, W) rather than diffusers' usual (B, C, T, H, W).
+FRAMES_FIRST = ("CogVideoXTransformer3DModel",)
+
+
+def predict_velocity(transformer: torch.nn.Module, clip: torch.Tensor, timestep: torch.Tensor,
+                     text: torch.Tensor) -> torch.Tensor:
+    """The transformer's velocity (B, 3, T, H, W) for a noisy clip (B, 3, T, H, W): the frame channel added
+    (`with_frame_channel`), and the clip laid out as this transformer class takes it (`FRAMES_FIRST`)."""
+    model_input = with_frame_channel(transformer, clip)  # (B, 3 or 4, T, H, W)
+    frames_first = type(transformer).__name__ in FRAMES_FIRST
+    if frames_first:
+        model_input = model_input.transpose(1, 2)  # (B, T, C, H, W)
+    velocity = transformer(model_input, timestep=timestep, encoder_hidden_states=text, return_dict=False)[0]
+    return velocity.transpose(1, 2) if frames_first else velocity  # (B, 3, T, H, W)
+
+
 @dataclass
 class EmbeddedVideoOutput(BaseOutput):
     frames: torch.Tensor  # (B, T, 3, H, W) in [0, 1]
@@ -154,15 +170,12 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
         try:
             for i, t in enumerate(self.progress_bar(timesteps)):
                 self._current_timestep = t
-                model_input = with_frame_channel(self.transformer, torch.cat([latents, latents]) if use_cfg else latents)
+                model_input = torch.cat([latents, latents]) if use_cfg else latents  # (B or 2B, 3, T, H, W)
                 # one batched call per step; the context tells cache hooks (AdaCache, diffusers' caches) where we are
                 context = {"step_index": i, "num_inference_steps": len(timesteps),
                            "sigma": float(self.scheduler.sigmas[i])}
                 with self._cache_context("cond_uncond" if use_cfg else "cond", context):
-                    velocity = self.transformer(
-                        model_input, timestep=t.expand(model_input.shape[0]), encoder_hidden_states=text,
-                        return_dict=False,
-                    )[0]
+                    velocity = predict_velocity(self.transformer, model_input, t.expand(model_input.shape[0]), text)
                 if use_cfg:
                     uncond, cond = velocity.chunk(2)
                     velocity = uncond + guidance_scale * (cond - uncond)
