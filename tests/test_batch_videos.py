@@ -21,6 +21,7 @@ from adacache import AdaCacheConfig, apply_adacache, get_stats, remove_adacache
 from adacache.config import ConfigError
 from adacache.models import specs
 from adacache.testing import TINY_MODELS
+from adacache.hooks import runtime_of
 
 STEPS = 6
 TIMESTEPS = [1000.0 - 150.0 * i for i in range(STEPS)]
@@ -152,9 +153,9 @@ def test_row_schedules_split_the_cfg_halves_and_shared_is_one_decision():
 
 
 def test_paper_mode_shares_one_decision_unless_told_otherwise():
-    assert AdaCacheConfig(paper_mode=True).batch_mode == "shared"
-    assert AdaCacheConfig().batch_mode == "video"
-    assert AdaCacheConfig(paper_mode=True, batch_schedule="video").batch_mode == "video"
+    assert AdaCacheConfig(paper_mode=True).resolved_batch_schedule == "shared"
+    assert AdaCacheConfig().resolved_batch_schedule == "video"
+    assert AdaCacheConfig(paper_mode=True, batch_schedule="video").resolved_batch_schedule == "video"
     with pytest.raises(ConfigError, match="batch_schedule must be one of"):
         AdaCacheConfig(batch_schedule="per-video")
     assert AdaCacheConfig.from_dict(AdaCacheConfig(batch_schedule="row").to_dict()).batch_schedule == "row"
@@ -190,7 +191,7 @@ def test_the_split_call_returns_diffusers_output_classes_and_keeps_the_arguments
     try:
         pair = collections.namedtuple("Pair", "per_row shared")(torch.zeros(2, 4), torch.zeros(3, 4))
         table = (torch.zeros(2, 5), [torch.ones(2, 3)], pair)
-        args, cut = model._adacache.cut_arguments((kwargs["hidden_states"],), {**kwargs, "attention_kwargs": {
+        args, cut = runtime_of(model).cut_arguments((kwargs["hidden_states"],), {**kwargs, "attention_kwargs": {
             "table": table}}, rows=(1,), batch=2)
         assert type(cut["attention_kwargs"]["table"][2]) is type(pair)
         assert cut["attention_kwargs"]["table"][2].per_row.shape == (1, 4)
@@ -346,7 +347,7 @@ def test_a_video_that_keeps_its_residual_alone_holds_a_copy_of_its_rows():
                 with adacache.cache_context(model, "cond", index, STEPS):
                     out = model(**kwargs)[0]
                 kwargs["hidden_states"] = kwargs["hidden_states"] - 0.1 * out  # as denoise() does
-        videos = model._adacache.states["cond"].videos
+        videos = runtime_of(model).states["cond"].videos
         kept = [v for v in videos if v.store.holds]
         assert len(kept) == 1 and not any(v.store.holds for v in videos if v is not kept[0])
         residual = kept[0].store.latest[0]

@@ -16,6 +16,7 @@ from adacache.evaluation.bench import Bench, BenchSettings, load_records, run_be
 from adacache.evaluation.calibrate import Calibrator, derive_codebook
 from adacache.evaluation.methods import default_methods, parse_method, parse_methods
 from adacache.evaluation.metrics import psnr, ssim
+from adacache.hooks import is_applied
 
 PROMPTS = ["a red circle moving left fast", "a blue square standing still"]
 
@@ -195,7 +196,7 @@ def test_pipeline_outputs_of_every_type_become_the_same_video():
 def test_a_method_that_yields_nan_is_a_failure_and_the_report_is_strict_json(tiny_pipe, tmp_path):
     def poison(module, args, output):  # a cache that breaks the model: NaN out while a diffusers cache is on
         # (is_cache_enabled is True under AdaCache too, which diffusers counts as the model's cache)
-        if module.is_cache_enabled and not hasattr(module, "_adacache") and poisoning:
+        if module.is_cache_enabled and not is_applied(module) and poisoning:
             output[0][0, 0, 0, 0, 0] = float("nan")
 
     poisoning = True

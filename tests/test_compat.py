@@ -15,6 +15,7 @@ import torch
 import diffusers
 from adacache import AdaCacheConfig, apply_adacache, compat, get_stats, remove_adacache
 from adacache.testing import tiny_model
+from adacache.hooks import runtime_of
 
 
 @contextlib.contextmanager
@@ -143,7 +144,7 @@ def test_cache_context_of_a_diffusers_model_reaches_adacache():
         assert stats.branch == "cond" and stats.num_steps == 4 and stats.computed_steps == [1, 2, 3, 4]
     with relying_on("CacheMixin._reset_stateful_cache -> ModelHook.reset_state"):
         model._reset_stateful_cache()
-        assert model._adacache.states == {}
+        assert runtime_of(model).states == {}
     remove_adacache(model)
 
 

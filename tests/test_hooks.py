@@ -7,6 +7,7 @@ import torch
 
 import adacache
 from adacache import AdaCacheConfig, apply_adacache, get_stats, remove_adacache
+from adacache.hooks import is_applied, runtime_of
 
 from toy import STDIT3_SPEC, TOY_SPEC, STDiT3Like, TableDiT, ToyDiT, denoise, timesteps
 
@@ -29,7 +30,7 @@ def test_rate_one_is_bit_identical_and_remove_restores():
     remove_adacache(model)
     assert all(torch.equal(a, b) for a, b in zip(reference, denoise(model, toy_input())))
     # nothing left behind
-    assert not hasattr(model, "_adacache") and not hasattr(model, "_diffusers_hook")
+    assert not is_applied(model) and not hasattr(model, "_diffusers_hook")
     assert "forward" not in model.__dict__
     for block in model.blocks:
         assert "forward" not in block.__dict__ and not hasattr(block, "_adacache_block")
@@ -158,7 +159,7 @@ def test_bad_input_errors():
         apply_adacache(model, spec=TOY_SPEC)
     unknown = ToyDiT()  # no registered spec: accepted, its spec inferred on the first call (tests/test_infer.py)
     apply_adacache(unknown)
-    assert unknown._adacache.spec is None
+    assert runtime_of(unknown).spec is None
     with pytest.raises(TypeError, match="pipeline with a .transformer"):
         apply_adacache(object())
 
@@ -190,9 +191,9 @@ def test_stdit3_interleaved_custom_model():
     apply_adacache(model, AdaCacheConfig(codebook={1.0: 1}, num_inference_steps=10, moreg=True), spec=STDIT3_SPEC)
     assert all(torch.equal(a, b) for a, b in zip(reference, run()))
     stats = get_stats(model)[-1]
-    runtime = model._adacache
-    assert [name for name, _, _ in runtime.blocks][:3] == ["spatial_blocks.0", "temporal_blocks.0", "spatial_blocks.1"]
-    assert runtime.blocks[runtime.probe_index][0] == "spatial_blocks.1"  # (6 - 1) // 2 = 2: mid-stack
+    layout = runtime_of(model).layout
+    assert [name for name, _, _ in layout.blocks][:3] == ["spatial_blocks.0", "temporal_blocks.0", "spatial_blocks.1"]
+    assert layout.blocks[layout.probe_index][0] == "spatial_blocks.1"  # (6 - 1) // 2 = 2: mid-stack
     assert any(m is not None and m > 0 for m in stats.motion)  # MoReg read 5 frames of 9 tokens
     remove_adacache(model)
     apply_adacache(model, AdaCacheConfig(codebook={1e9: 4}, num_inference_steps=10), spec=STDIT3_SPEC)
@@ -245,7 +246,7 @@ def test_missed_planned_step(paper_mode, expected):
 
 @pytest.mark.parametrize("layout", ["b(ts)c", "(bt)sc", "(bs)tc"])
 def test_probe_frames_follow_the_token_layout(layout):
-    from adacache.hooks import _probe_frames
+    from adacache.hooks.block_io import probe_frames as _probe_frames
 
     B, T, S, C = 2, 3, 4, 5
     frames = torch.arange(T, dtype=torch.float32).view(1, T, 1, 1).expand(B, T, S, C)  # value = frame index
@@ -335,7 +336,7 @@ def test_bypassed_blocks_are_noted():
 def test_config_as_dict_compiled_model_and_nested_context():
     model = ToyDiT()
     apply_adacache(model, {"codebook": {1.0: 1}}, spec=TOY_SPEC)
-    assert model._adacache.config.codebook == {1.0: 1}
+    assert runtime_of(model).config.codebook == {1.0: 1}
     with adacache.cache_context(model, "outer", step_index=0, num_inference_steps=4):
         with adacache.cache_context(model, "inner", step_index=0, num_inference_steps=4):
             model(toy_input(), torch.full((1,), 1000.0))

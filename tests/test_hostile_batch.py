@@ -20,6 +20,7 @@ import torch
 import adacache
 from adacache import AdaCacheConfig, apply_adacache, get_stats, reconfigure, remove_adacache
 from adacache.testing import TINY_MODELS
+from adacache.hooks import runtime_of
 from test_batch_videos import (STEPS, TIMESTEPS, assert_each_video_as_alone, denoise, rows_of, run_cached,
                                split_codebook)
 from toy import TOY_SPEC, ToyDiT, timesteps
@@ -137,7 +138,7 @@ def test_the_videos_caches_hold_no_more_than_cache_bytes_counts(store):
     try:
         def call(m, x, t):
             out = m(x, torch.full((x.shape[0],), t))
-            seen.append(held_and_counted(m._adacache))
+            seen.append(held_and_counted(runtime_of(m)))
             return out
 
         toy_denoise(model, x, call=call)
@@ -239,8 +240,8 @@ def test_an_interrupt_in_either_part_of_a_split_step_leaves_the_model_clean(part
         with pytest.raises(KeyboardInterrupt):
             toy_denoise(model, x, call=call)
         handle.remove()
-        runtime = model._adacache
-        assert not runtime.busy.locked() and runtime.current is None
+        runtime = runtime_of(model)
+        assert not runtime.busy and runtime.current is None
         again = toy_denoise(model, x)
         assert [s.computed_steps for s in get_stats(model)[-2:]] == [s.computed_steps for s in stats]
     finally:
@@ -416,11 +417,11 @@ def test_reconfigure_reaches_both_transformers_of_a_pipeline():
     apply_adacache(pipe, AdaCacheConfig(codebook={1e9: 2}, num_inference_steps=6), spec=TOY_SPEC)
     try:
         reconfigure(pipe, AdaCacheConfig(codebook={1e9: 3}, num_inference_steps=6, batch_schedule="row"))
-        assert {m._adacache.config.batch_mode for m in (pipe.transformer, pipe.transformer_2)} == {"row"}
+        assert {runtime_of(m).config.resolved_batch_schedule for m in (pipe.transformer, pipe.transformer_2)} == {"row"}
         toy_denoise(pipe.transformer_2, toy_input(2))
         assert [(s.model, s.video) for s in get_stats(pipe)] == [("transformer_2", 0), ("transformer_2", 1)]
         reconfigure(pipe, None)
-        assert pipe.transformer._adacache.paused and pipe.transformer_2._adacache.paused and get_stats(pipe) == []
+        assert runtime_of(pipe.transformer).paused and runtime_of(pipe.transformer_2).paused and get_stats(pipe) == []
     finally:
         remove_adacache(pipe)
 

@@ -25,6 +25,7 @@ from adacache.config import ConfigError
 from adacache.core.clock import StepClock
 from adacache.core.store import ForecastStore, ReuseStore, make_store
 from adacache.testing import tiny_model
+from adacache.hooks import runtime_of
 
 from toy import TOY_SPEC, ToyDiT
 
@@ -59,7 +60,7 @@ def values(outputs):
 
 
 def store_of(model, branch="default"):
-    return model._adacache.states[branch].store
+    return runtime_of(model).states[branch].store
 
 
 # --- forecast_reach=0 is reuse, bit for bit; paper mode refuses a forecast ---------------------------------------
@@ -232,7 +233,7 @@ def test_split_cfg_without_a_context_gives_each_call_at_a_timestep_its_own_store
     outputs = [model(x, torch.full((1,), t)) for t in TS for x in (cond, uncond)]  # the k-th call at t: branch k
     assert values(outputs[0::2]) == FORECAST
     assert values(outputs[1::2]) == [172.0, 146.0, 133.0, 133.0, 68.0, 42.0]
-    assert sorted(model._adacache.states) == ["default", "default.1"]
+    assert sorted(runtime_of(model).states) == ["default", "default.1"]
 
 
 def test_cond_and_uncond_on_a_real_model_match_each_branch_run_alone():
@@ -273,7 +274,7 @@ def test_a_non_finite_residual_is_never_part_of_a_forecast():
 def test_removal_frees_the_store_and_a_reapplied_forecast_starts_clean():
     model = patched()
     run(model, TS[:3])
-    runtime = weakref.ref(model._adacache)
+    runtime = weakref.ref(runtime_of(model))
     kept = weakref.ref(store_of(model).kept[-1][1][0])
     remove_adacache(model)
     gc.collect()
@@ -371,7 +372,7 @@ def test_cache_bytes_count_both_forecast_residuals_and_everything_is_freed_after
     assert store_of(forecast).nbytes() == 2 * BYTES and store_of(forecast).steps == [1, 2]
     run(forecast, TS[3:])
     assert values(run(reuse)) == REUSE
-    state = forecast._adacache.states["default"]
+    state = runtime_of(forecast).states["default"]
     assert state.store.nbytes() == 0 and not state.store.holds and state.schedule.prev_probe is None
     assert get_stats(forecast)[-1].cache_bytes == 3 * BYTES  # peak: two residuals and the probe
     assert get_stats(reuse)[-1].cache_bytes == 2 * BYTES
@@ -383,7 +384,7 @@ def test_without_a_step_count_the_store_is_held_until_reset():
     run(model)
     assert store_of(model).nbytes() == 2 * BYTES  # the last step is not known to be the last
     reset_state(model)  # what diffusers pipelines do after each generation (maybe_free_model_hooks)
-    assert model._adacache.states == {} and get_stats(model)[-1].cache_bytes == 3 * BYTES
+    assert runtime_of(model).states == {} and get_stats(model)[-1].cache_bytes == 3 * BYTES
 
 
 # --- the clock --------------------------------------------------------------------------------------------------

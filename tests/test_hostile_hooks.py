@@ -16,6 +16,7 @@ import adacache
 from adacache import AdaCacheConfig, apply_adacache, get_stats, remove_adacache
 from adacache.config import ConfigError
 from adacache.testing import tiny_model
+from adacache.hooks import is_applied, runtime_of
 
 from toy import TOY_SPEC, ToyDiT, denoise, timesteps
 
@@ -31,7 +32,7 @@ def wan_loop(model, tiny, num_steps=STEPS, stop_after=None, batch_size=1):
     with torch.no_grad():
         for i in range(num_steps if stop_after is None else stop_after):
             context = (adacache.cache_context(model, "cond", step_index=i, num_inference_steps=num_steps)
-                       if hasattr(model, "_adacache") else contextlib.nullcontext())
+                       if is_applied(model) else contextlib.nullcontext())
             with context:
                 out = model(**{**kwargs, "hidden_states": x, "timestep": torch.full((x.shape[0],), 1000.0 - 150 * i)})[0]
             x = x - 0.1 * out
@@ -137,7 +138,7 @@ def test_a_grad_enabled_call_caches_no_autograd_graph():
     apply_adacache(model, AdaCacheConfig(codebook={1e9: 3}, num_inference_steps=6), spec=TOY_SPEC)
     x = torch.randn(1, 6, 3, requires_grad=True)
     outputs = [model(x, torch.full((1,), t)) for t in timesteps(6)[:3]]  # 1, 2 computed; 3 skipped
-    state = model._adacache.states["default"]
+    state = runtime_of(model).states["default"]
     assert state.residuals is not None and not state.residuals[0].requires_grad
     assert state.residuals[0].grad_fn is None
     outputs[2].sum().backward()  # the skipped step's output: gradient reaches the input, not the blocks
@@ -354,10 +355,10 @@ def test_a_shallow_copy_cannot_remove_the_originals_cache():
 def test_a_ctrl_c_right_after_the_lock_is_taken_releases_it(monkeypatch):
     model = ToyDiT()
     apply_adacache(model, SKIPPING, spec=TOY_SPEC)
-    runtime = model._adacache
+    runtime = runtime_of(model)
     real_begin = type(runtime).begin_call
 
-    def interrupted(self, args, kwargs):
+    def interrupted(self, *args):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(type(runtime), "begin_call", interrupted)

@@ -14,6 +14,7 @@ from adacache import AdaCacheConfig, ModelSpec, apply_adacache, get_stats, remov
 from adacache.models import specs
 from adacache.models.infer import InferenceError, infer_spec, spec_source
 from adacache.testing import TINY_MODELS
+from adacache.hooks import is_applied, runtime_of
 from toy import STDIT3_SPEC, TOY_SPEC, STDiT3Like, ToyDiT
 
 CONFIG = AdaCacheConfig(codebook={0.5: 3, 1e9: 2}, num_inference_steps=8, moreg=True)
@@ -238,7 +239,7 @@ def test_before_its_first_call_a_patched_unregistered_model_is_still_guarded(mon
         apply_adacache(model, CONFIG)
     assert get_stats(model) == []
     remove_adacache(model)  # removal before any call leaves the plain model
-    assert not hasattr(model, "_adacache")
+    assert not is_applied(model)
     plain = tiny.build()
     assert torch.equal(model(**tiny.inputs(model))[0], plain(**tiny.inputs(plain))[0])
 
@@ -272,7 +273,7 @@ def test_a_config_that_does_not_fit_the_inferred_model_is_refused_on_every_call(
     for _ in range(2):  # never half-installed: the second call is refused the same way
         with pytest.raises(ValueError, match="probe_block=7 is out of range"):
             model(x, t)
-        assert model._adacache.spec is None and not any(hasattr(b, "_adacache_block") for b in model.modules())
+        assert runtime_of(model).spec is None and not any(hasattr(b, "_adacache_block") for b in model.modules())
     remove_adacache(model)
 
 

@@ -13,6 +13,7 @@ import adacache
 from adacache import AdaCacheConfig, apply_adacache, get_stats, remove_adacache
 from adacache.testing import tiny_model
 from adacache.testing_pipelines import TINY_PIPELINE_CALL, load_tiny_pipeline, save_tiny_pipeline
+from adacache.hooks import is_applied
 
 SKIP_ALL = AdaCacheConfig(codebook={1e9: 100})  # computes steps 1, 2 and, when N is known, N-1 and N
 SKIPPING = AdaCacheConfig(codebook={1e9: 3})
@@ -140,7 +141,7 @@ def test_adacache_on_top_of_a_diffusers_cache_is_refused_naming_disable_cache(wa
     model.enable_cache(fbc())
     with pytest.raises(RuntimeError, match=r"FirstBlockCacheConfig.*disable_cache\(\)"):
         apply_adacache(model, SKIPPING)
-    assert not hasattr(model, "_adacache")
+    assert not is_applied(model)
     model.disable_cache()
     assert not model.is_cache_enabled
 
@@ -152,7 +153,7 @@ def test_disable_cache_on_adacache_is_a_clear_error_that_changes_nothing(wan):
     apply_adacache(model, SKIPPING)
     with pytest.raises(ValueError, match=r"AdaCache.*adacache\.remove_adacache\(model\)"):
         model.disable_cache()
-    assert model.is_cache_enabled and hasattr(model, "_adacache")
+    assert model.is_cache_enabled and is_applied(model)
     run_with_context(model, tiny)
     remove_adacache(model)
     assert not model.is_cache_enabled

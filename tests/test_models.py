@@ -7,7 +7,8 @@ import torch
 
 import adacache
 from adacache import AdaCacheConfig, apply_adacache, get_stats, remove_adacache
-from adacache.hooks import _read_output, _read_streams
+from adacache.hooks import is_applied, runtime_of
+from adacache.hooks.block_io import read_output as _read_output, read_streams as _read_streams
 from adacache.testing import TINY_MODELS, frames_tokens
 
 FAMILIES = sorted(TINY_MODELS)
@@ -32,7 +33,7 @@ def denoise(model, tiny, batch_size=2):
     with torch.no_grad():
         for t in TIMESTEPS:
             kwargs[tiny.timestep_key] = torch.full((batch_size,), t)
-            applied = hasattr(model, "_adacache")
+            applied = is_applied(model)
             with adacache.cache_context(model, "cond_uncond") if applied else contextlib.nullcontext():
                 out = model(**kwargs)[0]
             outputs.append(out)
@@ -50,7 +51,7 @@ def test_rate_one_is_bit_identical_and_remove_leaves_nothing(family):
     finally:
         remove_adacache(model)
     assert all(torch.equal(a, b) for a, b in zip(reference, denoise(model, tiny)))
-    assert not hasattr(model, "_adacache") and "forward" not in model.__dict__
+    assert not is_applied(model) and "forward" not in model.__dict__
     for module in model.modules():
         assert "forward" not in module.__dict__ and not module._forward_hooks and not module._forward_pre_hooks
 
@@ -59,10 +60,10 @@ def test_skipped_steps_are_input_plus_cached_residual(family):
     tiny, model = family
     reference = denoise(model, tiny)
     apply_adacache(model, AdaCacheConfig(codebook={1e9: 100}, num_inference_steps=STEPS))
-    runtime = model._adacache
-    (_, first, first_spec), (_, last, last_spec) = runtime.blocks[runtime.first], runtime.blocks[-1]
+    layout = runtime_of(model).layout
+    (_, first, first_spec), (_, last, last_spec) = layout.blocks[layout.first], layout.blocks[-1]
     seen_in, seen_out, block_runs = [], [], []
-    parameters = runtime.block_parameters[runtime.first]
+    parameters = layout.block_parameters[layout.first]
     handles = [
         first.register_forward_pre_hook(
             lambda m, a, k: seen_in.append(_read_streams(first_spec, a, k, parameters)), with_kwargs=True),
@@ -111,7 +112,7 @@ def test_batched_run_matches_per_video_state_sizes(family):
     apply_adacache(model, AdaCacheConfig(codebook={1e9: 100}, num_inference_steps=STEPS))
     try:
         denoise(model, tiny, batch_size=2)
-        state = next(iter(model._adacache.states.values()))
+        state = next(iter(runtime_of(model).states.values()))
         assert state.residuals is None  # freed after the last step
         stats = get_stats(model)[-1]
     finally:

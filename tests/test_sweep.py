@@ -24,6 +24,8 @@ from adacache import AdaCacheConfig, apply_adacache, get_stats, remove_adacache
 from adacache.models import specs
 from adacache.models.infer import diffusers_video_transformers
 from adacache.testing import frames_tokens
+from adacache.hooks import is_applied, runtime_of
+from adacache.calls import argument
 from zoo import entries, excluded
 
 CLASSES = diffusers_video_transformers()
@@ -51,7 +53,7 @@ def _run(model, tiny, steps: int = STEPS, same_inputs_from: int | None = None) -
         t = float(torch.linspace(900, 100, steps)[k])
         inputs = tiny.inputs(model, batch_size=_batch(tiny, model), timestep=t, seed=k)
         context = (adacache.cache_context(model, "cond", step_index=i, num_inference_steps=steps)
-                   if hasattr(model, "_adacache") else _nothing())
+                   if is_applied(model) else _nothing())
         with torch.no_grad(), context:
             outs.append(_first_tensor(model(**inputs)).clone())
     return outs
@@ -148,12 +150,12 @@ def test_moreg_reads_the_frames(case):
     _run(model, tiny, steps=3)
     spec = adacache.describe(model, print_source=False)
     stats = get_stats(model)[-1]
-    runtime = model._adacache
+    runtime = runtime_of(model)
     inputs = tiny.inputs(model, batch_size=_batch(tiny, model))
-    frames_value = runtime._argument(spec.frames_argument, (), inputs)
+    frames_value = argument(spec.frames_argument, runtime.forward_parameters, (), inputs)
     remove_adacache(model)
     assert spec.frames_argument is not None
-    assert runtime._frames(frames_value) == frames_tokens(tiny, model)[0]
+    assert runtime.frames(frames_value) == frames_tokens(tiny, model)[0]
     assert any(m is not None for m in stats.motion), stats
 
 

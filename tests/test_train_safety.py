@@ -516,7 +516,7 @@ def test_failed_export_leaves_the_earlier_export_as_it_was(failure, reference, t
         ("eval_every", -1, r"eval_every must be >= 0"),
         ("threads", 0, r"threads must be from 1 to 256, got 0 \(--threads\)"),
         ("threads", 100_000, r"threads must be from 1 to 256, got 100000 \(--threads\)"),
-        ("size", "huge", r"size must be one of tiny, small, got 'huge' \(--size\)"),
+        ("size", "huge", r"size must be one of tiny, small, deep, got 'huge' \(--size\)"),
         ("architecture", "dit", r"architecture must be one of wan, latte"),
         ("steps", True, r"steps must be an integer, got True"),
     ],

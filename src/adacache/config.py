@@ -242,7 +242,7 @@ class AdaCacheConfig:
             tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves the old file and no debris
 
     @property
-    def batch_mode(self) -> str:
+    def resolved_batch_schedule(self) -> str:
         """How a batch of several videos is scheduled: `batch_schedule`, or its default."""
         if self.batch_schedule is not None:
             return self.batch_schedule

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from ..calls import argument, map_tensors, parameter_names
 from .specs import BlockList, BlockSpec, ModelSpec
 
 __all__ = ["InferenceError", "infer_spec", "spec_source", "diffusers_video_transformers"]
@@ -129,18 +130,11 @@ def _candidate_lists(model: torch.nn.Module) -> dict[str, torch.nn.ModuleList]:
 
 
 def _argument_names(module: torch.nn.Module) -> list[str]:
-    try:
-        return list(inspect.signature(module.forward).parameters)
-    except (TypeError, ValueError):
-        return []
+    return parameter_names(module.forward)
 
 
 def _bound(names: list[str], args: tuple, kwargs: dict, name: str) -> Any:
-    if name in kwargs:
-        return kwargs[name]
-    if name in names and names.index(name) < len(args):
-        return args[names.index(name)]
-    return None
+    return argument(name, names, args, kwargs)
 
 
 def _hidden_argument(names: list[str], args: tuple, kwargs: dict) -> str | None:
@@ -163,13 +157,7 @@ def _tensors(output: Any) -> list[tuple[int | None, torch.Tensor]]:
 def _meta(value: Any) -> Any:
     """`value` with its tensors replaced by meta tensors of the same shape and dtype: what inference keeps of a
     block call, so that the watched pass holds no activation beyond what the plain forward does."""
-    if isinstance(value, torch.Tensor):
-        return torch.empty(value.shape, dtype=value.dtype, device="meta")
-    if isinstance(value, list):
-        return [_meta(v) for v in value]
-    if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(_meta(v) for v in value)
-    return value
+    return map_tensors(lambda tensor: torch.empty(tensor.shape, dtype=tensor.dtype, device="meta"), value)
 
 
 def _follows(previous: torch.Tensor, hidden: torch.Tensor) -> bool:
