@@ -368,7 +368,7 @@ def test_a_ctrl_c_right_after_the_lock_is_taken_releases_it(monkeypatch):
 
 
 def test_extreme_moreg_settings_compute_instead_of_overflowing():
-    from adacache.algorithm import Schedule
+    from adacache.core.decision import Schedule
 
     config = AdaCacheConfig(codebook={1e9: 4}, moreg=True, moreg_norm=1e-6, moreg_power=400.0, moreg_window=(1, 6))
     schedule = Schedule(config, num_steps=6)
