@@ -17,7 +17,7 @@ from adacache import AdaCacheConfig, apply_adacache, get_stats, remove_adacache
 from adacache.config import ConfigError
 from adacache.testing import tiny_model
 
-from toy import TOY_SPEC, ToyDiT, denoise, timesteps
+from toy import TOY_SPEC, ToyDiT, decide_computed_step, denoise, timesteps
 
 STEPS = 6
 SKIPPING = AdaCacheConfig(codebook={1e9: 3})  # after steps 1 and 2, every third step computed; N-1 and N forced
@@ -373,8 +373,8 @@ def test_extreme_moreg_settings_compute_instead_of_overflowing():
     config = AdaCacheConfig(codebook={1e9: 4}, moreg=True, moreg_norm=1e-6, moreg_power=400.0, moreg_window=(1, 6))
     schedule = Schedule(config, num_steps=6)
     frames = torch.randn(1, 4, 3, 2)
-    schedule.update(1, frames, 4)
-    record = schedule.update(2, frames + 0.1, 4)  # (raw / 1e-6) ** 400 overflows a float
+    decide_computed_step(schedule, 1, frames, 4)
+    record = decide_computed_step(schedule, 2, frames + 0.1, 4)  # (raw / 1e-6) ** 400 overflows a float
     assert record.rate == 1 and not schedule.records[-1].distance < float("inf")
 
 
