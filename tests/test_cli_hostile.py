@@ -33,7 +33,7 @@ def _files(folder) -> list[str]:
 @pytest.fixture(scope="module")
 def poisoned_folders(tmp_path_factory):
     """Pipelines whose last projection holds NaN: the embedded kind, and a real diffusers WanPipeline."""
-    from adacache.testing_pipelines import load_tiny_pipeline, save_tiny_pipeline
+    from tiny_pipelines import load_tiny_pipeline, save_tiny_pipeline
 
     root = tmp_path_factory.mktemp("poisoned")
     embedded = build_pipeline("tiny", architecture="wan")

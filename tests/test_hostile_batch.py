@@ -550,7 +550,7 @@ def test_two_threads_with_a_model_each_match_one_thread():
 
 
 def test_a_cond_uncond_pipeline_without_guidance_keeps_its_prompts_apart(tmp_path):
-    from adacache.testing_pipelines import TINY_PIPELINE_CALL, load_tiny_pipeline, save_tiny_pipeline
+    from tiny_pipelines import TINY_PIPELINE_CALL, load_tiny_pipeline, save_tiny_pipeline
 
     pipe = load_tiny_pipeline(save_tiny_pipeline("ltx_video", tmp_path))
     batches = []

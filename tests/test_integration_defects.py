@@ -12,7 +12,8 @@ import torch
 import adacache
 from adacache import AdaCacheConfig, apply_adacache, get_stats, remove_adacache
 from adacache.testing import tiny_model
-from adacache.testing_pipelines import TINY_PIPELINE_CALL, load_tiny_pipeline, save_tiny_pipeline
+
+from tiny_pipelines import TINY_PIPELINE_CALL, load_tiny_pipeline, save_tiny_pipeline
 
 SKIP_ALL = AdaCacheConfig(codebook={1e9: 100})  # computes steps 1, 2 and, when N is known, N-1 and N
 SKIPPING = AdaCacheConfig(codebook={1e9: 3})

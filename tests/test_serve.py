@@ -203,7 +203,7 @@ def test_close_waits_for_the_generation_in_progress_and_refuses_new_ones(page, m
 def test_generate_on_a_diffusers_pipeline(tmp_path):
     """A --model pipeline (a tiny WanPipeline: CFG as two calls, so two branches in the plot and the numbers)."""
     pytest.importorskip("gradio")
-    from adacache.testing_pipelines import save_tiny_pipeline
+    from tiny_pipelines import save_tiny_pipeline
 
     folder = save_tiny_pipeline("wan", tmp_path / "wan")
     pipe = _load_pipeline(str(folder), progress=False)

@@ -1,4 +1,4 @@
-"""Tiny, randomly initialised diffusers video pipelines for tests and examples.
+"""Tiny, randomly initialised diffusers video pipelines for the tests.
 
 There is no model hub in CI, so every component (tokenizer included) is built
 here from small configs with random weights, written to a folder with
@@ -344,7 +344,7 @@ def _tiny_transformer(family: str, **overrides: Any):
     import diffusers
     import torch
 
-    from .testing import TINY_MODELS
+    from adacache.testing import TINY_MODELS
 
     tiny = TINY_MODELS[family]
     model = getattr(diffusers, tiny.class_name)(**{**tiny.config, **overrides})
