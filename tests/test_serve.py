@@ -379,7 +379,7 @@ def test_page_in_a_headless_browser(tmp_path):
     env = {**os.environ, "TMPDIR": str(temp)}
     # SIGINT at its default, as under a terminal's Ctrl-C: a child inherits an ignored SIGINT (pytest run as a
     # background job of a script), Python then installs no KeyboardInterrupt handler, and the server would rightly
-    # ignore the SIGINT below until killed (as in test_cli_hostile)
+    # ignore the SIGINT below until killed (as in test_cli_errors)
     server = subprocess.Popen([sys.executable, "-m", "adacache.cli", "serve", "--port", str(port), "--no-browser"],
                               cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
