@@ -363,8 +363,8 @@ def test_each_video_of_a_batch_takes_its_single_process_steps_under_ulysses(rank
 
 
 def test_a_residual_non_finite_on_one_ranks_slice_makes_every_rank_recompute_that_video(ranks):
-    """Found by the hostile review: video 1's residual is NaN on rank 1's slice only; both ranks drop that video's
-    cache and compute its next step, video 0 keeps its schedule, and nothing hangs."""
+    """Video 1's residual is NaN on rank 1's slice only: both ranks drop that video's cache and compute its next
+    step, video 0 keeps its schedule, and nothing hangs."""
     assert ranks[0]["non-finite on one rank"] == ranks[1]["non-finite on one rank"]
     (video0, steps0, noted0), (video1, steps1, noted1) = ranks[0]["non-finite on one rank"]
     assert (video0, video1) == (0, 1) and not noted0 and noted1

@@ -1,6 +1,6 @@
-"""The library used as a hostile or careless user would: copies, pickles, threads, dtypes, devices, grad mode,
-configs changed after they were made, and a layout changed within a generation. Each case gets a clear error or
-correct behaviour, never a silently wrong tensor."""
+"""Copies, pickles, threads, dtypes, devices, grad mode, configs changed after they were made, and a layout changed
+within a generation: the library used as a careless user would. Each case gets a clear error or correct behaviour,
+never a silently wrong tensor."""
 
 import contextlib
 import copy
@@ -262,7 +262,7 @@ def test_a_layout_change_with_the_same_token_count_within_a_generation_is_an_err
     assert out.shape == reshaped.shape
 
 
-# --- found by a hostile review of the fixes above ----------------------------------------------------------------
+# --- each thread's cache context, a rescheduled scheduler, removal, Ctrl-C, extreme and deleted config fields ----
 def test_each_thread_reads_only_the_cache_context_it_set():
     """Thread B entering cache_context("uncond") between thread A's cache_context("cond") and A's call must not send
     A's call to the uncond branch (and its cached residual)."""
