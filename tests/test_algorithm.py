@@ -7,6 +7,8 @@ import torch
 
 from adacache import AdaCacheConfig, Schedule, lookup_rate, motion_score, relative_l1
 
+from toy import decide_computed_step
+
 
 def probe(value, shape=(1, 4, 2)):
     return torch.full(shape, float(value))
@@ -61,7 +63,7 @@ def run_schedule(config, num_steps=10):
     for step in range(1, num_steps + 1):
         if schedule.is_computed(step, have_cache=step > 1):
             schedule.computed_steps.append(step)
-            schedule.update(step, probe(values[step]), frames=None)
+            decide_computed_step(schedule, step, probe(values[step]), frames=None)
     return schedule
 
 
@@ -88,9 +90,9 @@ def test_moreg_by_hand():
     # Probe frames (B=1, T=2, S=1, C=1). Window (2, 9) of N=10. Codebook {0.1: 4, 1.0: 1}.
     config = AdaCacheConfig(codebook={0.1: 4, 1.0: 1}, moreg=True, moreg_window=(2, 9))
     schedule = Schedule(config, num_steps=10)
-    schedule.update(1, torch.tensor([1.0, 1.0]).view(1, 2, 1, 1), frames=2)
+    decide_computed_step(schedule, 1, torch.tensor([1.0, 1.0]).view(1, 2, 1, 1), frames=2)
     # step 2: [1.0, 1.1]: raw distance = |0| + |0.1| over 2 = 0.05; motion raw = 0.1 / 2.1
-    record = schedule.update(2, torch.tensor([1.0, 1.1]).view(1, 2, 1, 1), frames=2)
+    record = decide_computed_step(schedule, 2, torch.tensor([1.0, 1.1]).view(1, 2, 1, 1), frames=2)
     m = ((0.1 / 2.1) / 0.385) ** 8
     g = 10 * (m - 1.0) / 1  # previous motion starts at 1, gap 1
     assert record.motion == pytest.approx(m, rel=1e-4)
@@ -99,8 +101,9 @@ def test_moreg_by_hand():
     assert record.rate == lookup_rate(config.codebook, 0.05 * (m + abs(g)))
     # outside the window MoReg leaves the distance alone
     outside = Schedule(AdaCacheConfig(codebook={0.1: 4, 1.0: 1}, moreg=True, moreg_window=(5, 9)), num_steps=10)
-    outside.update(1, torch.tensor([1.0, 1.0]).view(1, 2, 1, 1), frames=2)
-    assert outside.update(2, torch.tensor([1.0, 1.1]).view(1, 2, 1, 1), frames=2).distance == pytest.approx(0.05)
+    decide_computed_step(outside, 1, torch.tensor([1.0, 1.0]).view(1, 2, 1, 1), frames=2)
+    assert decide_computed_step(outside, 2, torch.tensor([1.0, 1.1]).view(1, 2, 1, 1),
+                                frames=2).distance == pytest.approx(0.05)
 
 
 def test_moreg_raises_compute_for_motion():
@@ -111,7 +114,7 @@ def test_moreg_raises_compute_for_motion():
         schedule = Schedule(config, num_steps=30)
         base = torch.tensor(frame_values).view(1, -1, 1, 1)
         for step in (1, 2, 3):
-            schedule.update(step, base * (1 + 0.01 * step), frames=base.shape[1])
+            decide_computed_step(schedule, step, base * (1 + 0.01 * step), frames=base.shape[1])
         return schedule.records[-1].rate
 
     assert rates([1.0, 1.0, 1.0, 1.0]) == 6
@@ -124,8 +127,8 @@ def test_moreg_after_its_window_keeps_the_gradient_against_m_equal_1():
     schedule = Schedule(config, num_steps=10)
     frames = lambda a, b: torch.tensor([a, b]).view(1, 2, 1, 1)  # noqa: E731
     for step, probe in ((1, frames(1.0, 1.0)), (2, frames(1.0, 1.2)), (3, frames(1.0, 1.3))):
-        schedule.update(step, probe, frames=2)
+        decide_computed_step(schedule, step, probe, frames=2)
     m3 = schedule.records[-1].motion
-    record = schedule.update(4, frames(1.0, 1.4), frames=2)
+    record = decide_computed_step(schedule, 4, frames(1.0, 1.4), frames=2)
     assert record.motion is None and record.motion_factor == pytest.approx(1 + abs(10 * (1 - m3)))
     assert record.distance == pytest.approx(record.raw_distance * (1 + abs(10 * (1 - m3))), rel=1e-6)

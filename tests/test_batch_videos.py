@@ -299,7 +299,7 @@ def test_the_embedded_pipeline_gives_each_prompt_its_own_steps():
 def test_a_diffusers_pipeline_gives_each_prompt_its_own_steps(kind, tmp_path):
     """Wan (CFG as two calls, "cond" and "uncond") and Latte (batched CFG with no cache context: the guiding
     pipeline tells it), two prompts with a generator each, against each prompt alone with its generator."""
-    from adacache.testing_pipelines import TINY_PIPELINE_CALL, load_tiny_pipeline, save_tiny_pipeline
+    from tiny_pipelines import TINY_PIPELINE_CALL, load_tiny_pipeline, save_tiny_pipeline
 
     pipe = load_tiny_pipeline(save_tiny_pipeline(kind, tmp_path))
     prompts = ["a red circle moving left", "a blue square standing still"]

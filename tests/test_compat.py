@@ -7,11 +7,14 @@ instead of breaking a user's generation. Each test drives the name the way adaca
 import contextlib
 import inspect
 import io
+import re
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 
+import adacache
 import diffusers
 from adacache import AdaCacheConfig, apply_adacache, compat, get_stats, remove_adacache
 from adacache.testing import tiny_model
@@ -202,3 +205,25 @@ def test_magcache_calibration_ratios_are_recorded_once_per_call():
         assert len(recorded) == steps and all(isinstance(r, float) for r in recorded)
     model.disable_cache()
 
+
+# --- private diffusers names only in adacache.compat -------------------------------------------------------------
+PRIVATE_DIFFUSERS = re.compile(
+    r"diffusers\.hooks|_diffusers_hook|_hook_order|\._cache_config\b|\._context\b|_set_cache_context|"
+    r"_ALL_TRANSFORMER_BLOCK_IDENTIFIERS|_perform_calibration_step|_is_stateful|\.fn_ref\b|_get_child_registries|"
+    r"_reset_stateful_cache"
+)
+
+
+def test_private_diffusers_names_appear_only_in_the_compat_module():
+    """A private diffusers name read outside adacache.compat has no test above: a diffusers release that changed it
+    would break at a user's call, far from any test."""
+    package = Path(adacache.__file__).parent
+    assert (package / "compat.py").is_file()
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "compat.py":
+            continue
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if PRIVATE_DIFFUSERS.search(line.split("#")[0]):
+                offenders.append(f"{path.relative_to(package)}:{number}: {line.strip()}")
+    assert not offenders, "private diffusers names outside adacache/compat.py:\n" + "\n".join(offenders)

@@ -20,6 +20,8 @@ import torch
 from adacache.config import AdaCacheConfig
 from adacache.core.decision import ProbeSums, Schedule, motion_sums
 
+from toy import decide_computed_step
+
 WORLD = 2
 DEADLINE_S = 150  # the whole spawn; it takes about 25 s on two shared cores
 STEPS = 10
@@ -217,7 +219,7 @@ def _sharded_reduction(rank: int) -> dict:
         sharded = ShardedProbe(ContextParallel(dist.group.WORLD, even=even))
         local = sharded.motion(_split_tokens(whole, rank, even), frames, strides)
         change = torch.zeros((), dtype=torch.float64)
-        reduced = sharded.reduce(ProbeSums(change, change, local, moreg=True)).motion
+        reduced = sharded.reduce_all([ProbeSums(change, change, local, moreg=True)])[0][0].motion
         results[name] = [(a.item(), b.item(), c.item(), d.item()) for (a, b), (c, d) in zip(reduced, expected)]
 
     # Rank 0 holds one token that barely changed, rank 1 three that changed a lot: alone, rank 0 would skip two
@@ -227,13 +229,13 @@ def _sharded_reduction(rank: int) -> dict:
     current = torch.tensor([1.01, 1.5, 1.5, 1.5]).view(1, 4, 1)
     whole_schedule = Schedule(AdaCacheConfig(codebook=codebook))
     sharded = ShardedProbe(ContextParallel(dist.group.WORLD, even=False))
-    schedule = Schedule(AdaCacheConfig(codebook=codebook), reduce=sharded.reduce, motion=sharded.motion)
+    schedule = Schedule(AdaCacheConfig(codebook=codebook), motion=sharded.motion)
     mine = slice(0, 1) if rank == 0 else slice(1, 4)
     local = Schedule(AdaCacheConfig(codebook=codebook))
     for step, probe in ((1, previous), (2, current)):
-        whole_schedule.update(step, probe, None)
-        schedule.update(step, probe[:, mine], None)
-        local.update(step, probe[:, mine], None)
+        decide_computed_step(whole_schedule, step, probe, None)
+        decide_computed_step(schedule, step, probe[:, mine], None, sharded)
+        decide_computed_step(local, step, probe[:, mine], None)
     results["threshold"] = {
         "whole": (whole_schedule.rate, whole_schedule.records[-1].distance),
         "sharded": (schedule.rate, schedule.records[-1].distance),
@@ -361,8 +363,8 @@ def test_each_video_of_a_batch_takes_its_single_process_steps_under_ulysses(rank
 
 
 def test_a_residual_non_finite_on_one_ranks_slice_makes_every_rank_recompute_that_video(ranks):
-    """Found by the hostile review: video 1's residual is NaN on rank 1's slice only; both ranks drop that video's
-    cache and compute its next step, video 0 keeps its schedule, and nothing hangs."""
+    """Video 1's residual is NaN on rank 1's slice only: both ranks drop that video's cache and compute its next
+    step, video 0 keeps its schedule, and nothing hangs."""
     assert ranks[0]["non-finite on one rank"] == ranks[1]["non-finite on one rank"]
     (video0, steps0, noted0), (video1, steps1, noted1) = ranks[0]["non-finite on one rank"]
     assert (video0, video1) == (0, 1) and not noted0 and noted1

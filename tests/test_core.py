@@ -12,7 +12,7 @@ from adacache.core.clock import MAX_AUTO_BRANCHES, StepClock, find_step
 from adacache.core.decision import ProbeSums, Schedule, change_sums, motion_score, motion_sums, relative_l1
 from adacache.core.store import ForecastStore, ReuseStore, make_store
 
-from toy import TOY_SPEC, TableDiT, timesteps
+from toy import TOY_SPEC, TableDiT, decide_computed_step, timesteps
 
 
 # --- the clock --------------------------------------------------------------------------------------------------
@@ -164,12 +164,12 @@ def test_sums_are_the_ratios_parts_and_add_over_a_split():
     assert torch.equal(torch.stack([a / b for a, b in sums]).mean(), motion_score(frames, (1, 2)))
 
 
-def test_update_is_measure_then_decide():
+def test_conclude_is_decide_then_keeping_the_probe():
     config = AdaCacheConfig(codebook={0.1: 3, 1.0: 1})
     whole, split = Schedule(config, num_steps=10), Schedule(config, num_steps=10)
     for step, value in ((1, 1.0), (2, 1.05), (5, 1.5)):
         probe = torch.full((1, 4, 2), value)
-        whole.update(step, probe, frames=None)
+        decide_computed_step(whole, step, probe, frames=None)
         sums = split.measure(step, probe, frames=None)
         assert isinstance(sums, ProbeSums) and sums.first == (step == 1)
         split.decide(step, sums)
@@ -212,7 +212,7 @@ def test_moreg_says_when_its_normalisation_does_not_fit_the_model(caplog):
                             num_steps=10)
         frames = torch.tensor([1.0, 1.08]).view(1, 2, 1, 1)
         for step in range(1, 6):
-            schedule.update(step, frames * (1 + 0.01 * step), frames=2)
+            decide_computed_step(schedule, step, frames * (1 + 0.01 * step), frames=2)
         return schedule
 
     misfit = run(0.385)

@@ -118,7 +118,7 @@ def test_generate_cli_bad_numbers(flag, tmp_path):
 
 
 def test_generate_cli_with_a_real_diffusers_pipeline(tmp_path, capsys):
-    from adacache.testing_pipelines import save_tiny_pipeline
+    from tiny_pipelines import save_tiny_pipeline
 
     folder = save_tiny_pipeline("wan", tmp_path / "wan")
     out = tmp_path / "wan.mp4"

@@ -254,7 +254,7 @@ def test_a_given_spec_wins_over_inference(monkeypatch):
     remove_adacache(model)
 
 
-# --- defects found by a hostile review of inference -------------------------------------------------------------
+# --- the watched pass keeps nothing, configs that do not fit, the first call, embedders, refiners, lists ---------
 def test_the_watched_pass_keeps_no_activation():
     from adacache.models.infer import _candidate_lists, _watch
 

@@ -37,7 +37,8 @@ import adacache
 from adacache import AdaCacheConfig, get_stats, remove_adacache
 from adacache import apply_adacache as _apply_adacache
 from adacache.models.specs import BlockList, BlockSpec, ModelSpec
-from adacache.testing_pipelines import TINY_PIPELINE_CALL, load_tiny_pipeline, save_tiny_pipeline
+
+from tiny_pipelines import TINY_PIPELINE_CALL, load_tiny_pipeline, save_tiny_pipeline
 
 STEPS = 6
 STOP_AT = 3  # interrupted generations stop after this step

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from adacache import AdaCacheConfig, apply_adacache, get_stats, remove_adacache
-from adacache.testing_pipelines import TINY_PIPELINE_CALL, load_tiny_pipeline, save_tiny_pipeline
+
+from tiny_pipelines import TINY_PIPELINE_CALL, load_tiny_pipeline, save_tiny_pipeline
 
 SKIP_ALL = AdaCacheConfig(codebook={1e9: 100})
 ALWAYS_COMPUTE = AdaCacheConfig(codebook={1.0: 1})

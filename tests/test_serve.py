@@ -203,7 +203,7 @@ def test_close_waits_for_the_generation_in_progress_and_refuses_new_ones(page, m
 def test_generate_on_a_diffusers_pipeline(tmp_path):
     """A --model pipeline (a tiny WanPipeline: CFG as two calls, so two branches in the plot and the numbers)."""
     pytest.importorskip("gradio")
-    from adacache.testing_pipelines import save_tiny_pipeline
+    from tiny_pipelines import save_tiny_pipeline
 
     folder = save_tiny_pipeline("wan", tmp_path / "wan")
     pipe = _load_pipeline(str(folder), progress=False)
@@ -379,7 +379,7 @@ def test_page_in_a_headless_browser(tmp_path):
     env = {**os.environ, "TMPDIR": str(temp)}
     # SIGINT at its default, as under a terminal's Ctrl-C: a child inherits an ignored SIGINT (pytest run as a
     # background job of a script), Python then installs no KeyboardInterrupt handler, and the server would rightly
-    # ignore the SIGINT below until killed (as in test_cli_hostile)
+    # ignore the SIGINT below until killed (as in test_cli_errors)
     server = subprocess.Popen([sys.executable, "-m", "adacache.cli", "serve", "--port", str(port), "--no-browser"],
                               cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

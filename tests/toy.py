@@ -1,4 +1,5 @@
-"""Toy DiTs with hand-computable outputs, and a minimal denoising loop to drive them."""
+"""Toy DiTs with hand-computable outputs, a minimal denoising loop to drive them, and the decision after a computed
+step taken as the hooks take it."""
 
 from __future__ import annotations
 
@@ -133,3 +134,13 @@ def denoise(model, x, num_steps: int = 6, calls_per_step: int = 1, call=None, st
         outputs.extend(step_outputs)
         x = x - 0.1 * step_outputs[0]
     return outputs
+
+
+def decide_computed_step(schedule, step: int, probe: torch.Tensor, frames: int | None, sharded=None):
+    """What the hooks do with a computed step's probe (`_Runtime._store_cache`): `measure` it against the last one,
+    add the sums over the ranks under context parallelism (`sharded`, a `parallel.ShardedProbe`), `conclude`.
+    Returns the step's record."""
+    sums = schedule.measure(step, probe, frames)
+    if sharded is not None:
+        (sums,), _ = sharded.reduce_all([sums])
+    return schedule.conclude(step, probe, sums)

@@ -62,15 +62,12 @@ class ContextParallel:
 
 
 class ShardedProbe:
-    """One generation's probe measurement under context parallelism: `reduce` and `motion` for its Schedule."""
+    """One generation's probe measurement under context parallelism: `reduce_all` between its Schedules' `measure`
+    and `conclude`, and `motion` for their `measure`."""
 
     def __init__(self, parallel: ContextParallel) -> None:
         self.parallel = parallel
         self.bounds: list[tuple[int, int]] | None = None  # each rank's [start, end) of the token dimension
-
-    def reduce(self, sums: ProbeSums) -> ProbeSums:
-        """The sums over every rank's slice (`reduce_all` of one probe)."""
-        return self.reduce_all([sums])[0][0]
 
     def reduce_all(self, sums: list[ProbeSums], checks: list[torch.Tensor] = ()
                    ) -> tuple[list[ProbeSums], list[torch.Tensor]]:
@@ -99,7 +96,8 @@ class ShardedProbe:
                strides: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """MoReg's per-stride (numerator, denominator) of this rank's slice of a (B, N, C) probe whose N tokens are
         `frames` frames of N / frames tokens, frame pairs across slice boundaries included (their earlier frame's
-        tokens come from the ranks before). Summed over the ranks (`reduce`), they are `motion_sums` of the whole."""
+        tokens come from the ranks before). Summed over the ranks (`reduce_all`), they are `motion_sums` of the
+        whole."""
         if probe.dim() != 3:
             raise ValueError(
                 f"AdaCache under context parallelism reads MoReg's frames from a (batch, tokens, channels) probe, got "

@@ -1,14 +1,15 @@
 """The AdaCache decision, top to bottom, with no model in sight.
 
 A generation is a sequence of denoising steps 1..N. `Schedule` holds one generation's state and answers two
-questions: `is_computed(step)` (run the blocks, or reuse the cached residual?) and, after a computed step,
-`update(step, probe)` (how many steps until the next computed one?). `update` is two halves:
+questions: `is_computed(step)` (run the blocks, or reuse the cached residual?) and, after a computed step, how many
+steps until the next computed one. The hooks answer the second in two calls, with what they need between them:
 
-- `measure`: the probe against the last one, as sums (`ProbeSums`): L1 of the change and L1 of the base, and for
-  MoReg the numerator and denominator of each stride's frame-to-frame change. Sums, because sums add: a later
-  change can add them over processes (`Schedule.reduce`: adacache.parallel, under context parallelism) or keep
-  them per video.
-- `decide`: the ratios, taken only here, then MoReg's factor and the codebook lookup.
+- `measure(step, probe, frames)`: the probe against the last one, as sums (`ProbeSums`): L1 of the change and L1
+  of the base, and for MoReg the numerator and denominator of each stride's frame-to-frame change. Sums, because
+  sums add: under context parallelism the hooks add them over the ranks holding the probe's tokens
+  (`adacache.parallel.ShardedProbe.reduce_all`, one all-reduce per step for every video of a batch).
+- `conclude(step, probe, sums)`: `decide` (the ratios, taken only here, then MoReg's factor and the codebook
+  lookup), then keep the probe for the next computed step to compare with.
 
 The distance, the motion score and the codebook lookup are pure functions, tested by hand.
 
@@ -147,9 +148,6 @@ class Schedule:
     skipped_steps: list[int] = field(default_factory=list)
     records: list[StepRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    # Between measure and decide: turns this process's sums into the whole probe's (context parallelism all-reduces
-    # them over the ranks holding its tokens, adacache.parallel). None: this process holds the whole probe.
-    reduce: Callable[[ProbeSums], ProbeSums] | None = None
     # MoReg's sums of a probe (framed (B, T, S, C), or as the caller laid it out) with `frames` frames; a sharded
     # probe replaces it with one that pairs frames across the shard boundaries (adacache.parallel).
     motion: Callable[[torch.Tensor, int, tuple[int, ...]], list[tuple[torch.Tensor, torch.Tensor]]] | None = None
@@ -163,29 +161,9 @@ class Schedule:
             planned = step >= self.prev_compute + self.rate
         return forced or planned or not have_cache
 
-    def update(self, step: int, probe: torch.Tensor, frames: int | None) -> StepRecord:
-        """After computing `step`: compare its probe with the last one and choose the next rate.
-
-        `probe` is the probe residual laid out as (B, T, S, C) frames when `frames` is known (MoReg needs it),
-        else as it came. Returns the record of this step (also appended to `records`)."""
-        sums = self.measure(step, probe, frames)
-        if self.reduce is not None and not sums.first:  # (the first step compares nothing on every rank alike)
-            sums = self.reduce(sums)
-        return self.conclude(step, probe, sums)
-
-    def conclude(self, step: int, probe: torch.Tensor, sums: ProbeSums) -> StepRecord:
-        """`decide` from `sums` (this probe's, reduced over whatever holds the rest of it), then keep `probe` as
-        the one the next computed step compares with."""
-        record = self.decide(step, sums)
-        if record.distance is not None and not math.isfinite(record.distance):
-            self.note(f"non-finite probe distance at step {step}: computing the next step, forgetting this probe")
-            self.prev_probe = None  # the next computed step compares with nothing rather than with garbage
-        else:
-            self.prev_probe = probe.detach()
-        return record
-
     def measure(self, step: int, probe: torch.Tensor, frames: int | None) -> ProbeSums:
-        """The probe of computed `step` against the last one, as sums (tensor work only, no device sync)."""
+        """The probe of computed `step` against the last one, as sums (tensor work only, no device sync). `probe`
+        is laid out as (B, T, S, C) frames when `frames` is known (MoReg needs it), else as it came."""
         config = self.config
         if self.prev_probe is None:
             return ProbeSums(first=True)
@@ -199,6 +177,17 @@ class Schedule:
             if not motion:
                 self.note(f"MoReg: the probe has too few frames for strides {config.moreg_strides}; m = 1")
         return ProbeSums(change, base, motion, moreg=config.moreg and frames is not None)
+
+    def conclude(self, step: int, probe: torch.Tensor, sums: ProbeSums) -> StepRecord:
+        """`decide` from `sums` (this probe's, reduced over whatever holds the rest of it), then keep `probe` as
+        the one the next computed step compares with."""
+        record = self.decide(step, sums)
+        if record.distance is not None and not math.isfinite(record.distance):
+            self.note(f"non-finite probe distance at step {step}: computing the next step, forgetting this probe")
+            self.prev_probe = None  # the next computed step compares with nothing rather than with garbage
+        else:
+            self.prev_probe = probe.detach()
+        return record
 
     def decide(self, step: int, sums: ProbeSums) -> StepRecord:
         """The ratios of `sums`, MoReg's factor and the codebook lookup: the rate after computed `step`."""

@@ -15,10 +15,10 @@ module:
 - `batch`: cutting a batch into its videos and putting the outputs back together (pure functions);
 - `block_io`: a block's inputs and outputs read and made through its spec.
 
-- computed step: the blocks run; the first block's input, the probe and the last block's output are noted, and
-  after the last block the stack residual (output - input, per stream) goes to the store if it wants it;
-- skipped step: every block passes its input through untouched and the last block returns the first block's
-  input + the residual the store produces for this step (the last one, or a forecast).
+On a computed step the blocks run; the first block's input, the probe and the last block's output are noted, and
+after the last block the stack residual (output - input, per stream) goes to the store if it wants it. On a skipped
+step every block passes its input through untouched and the last block returns the first block's input plus the
+residual the store produces for this step (the last one, or a forecast).
 
 The decision is plain Python between block calls; each block's own forward is called unchanged, so blocks can be
 compiled (`block.compile()`, or `compile_blocks` for fullgraph). State lives on the model (`model._adacache`),

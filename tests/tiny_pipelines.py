@@ -1,4 +1,4 @@
-"""Tiny, randomly initialised diffusers video pipelines for tests and examples.
+"""Tiny, randomly initialised diffusers video pipelines for the tests.
 
 There is no model hub in CI, so every component (tokenizer included) is built
 here from small configs with random weights, written to a folder with
@@ -42,6 +42,9 @@ Only Wan tells the step index and count through ``cache_context``; for the other
 finds them in the scheduler's timesteps when applied to the pipeline. AdaCache's registry
 has no spec for the Sana-Video and HunyuanVideo 1.5 transformers (tests pass one).
 
+The kinds made of one T5-family text encoder, a VAE, a transformer and a scheduler are rows of `TEXT_TO_VIDEO`;
+HunyuanVideo, Sana-Video and HunyuanVideo 1.5, whose text encoders differ, have builders of their own.
+
 Typical use::
 
     folder = save_tiny_pipeline("wan", tmp_path / "wan")
@@ -57,17 +60,13 @@ from __future__ import annotations
 
 import os
 import pathlib
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     from diffusers import DiffusionPipeline
 
 __all__ = ["PIPELINE_KINDS", "TINY_PIPELINE_CALL", "load_tiny_pipeline", "save_tiny_pipeline"]
-
-PIPELINE_KINDS = (
-    "wan", "latte", "cogvideox", "hunyuan_video", "ltx_video", "mochi", "allegro", "sana_video", "hunyuan_video15",
-    "skyreels_v2", "skyreels_v2_df",
-)
 
 # Fast call kwargs per kind (prompt, num_inference_steps and generator come from the caller).
 TINY_PIPELINE_CALL: dict[str, dict[str, Any]] = {
@@ -192,6 +191,8 @@ TINY_PIPELINE_CALL: dict[str, dict[str, Any]] = {
     },
 }
 
+PIPELINE_KINDS = tuple(TINY_PIPELINE_CALL)
+
 # Text encoder width shared by the kinds (T5, Llama, Gemma, Qwen).
 _TEXT_DIM = 32
 
@@ -251,150 +252,219 @@ _WAN_TRANSFORMER: dict[str, Any] = dict(
     qk_norm="rms_norm_across_heads",
     rope_max_seq_len=32,
 )
+# The tiny Wan 2.1 VAE: spatial x8 (3 downsamples), temporal x4; z_dim 16 keeps the default latents_mean/std.
+_WAN_VAE: dict[str, Any] = dict(
+    base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+)
 
 
-def _build_wan(tokenizer):
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
+@dataclass(frozen=True)
+class TextToVideo:
+    """A pipeline of the five usual components, each a class built from a config: the shared T5 tokenizer, a
+    T5-family text encoder (`_t5_config_kwargs`), a VAE, a transformer and a scheduler."""
 
-    text_encoder = UMT5EncoderModel(UMT5Config(**_t5_config_kwargs(len(tokenizer)))).eval()
-    # Spatial x8 (3 downsamples), temporal x4; z_dim 16 keeps the default latents_mean/std.
-    vae = AutoencoderKLWan(
-        base_dim=3,
-        z_dim=16,
-        dim_mult=[1, 1, 1, 1],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-    )
-    transformer = WanTransformer3DModel(**_WAN_TRANSFORMER)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
-    return WanPipeline(
+    pipeline: str  # the diffusers pipeline class
+    vae: str  # a diffusers VAE class, built from vae_config
+    vae_config: dict[str, Any]
+    # A family of adacache.testing.TINY_MODELS (its tiny config with transformer_config's overrides, and its
+    # randomized parameters), or else a diffusers class built from transformer_config alone.
+    transformer: str
+    transformer_config: dict[str, Any]
+    scheduler: str  # a diffusers scheduler class, built from scheduler_config
+    scheduler_config: dict[str, Any] = field(default_factory=dict)
+    text_encoder: str = "T5EncoderModel"  # a transformers class whose config_class takes the T5 settings
+
+
+_CALL = TINY_PIPELINE_CALL
+# SkyReels-V2 text-to-video: Wan 2.1's text encoder, VAE and transformer config; UniPC on flow sigmas, shift 8.
+_SKYREELS_V2 = dict(
+    text_encoder="UMT5EncoderModel", vae="AutoencoderKLWan", vae_config=_WAN_VAE,
+    transformer="SkyReelsV2Transformer3DModel", transformer_config=_WAN_TRANSFORMER,
+    scheduler="UniPCMultistepScheduler",
+    scheduler_config=dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0),
+)
+
+TEXT_TO_VIDEO: dict[str, TextToVideo] = {
+    "wan": TextToVideo(
+        "WanPipeline", text_encoder="UMT5EncoderModel", vae="AutoencoderKLWan", vae_config=_WAN_VAE,
+        transformer="WanTransformer3DModel", transformer_config=_WAN_TRANSFORMER,
+        scheduler="FlowMatchEulerDiscreteScheduler", scheduler_config=dict(shift=7.0),
+    ),
+    "latte": TextToVideo(
+        "LattePipeline",
+        vae="AutoencoderKL",
+        vae_config=dict(  # two blocks -> vae_scale_factor 2
+            block_out_channels=(8, 16),
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            latent_channels=4,
+            norm_num_groups=4,
+            layers_per_block=1,
+            sample_size=16,
+        ),
+        transformer="LatteTransformer3DModel",
+        transformer_config=dict(
+            sample_size=8,
+            num_layers=2,
+            patch_size=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            caption_channels=_TEXT_DIM,
+            in_channels=4,
+            cross_attention_dim=2 * 8,  # captions are projected to inner_dim (heads x head dim) first
+            out_channels=8,  # 2x in_channels: the pipeline drops the learned-sigma half
+            attention_bias=True,
+            activation_fn="gelu-approximate",
+            num_embeds_ada_norm=1000,
+            norm_type="ada_norm_single",
+            norm_elementwise_affine=False,
+            norm_eps=1e-6,
+            video_length=_CALL["latte"]["video_length"],
+        ),
+        scheduler="DDIMScheduler",
+        scheduler_config=dict(beta_schedule="linear", clip_sample=False),
+    ),
+    "cogvideox": TextToVideo(
+        "CogVideoXPipeline",
+        vae="AutoencoderKLCogVideoX",
+        vae_config=dict(  # three blocks: spatial x4 (2 ** (blocks - 1)); both downsamples also halve time: x4
+            down_block_types=("CogVideoXDownBlock3D",) * 3,
+            up_block_types=("CogVideoXUpBlock3D",) * 3,
+            block_out_channels=(8, 8, 8),
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=4,
+            temporal_compression_ratio=4,
+            sample_height=_CALL["cogvideox"]["height"],
+            sample_width=_CALL["cogvideox"]["width"],
+        ),
+        transformer="cogvideox",
+        transformer_config=dict(
+            text_embed_dim=_TEXT_DIM,
+            max_text_seq_length=_CALL["cogvideox"]["max_sequence_length"],
+            sample_height=_CALL["cogvideox"]["height"] // 4,
+            sample_width=_CALL["cogvideox"]["width"] // 4,
+            sample_frames=_CALL["cogvideox"]["num_frames"],
+        ),
+        scheduler="CogVideoXDDIMScheduler",
+        scheduler_config=dict(  # CogVideoX-2b's settings (v-prediction, zero-SNR, trailing spacing)
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            clip_sample=False,
+            prediction_type="v_prediction",
+            rescale_betas_zero_snr=True,
+            set_alpha_to_one=True,
+            snr_shift_scale=3.0,
+            timestep_spacing="trailing",
+        ),
+    ),
+    "ltx_video": TextToVideo(
+        "LTXPipeline",
+        vae="AutoencoderKLLTXVideo",
+        vae_config=dict(  # patch 4 then three space-time downsamples: x32 spatial, x8 temporal, as released
+            latent_channels=4,
+            block_out_channels=(8, 8, 8, 8),
+            decoder_block_out_channels=(8, 8, 8, 8),
+            layers_per_block=(1, 1, 1, 1, 1),
+            decoder_layers_per_block=(1, 1, 1, 1, 1),
+            spatio_temporal_scaling=(True, True, True, False),
+            decoder_spatio_temporal_scaling=(True, True, True, False),
+            decoder_inject_noise=(False, False, False, False, False),
+            upsample_residual=(False, False, False, False),
+            upsample_factor=(1, 1, 1, 1),
+            patch_size=4,
+            patch_size_t=1,
+        ),
+        transformer="ltx_video",
+        transformer_config=dict(caption_channels=_TEXT_DIM),
+        scheduler="FlowMatchEulerDiscreteScheduler",
+        scheduler_config=dict(  # LTX-Video 0.9's: resolution-dependent shift, terminal sigma 0.1
+            use_dynamic_shifting=True,
+            base_shift=0.95,
+            max_shift=2.05,
+            base_image_seq_len=1024,
+            max_image_seq_len=4096,
+            shift_terminal=0.1,
+        ),
+    ),
+    "mochi": TextToVideo(
+        "MochiPipeline",
+        vae="AutoencoderKLMochi",
+        vae_config=dict(  # decoder x8 spatial, x6 temporal (MochiPipeline hard-codes both); 32-group norms
+            latent_channels=4,
+            encoder_block_out_channels=(32, 32, 32, 32),
+            decoder_block_out_channels=(32, 32, 32, 32),
+            layers_per_block=(1, 1, 1, 1, 1),
+            add_attention_block=(False, False, False, False, False),
+            latents_mean=(0.0,) * 4,
+            latents_std=(1.0,) * 4,
+        ),
+        transformer="mochi",
+        transformer_config=dict(text_embed_dim=_TEXT_DIM, max_sequence_length=_CALL["mochi"]["max_sequence_length"]),
+        scheduler="FlowMatchEulerDiscreteScheduler",
+        scheduler_config=dict(invert_sigmas=True),  # Mochi runs its timesteps upwards
+    ),
+    "allegro": TextToVideo(
+        "AllegroPipeline",
+        vae="AutoencoderKLAllegro",
+        vae_config=dict(  # four blocks: x8 spatial (2 ** (blocks - 1)); two temporal downsamples: x4
+            block_out_channels=(8, 8, 8, 8),
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=4,
+            temporal_compression_ratio=4,
+            sample_size=_CALL["allegro"]["height"],
+        ),
+        transformer="allegro",
+        transformer_config=dict(
+            caption_channels=_TEXT_DIM,
+            sample_height=_CALL["allegro"]["height"] // 8,
+            sample_width=_CALL["allegro"]["width"] // 8,
+            sample_frames=(_CALL["allegro"]["num_frames"] - 1) // 4 + 1,
+        ),
+        scheduler="EulerAncestralDiscreteScheduler",
+        scheduler_config=dict(beta_schedule="linear", beta_start=0.0001, beta_end=0.02),
+    ),
+    "skyreels_v2": TextToVideo("SkyReelsV2Pipeline", **_SKYREELS_V2),
+    # The same components; the pipeline runs per-frame timesteps (diffusion forcing).
+    "skyreels_v2_df": TextToVideo("SkyReelsV2DiffusionForcingPipeline", **_SKYREELS_V2),
+}
+
+
+def _build_text_to_video(entry: TextToVideo, tokenizer):
+    """The pipeline `entry` describes, its components made in the order text encoder, VAE, transformer, scheduler
+    (the order their random weights are drawn in)."""
+    import diffusers
+    import transformers
+
+    encoder_class = getattr(transformers, entry.text_encoder)
+    text_encoder = encoder_class(encoder_class.config_class(**_t5_config_kwargs(len(tokenizer)))).eval()
+    vae = getattr(diffusers, entry.vae)(**entry.vae_config)
+    transformer = _tiny_transformer(entry.transformer, **entry.transformer_config)
+    scheduler = getattr(diffusers, entry.scheduler)(**entry.scheduler_config)
+    return getattr(diffusers, entry.pipeline)(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
     )
 
 
-def _build_skyreels_v2(tokenizer):
-    from diffusers import SkyReelsV2Pipeline, SkyReelsV2Transformer3DModel, UniPCMultistepScheduler
-
-    wan = _build_wan(tokenizer)  # the same text encoder and VAE as Wan 2.1
-    transformer = SkyReelsV2Transformer3DModel(**_WAN_TRANSFORMER)
-    # SkyReels-V2 T2V's scheduler: UniPC on flow sigmas, shift 8.
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0)
-    return SkyReelsV2Pipeline(
-        tokenizer=tokenizer, text_encoder=wan.text_encoder, vae=wan.vae, transformer=transformer, scheduler=scheduler
-    )
-
-
-def _build_skyreels_v2_df(tokenizer):
-    from diffusers import SkyReelsV2DiffusionForcingPipeline
-
-    base = _build_skyreels_v2(tokenizer)  # same components; the pipeline runs per-frame timesteps
-    return SkyReelsV2DiffusionForcingPipeline(
-        tokenizer=tokenizer,
-        text_encoder=base.text_encoder,
-        transformer=base.transformer,
-        vae=base.vae,
-        scheduler=base.scheduler,
-    )
-
-
-def _build_latte(tokenizer):
-    from diffusers import AutoencoderKL, DDIMScheduler, LattePipeline, LatteTransformer3DModel
-    from transformers import T5Config, T5EncoderModel
-
-    text_encoder = T5EncoderModel(T5Config(**_t5_config_kwargs(len(tokenizer)))).eval()
-    # Two blocks -> vae_scale_factor 2.
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-        sample_size=16,
-    )
-    inner_dim = 2 * 8
-    transformer = LatteTransformer3DModel(
-        sample_size=8,
-        num_layers=2,
-        patch_size=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        caption_channels=_TEXT_DIM,
-        in_channels=4,
-        cross_attention_dim=inner_dim,  # captions are projected to inner_dim first
-        out_channels=8,  # 2x in_channels: the pipeline drops the learned-sigma half
-        attention_bias=True,
-        activation_fn="gelu-approximate",
-        num_embeds_ada_norm=1000,
-        norm_type="ada_norm_single",
-        norm_elementwise_affine=False,
-        norm_eps=1e-6,
-        video_length=TINY_PIPELINE_CALL["latte"]["video_length"],
-    )
-    scheduler = DDIMScheduler(beta_schedule="linear", clip_sample=False)
-    return LattePipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
-    )
-
-
-def _tiny_transformer(family: str, **overrides: Any):
-    """The transformer of ``family`` from :data:`adacache.testing.TINY_MODELS`, with config overrides (text widths
-    and sample sizes that must agree with the pipeline's other components)."""
+def _tiny_transformer(name: str, **config: Any):
+    """The transformer of family `name` from :data:`adacache.testing.TINY_MODELS`, with `config` overriding its
+    tiny config (text widths and sample sizes that must agree with the pipeline's other components); or, where
+    `name` is no family there, the diffusers class `name` built from `config` alone."""
     import diffusers
     import torch
 
-    from .testing import TINY_MODELS
+    from adacache.testing import TINY_MODELS
 
-    tiny = TINY_MODELS[family]
-    model = getattr(diffusers, tiny.class_name)(**{**tiny.config, **overrides})
+    tiny = TINY_MODELS.get(name)
+    if tiny is None:
+        return getattr(diffusers, name)(**config)
+    model = getattr(diffusers, tiny.class_name)(**{**tiny.config, **config})
     with torch.no_grad():
-        for name in tiny.randomize:  # zero-initialised parameters that would make a part of the network a no-op
-            model.get_parameter(name).normal_(0.0, 0.1)
+        for parameter in tiny.randomize:  # zero-initialised parameters that would make a part of the network a no-op
+            model.get_parameter(parameter).normal_(0.0, 0.1)
     return model
-
-
-def _build_cogvideox(tokenizer):
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
-    from transformers import T5Config, T5EncoderModel
-
-    call = TINY_PIPELINE_CALL["cogvideox"]
-    text_encoder = T5EncoderModel(T5Config(**_t5_config_kwargs(len(tokenizer)))).eval()
-    # Three blocks: spatial x4 (2 ** (blocks - 1)); both downsamples also halve time -> temporal x4.
-    vae = AutoencoderKLCogVideoX(
-        down_block_types=("CogVideoXDownBlock3D",) * 3,
-        up_block_types=("CogVideoXUpBlock3D",) * 3,
-        block_out_channels=(8, 8, 8),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=4,
-        temporal_compression_ratio=4,
-        sample_height=call["height"],
-        sample_width=call["width"],
-    )
-    transformer = _tiny_transformer(
-        "cogvideox",
-        text_embed_dim=_TEXT_DIM,
-        max_text_seq_length=call["max_sequence_length"],
-        sample_height=call["height"] // 4,
-        sample_width=call["width"] // 4,
-        sample_frames=call["num_frames"],
-    )
-    # CogVideoX-2b's scheduler settings (v-prediction, zero-SNR, trailing spacing).
-    scheduler = CogVideoXDDIMScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        clip_sample=False,
-        prediction_type="v_prediction",
-        rescale_betas_zero_snr=True,
-        set_alpha_to_one=True,
-        snr_shift_scale=3.0,
-        timestep_spacing="trailing",
-    )
-    return CogVideoXPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
-    )
 
 
 # Llama-3 chat headers, single special tokens in the tiny Llama tokenizer (HunyuanVideo's prompt template).
@@ -511,93 +581,6 @@ def _build_hunyuan_video(tokenizer):
     )
 
 
-def _build_ltx_video(tokenizer):
-    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline
-    from transformers import T5Config, T5EncoderModel
-
-    text_encoder = T5EncoderModel(T5Config(**_t5_config_kwargs(len(tokenizer)))).eval()
-    # Patch 4 then three space-time downsamples: x32 spatial, x8 temporal, as the released VAE.
-    vae = AutoencoderKLLTXVideo(
-        latent_channels=4,
-        block_out_channels=(8, 8, 8, 8),
-        decoder_block_out_channels=(8, 8, 8, 8),
-        layers_per_block=(1, 1, 1, 1, 1),
-        decoder_layers_per_block=(1, 1, 1, 1, 1),
-        spatio_temporal_scaling=(True, True, True, False),
-        decoder_spatio_temporal_scaling=(True, True, True, False),
-        decoder_inject_noise=(False, False, False, False, False),
-        upsample_residual=(False, False, False, False),
-        upsample_factor=(1, 1, 1, 1),
-        patch_size=4,
-        patch_size_t=1,
-    )
-    transformer = _tiny_transformer("ltx_video", caption_channels=_TEXT_DIM)
-    # LTX-Video 0.9's scheduler: resolution-dependent shift, terminal sigma 0.1.
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        use_dynamic_shifting=True,
-        base_shift=0.95,
-        max_shift=2.05,
-        base_image_seq_len=1024,
-        max_image_seq_len=4096,
-        shift_terminal=0.1,
-    )
-    return LTXPipeline(
-        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
-    )
-
-
-def _build_mochi(tokenizer):
-    from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiPipeline
-    from transformers import T5Config, T5EncoderModel
-
-    text_encoder = T5EncoderModel(T5Config(**_t5_config_kwargs(len(tokenizer)))).eval()
-    # Decoder x8 spatial, x6 temporal (the factors MochiPipeline hard-codes); its group norms want 32 groups.
-    vae = AutoencoderKLMochi(
-        latent_channels=4,
-        encoder_block_out_channels=(32, 32, 32, 32),
-        decoder_block_out_channels=(32, 32, 32, 32),
-        layers_per_block=(1, 1, 1, 1, 1),
-        add_attention_block=(False, False, False, False, False),
-        latents_mean=(0.0,) * 4,
-        latents_std=(1.0,) * 4,
-    )
-    transformer = _tiny_transformer(
-        "mochi", text_embed_dim=_TEXT_DIM, max_sequence_length=TINY_PIPELINE_CALL["mochi"]["max_sequence_length"]
-    )
-    scheduler = FlowMatchEulerDiscreteScheduler(invert_sigmas=True)  # Mochi runs its timesteps upwards
-    return MochiPipeline(
-        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
-    )
-
-
-def _build_allegro(tokenizer):
-    from diffusers import AllegroPipeline, AutoencoderKLAllegro, EulerAncestralDiscreteScheduler
-    from transformers import T5Config, T5EncoderModel
-
-    call = TINY_PIPELINE_CALL["allegro"]
-    text_encoder = T5EncoderModel(T5Config(**_t5_config_kwargs(len(tokenizer)))).eval()
-    # Four blocks: x8 spatial (2 ** (blocks - 1)); two temporal downsamples: x4.
-    vae = AutoencoderKLAllegro(
-        block_out_channels=(8, 8, 8, 8),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=4,
-        temporal_compression_ratio=4,
-        sample_size=call["height"],
-    )
-    transformer = _tiny_transformer(
-        "allegro",
-        caption_channels=_TEXT_DIM,
-        sample_height=call["height"] // 8,
-        sample_width=call["width"] // 8,
-        sample_frames=(call["num_frames"] - 1) // 4 + 1,
-    )
-    scheduler = EulerAncestralDiscreteScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
-    return AllegroPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
-    )
-
-
 def _build_sana_video(tokenizer):
     from diffusers import AutoencoderKLWan, DPMSolverMultistepScheduler, SanaVideoPipeline, SanaVideoTransformer3DModel
     from transformers import Gemma2Config, Gemma2Model, GemmaTokenizerFast
@@ -623,15 +606,7 @@ def _build_sana_video(tokenizer):
         )
     ).eval()
     # Wan 2.1's VAE layout (x8 spatial, x4 temporal), 4 latent channels.
-    vae = AutoencoderKLWan(
-        base_dim=3,
-        z_dim=4,
-        dim_mult=[1, 1, 1, 1],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-        latents_mean=[0.0] * 4,
-        latents_std=[1.0] * 4,
-    )
+    vae = AutoencoderKLWan(**{**_WAN_VAE, "z_dim": 4, "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4})
     transformer = SanaVideoTransformer3DModel(
         in_channels=4,
         out_channels=4,
@@ -757,6 +732,14 @@ def _build_hunyuan_video15(tokenizer):
     )
 
 
+# The kinds whose text encoders are not one T5 (TEXT_TO_VIDEO has the rest).
+_BUILDERS = {
+    "hunyuan_video": _build_hunyuan_video,
+    "sana_video": _build_sana_video,
+    "hunyuan_video15": _build_hunyuan_video15,
+}
+
+
 def save_tiny_pipeline(kind: str, folder: str | os.PathLike, seed: int = 0) -> pathlib.Path:
     """Build a tiny random pipeline of ``kind`` (one of :data:`PIPELINE_KINDS`), save it to ``folder`` and return
     the path.
@@ -768,22 +751,10 @@ def save_tiny_pipeline(kind: str, folder: str | os.PathLike, seed: int = 0) -> p
     if kind not in PIPELINE_KINDS:
         raise ValueError(f"unknown pipeline kind {kind!r}; expected one of {PIPELINE_KINDS}")
     folder = pathlib.Path(folder)
-    builder = {
-        "wan": _build_wan,
-        "latte": _build_latte,
-        "cogvideox": _build_cogvideox,
-        "hunyuan_video": _build_hunyuan_video,
-        "ltx_video": _build_ltx_video,
-        "mochi": _build_mochi,
-        "allegro": _build_allegro,
-        "sana_video": _build_sana_video,
-        "hunyuan_video15": _build_hunyuan_video15,
-        "skyreels_v2": _build_skyreels_v2,
-        "skyreels_v2_df": _build_skyreels_v2_df,
-    }[kind]
+    build = _BUILDERS.get(kind) or (lambda tokenizer: _build_text_to_video(TEXT_TO_VIDEO[kind], tokenizer))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        pipe = builder(_build_tokenizer())
+        pipe = build(_build_tokenizer())
     folder.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(folder)
     return folder

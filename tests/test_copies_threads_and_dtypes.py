@@ -1,6 +1,6 @@
-"""The library used as a hostile or careless user would: copies, pickles, threads, dtypes, devices, grad mode,
-configs changed after they were made, and a layout changed within a generation. Each case gets a clear error or
-correct behaviour, never a silently wrong tensor."""
+"""Copies, pickles, threads, dtypes, devices, grad mode, configs changed after they were made, and a layout changed
+within a generation: the library used as a careless user would. Each case gets a clear error or correct behaviour,
+never a silently wrong tensor."""
 
 import contextlib
 import copy
@@ -18,7 +18,7 @@ from adacache.config import ConfigError
 from adacache.testing import tiny_model
 from adacache.hooks import is_applied, runtime_of
 
-from toy import TOY_SPEC, ToyDiT, denoise, timesteps
+from toy import TOY_SPEC, ToyDiT, decide_computed_step, denoise, timesteps
 
 STEPS = 6
 SKIPPING = AdaCacheConfig(codebook={1e9: 3})  # after steps 1 and 2, every third step computed; N-1 and N forced
@@ -263,7 +263,7 @@ def test_a_layout_change_with_the_same_token_count_within_a_generation_is_an_err
     assert out.shape == reshaped.shape
 
 
-# --- found by a hostile review of the fixes above ----------------------------------------------------------------
+# --- each thread's cache context, a rescheduled scheduler, removal, Ctrl-C, extreme and deleted config fields ----
 def test_each_thread_reads_only_the_cache_context_it_set():
     """Thread B entering cache_context("uncond") between thread A's cache_context("cond") and A's call must not send
     A's call to the uncond branch (and its cached residual)."""
@@ -369,13 +369,13 @@ def test_a_ctrl_c_right_after_the_lock_is_taken_releases_it(monkeypatch):
 
 
 def test_extreme_moreg_settings_compute_instead_of_overflowing():
-    from adacache.algorithm import Schedule
+    from adacache.core.decision import Schedule
 
     config = AdaCacheConfig(codebook={1e9: 4}, moreg=True, moreg_norm=1e-6, moreg_power=400.0, moreg_window=(1, 6))
     schedule = Schedule(config, num_steps=6)
     frames = torch.randn(1, 4, 3, 2)
-    schedule.update(1, frames, 4)
-    record = schedule.update(2, frames + 0.1, 4)  # (raw / 1e-6) ** 400 overflows a float
+    decide_computed_step(schedule, 1, frames, 4)
+    record = decide_computed_step(schedule, 2, frames + 0.1, 4)  # (raw / 1e-6) ** 400 overflows a float
     assert record.rate == 1 and not schedule.records[-1].distance < float("inf")
 
 

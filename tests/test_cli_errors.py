@@ -1,4 +1,4 @@
-"""The CLI under hostile input: every user mistake is one `adacache: error: ...` line and exit 2 (argparse's own
+"""The CLI's errors: every user mistake is one `adacache: error: ...` line and exit 2 (argparse's own
 usage error for malformed numbers), nothing is written after a failure, and stopping signals unwind without a
 traceback. Most tests run the shipped embedded model at 2 steps, or tiny models built here."""
 
@@ -33,7 +33,7 @@ def _files(folder) -> list[str]:
 @pytest.fixture(scope="module")
 def poisoned_folders(tmp_path_factory):
     """Pipelines whose last projection holds NaN: the embedded kind, and a real diffusers WanPipeline."""
-    from adacache.testing_pipelines import load_tiny_pipeline, save_tiny_pipeline
+    from tiny_pipelines import load_tiny_pipeline, save_tiny_pipeline
 
     root = tmp_path_factory.mktemp("poisoned")
     embedded = build_pipeline("tiny", architecture="wan")
@@ -265,7 +265,7 @@ def test_gif_flag_with_a_gif_output_writes_once(tmp_path, capsys, monkeypatch):
     assert _files(tmp_path) == ["x.gif"]
 
 
-# --- 7. more hostile input ---------------------------------------------------------------------------------------
+# --- 7. more user mistakes --------------------------------------------------------------------------------------
 def test_output_that_is_a_folder_says_so(tmp_path, capsys):
     (tmp_path / "videos").mkdir()
     assert main(["generate", PROMPT, "-o", str(tmp_path / "videos"), "--steps", "2", "--no-progress"]) == 2
@@ -333,7 +333,7 @@ def test_bench_refuses_a_prompt_the_embedded_model_cannot_read_before_generating
     assert not list((tmp_path / "b").glob("records*"))
 
 
-# --- found by a hostile review of the fixes above ------------------------------------------------------------------
+# --- 8. a failed video write, empty method names, options that would do nothing ----------------------------------
 def test_a_failed_video_write_keeps_the_old_file_and_says_so(tmp_path, monkeypatch):
     """imageio does not report an encoder that failed (a full disk, a killed ffmpeg): the written file is read back
     before it replaces anything."""

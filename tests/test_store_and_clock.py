@@ -1,5 +1,5 @@
-"""The redesigned core (decision, store, clock) used as a hostile or careless user would, the forecast store above
-all: dtypes changed within a generation, generations back to back, CFG branches, non-finite residuals, copies,
+"""The residual stores (the forecast store above all) and the step clock, through a model used as a careless user
+would: dtypes changed within a generation, generations back to back, CFG branches, non-finite residuals, copies,
 grad mode, threads, memory, and every way a call can tell (or fail to tell) its step.
 
 Most cases run ToyDiT on zeros at small integer timesteps, where everything is exact even in bfloat16: the stack

@@ -1,11 +1,12 @@
-"""Hostile review of per-video schedules in a batch, `reconfigure`, and the split calls (commits 315c5fd..6f46ff3).
+"""Per-video schedules in a batch, `reconfigure`, and the split calls at their edges.
 
-Seven defects it found are fixed, each with its test here: a named-tuple output and an output that is not
-batch-first merged wrongly; cached residuals and probes holding other videos' rows; stats_history counting videos,
-not generations; two prompts paired as CFG halves (now: only a batch whose halves hold the same latents); a call
-interrupted at a generation's first step shifting the next generation's branches; and the advice given for a
-paused model. The other tests are cases that were tried and behave. The check, where there is one to make, is the
-one of tests/test_batch_videos.py: a batched generation against each of its videos alone.
+First the cases that once went wrong: a named-tuple output and an output that is not batch-first, merged right (or
+refused); cached residuals and probes holding only their own video's rows; stats_history counting generations, not
+videos; two prompts paired as CFG halves only where the batch's halves hold the same latents; a call interrupted at a
+generation's first step, which must not shift the next generation's branches; and the advice given for a paused
+model. Then more edges: interrupts, odd settings, grad mode, non-finite residuals, reconfigure, threads, arguments.
+The check, where there is one to make, is the one of tests/test_batch_videos.py: a batched generation against each
+of its videos alone.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def wan_loop(model, kwargs, context="cond", per_token=False, mode=torch.no_grad)
     return outs
 
 
-# --- defects (open) -----------------------------------------------------------------------------------------------
+# --- outputs, memory, stats, prompts, a first-step interrupt, advice -----------------------------------------------
 Out = collections.namedtuple("Out", "sample")
 
 
@@ -213,7 +214,7 @@ def test_a_generation_interrupted_at_its_first_call_does_not_shift_the_next():
         torch.testing.assert_close(a, b)
 
 
-# --- cases that behave ----------------------------------------------------------------------------------------------
+# --- interrupts, odd settings, grad, non-finite residuals, reconfigure, threads, arguments --------------------------
 @pytest.mark.parametrize("part", [0, 1], ids=["computing-part", "skipping-part"])
 def test_an_interrupt_in_either_part_of_a_split_step_leaves_the_model_clean(part):
     """KeyboardInterrupt in the first (computing rows) or second (skipping rows) call of a split step: the lock is
@@ -551,7 +552,7 @@ def test_two_threads_with_a_model_each_match_one_thread():
 
 
 def test_a_cond_uncond_pipeline_without_guidance_keeps_its_prompts_apart(tmp_path):
-    from adacache.testing_pipelines import TINY_PIPELINE_CALL, load_tiny_pipeline, save_tiny_pipeline
+    from tiny_pipelines import TINY_PIPELINE_CALL, load_tiny_pipeline, save_tiny_pipeline
 
     pipe = load_tiny_pipeline(save_tiny_pipeline("ltx_video", tmp_path))
     batches = []
