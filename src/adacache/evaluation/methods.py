@@ -4,6 +4,7 @@
     <preset>[+moreg]            an AdaCache preset (opensora-30-fast, opensora-30-slow, opensora-100-fast)
     <file.json>[+moreg]         an AdaCache config file (as `adacache calibrate` writes)
     auto[+moreg]                the model's own codebook: the embedded model's calibrated one, else opensora-30-fast
+                                (pipelines.auto_choice, the rule `adacache generate --cache auto` follows too)
     static:<k>                  reuse the stack residual for k-1 steps after each computed one, whatever the content
                                 (AdaCache's machinery with a constant rate: what adaptivity buys, at matched compute)
     fbc[:threshold]             diffusers FirstBlockCache (default threshold 0.05)
@@ -49,6 +50,7 @@ from .. import compat
 from ..config import PRESETS, AdaCacheConfig, ConfigError
 from ..hooks import apply_adacache, get_stats, is_applied, reconfigure, remove_adacache, transformers_of
 from ..models.specs import BlockSpec, get_attribute, registered_spec
+from ..pipelines import auto_choice
 from .metrics import held_tensor_bytes, state_tensor_bytes
 
 PEERS = ("fbc", "pab", "magcache", "taylorseer", "fastercache")
@@ -431,7 +433,8 @@ def _mask_policy(token: str, param: str) -> str:
 def parse_method(name: str, tuned: str | os.PathLike | Mapping[str, Any] | None = None) -> Method:
     """A `Method` from its name (see the module docstring); ConfigError (a ValueError) with the grammar or the
     valid range for anything else. `tuned` is what `auto[+moreg]` stands for: the model's own calibrated codebook
-    file, or a mapping of its plain and MoReg ones (see `_auto_source`; None: opensora-30-fast)."""
+    file, or a mapping of its plain and MoReg ones (`pipelines.calibrated_codebooks`), or None: the rule is
+    `pipelines.auto_choice`."""
     if not isinstance(name, str):
         raise ConfigError(f"a method name must be a string, got {name!r}")
     token = name.strip()
@@ -458,7 +461,7 @@ def parse_method(name: str, tuned: str | os.PathLike | Mapping[str, Any] | None 
     if source.endswith(MOREG):
         raise ConfigError(f"method {token!r}: {MOREG} is given more than once; write {source.split(MOREG)[0]}{MOREG}")
     if source == "auto":
-        source = _auto_source(tuned, moreg)
+        source = auto_choice(tuned, moreg)
     if source in PRESETS or source.endswith(".json") or Path(source).is_file():
         try:
             config = AdaCacheConfig.load(source)
@@ -472,17 +475,6 @@ def parse_method(name: str, tuned: str | os.PathLike | Mapping[str, Any] | None 
         f"a config .json[+moreg], static:<k>, {', '.join(f'{p}[:value]' for p in PEERS)}, "
         f"{', '.join(f'{p}[:threshold]' for p in CACHEDIT_PEERS[:2])}, cachedit-mask[:{'|'.join(MASK_POLICIES)}]"
     )
-
-
-def _auto_source(tuned: Any, moreg: bool) -> str:
-    """What `auto[+moreg]` stands for: `tuned` is the model's calibrated codebook file, or a mapping {"plain": file,
-    "moreg": file} where the model also ships a MoReg codebook (its motion normalisation measured on it), which
-    `auto+moreg` then uses; the 30-step fast preset where the model ships none."""
-    if isinstance(tuned, Mapping):
-        chosen = (tuned.get("moreg") if moreg else None) or tuned.get("plain")
-    else:
-        chosen = tuned
-    return str(chosen) if chosen is not None else "opensora-30-fast"
 
 
 def parse_methods(names: list[str], tuned: str | os.PathLike | Mapping[str, Any] | None = None) -> list[Method]:
