@@ -149,11 +149,7 @@ def test_no_module_uses_another_modules_private_names(module):
     assert GRAPH[module][1] == []
 
 
-@pytest.mark.parametrize("path", [pytest.param(
-    path, id=str(path.relative_to(SRC)),
-    # TODO(issue 18): remove this mark when hooks.py is split into the package adacache/hooks/ (in progress)
-    marks=[pytest.mark.xfail(strict=False, reason="hooks.py is being split into a package (issue 18)")]
-    if path == SRC / "hooks.py" else []) for path in sorted(SRC.rglob("*.py"))])
+@pytest.mark.parametrize("path", sorted(SRC.rglob("*.py")), ids=lambda path: str(path.relative_to(SRC)))
 def test_no_source_file_is_over_800_lines(path):
     lines = len(path.read_text().splitlines())
     assert lines <= MAX_LINES, f"{path.relative_to(SRC)} has {lines} lines; split it by role"

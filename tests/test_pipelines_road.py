@@ -22,7 +22,8 @@ from adacache.pipelines import (AUTO_FALLBACK, MAX_GUIDANCE, MAX_SEED, MAX_STEPS
                                 PAGE_MIN_STEPS, auto_choice, auto_config, calibrated_codebooks, check_prompts,
                                 finite_step_check, first_video, generation, model_kind, uncached_then_cached)
 from adacache.serve import WebPage
-from adacache.testing_pipelines import TINY_PIPELINE_CALL, load_tiny_pipeline, save_tiny_pipeline
+
+from tiny_pipelines import TINY_PIPELINE_CALL, load_tiny_pipeline, save_tiny_pipeline  # tests/
 
 SRC = Path(adacache.__file__).parent
 NEVER_SKIPS = AdaCacheConfig(codebook={1.0: 1})  # every distance is below 1.0 -> rate 1: every step computed
