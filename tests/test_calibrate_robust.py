@@ -304,14 +304,14 @@ def test_two_names_for_one_setting_are_refused():
 ])
 def test_the_bench_command_refuses_a_hostile_method_before_loading_the_model(tmp_path, capsys, monkeypatch, methods,
                                                                                message):
-    import adacache.cli
+    import adacache.pipelines
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS))
     model = tmp_path / "a-pipeline"
     model.mkdir()
     (model / "model_index.json").write_text('{"_class_name": "SomePipeline"}')
-    monkeypatch.setattr(adacache.cli, "_load_pipeline", lambda *a, **k: pytest.fail("the model loaded first"))
+    monkeypatch.setattr(adacache.pipelines, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded first"))
     code = main(["bench", "--model", str(model), "--prompts", str(prompts), "--methods", methods,
                  "--out", str(tmp_path / "out"), "--no-progress"])
     err = capsys.readouterr().err

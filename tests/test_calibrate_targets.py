@@ -189,11 +189,11 @@ def _files(folder):
 ])
 def test_the_command_refuses_bad_outputs_and_targets_before_loading_the_model(argv, message, tmp_path, capsys,
                                                                               monkeypatch):
-    import adacache.cli
+    import adacache.pipelines
 
     (tmp_path / "a-file").write_text("not a folder")
     AdaCacheConfig(paper_mode=True).save(tmp_path / "paper.json")
-    monkeypatch.setattr(adacache.cli, "_load_pipeline", lambda *a, **k: pytest.fail("the model loaded first"))
+    monkeypatch.setattr(adacache.pipelines, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded first"))
     before = _files(tmp_path)
     assert main(["calibrate", *(a.format(tmp=tmp_path) for a in argv)]) == 2
     err = capsys.readouterr().err
@@ -247,9 +247,9 @@ def test_one_target_still_writes_the_file_named_and_a_folder_takes_one_target(ti
 def test_check_measures_every_codebook_on_held_out_prompts_generated_once(tiny_pipe, tmp_path, capsys, monkeypatch):
     """--check on the embedded model's prompt set; the tiny model of the same family stands in for the shipped one
     (it loads and runs in a fraction of the time)."""
-    import adacache.cli
+    import adacache.pipelines
 
-    monkeypatch.setattr(adacache.cli, "_load_pipeline", lambda *args, **kwargs: tiny_pipe)
+    monkeypatch.setattr(adacache.pipelines, "load_pipeline", lambda *args, **kwargs: tiny_pipe)
     calls = PipelineCalls(tiny_pipe, monkeypatch)
     argv = ["calibrate", "--num-prompts", "1", "--check", "1", "--steps", "12", "--compute", "--iterations", "2",
             "--speedup", "1.6", "2", "-o", str(tmp_path)]

@@ -19,14 +19,15 @@ import pytest
 import torch
 
 from adacache import AdaCacheConfig
-from adacache.cli import _load_pipeline, main
+from adacache.cli import main
 from adacache.hooks import GenerationStats
+from adacache.pipelines import load_pipeline
 from adacache.serve import DEFAULT_PROMPT, KEEP_RUNS, WebPage, _runs, distance_plot, load_codebooks
 
 
 @pytest.fixture(scope="module")
 def embedded():
-    pipe = _load_pipeline(None, progress=False)
+    pipe = load_pipeline(None, progress=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -206,7 +207,7 @@ def test_generate_on_a_diffusers_pipeline(tmp_path):
     from tiny_pipelines import save_tiny_pipeline
 
     folder = save_tiny_pipeline("wan", tmp_path / "wan")
-    pipe = _load_pipeline(str(folder), progress=False)
+    pipe = load_pipeline(str(folder), progress=False)
     pipe.set_progress_bar_config(disable=True)
     page = WebPage(pipe, tmp_path / "serve", model=str(folder), call={"height": 32, "width": 32, "num_frames": 9})
     uncached, cached, figure, numbers = page.generate("a cat surfing", "auto", False, 5, 0, 5.0)
@@ -267,12 +268,12 @@ def test_distance_plot_without_statistics_says_so():
 
 
 def _no_model(monkeypatch):
-    import adacache.cli
+    import adacache.pipelines
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model must not load after a start-up error")
 
-    monkeypatch.setattr(adacache.cli, "_load_pipeline", refuse)
+    monkeypatch.setattr(adacache.pipelines, "load_pipeline", refuse)
 
 
 def test_serve_without_gradio_is_one_error(monkeypatch, capsys, tmp_path):

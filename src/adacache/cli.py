@@ -17,23 +17,13 @@ import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
+from . import pipelines
 from .config import PRESETS, AdaCacheConfig, ConfigError
 from .extras import MissingExtra, missing_for_cli
 from .interrupts import Terminated, sigterm_as_interrupt
-
-if TYPE_CHECKING:
-    import numpy as np
-
-# Bounds of the numeric options, checked while the command line is parsed, so a typo fails before a model loads.
-MAX_STEPS = 1000  # denoising steps: schedules in use are 20-100 (the paper: 30 and 100); more is most likely a typo
-MAX_GUIDANCE = 100.0  # CFG scale: real models use 1-15; far above, the guided velocity overflows into inf/nan.
-#                       At most 1 turns guidance off (diffusers' convention), so 0-1 all mean "no CFG".
-MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
-MAX_TRAIN_SEED = 2**32 - 1  # training derives its stream seeds as seed * 1,000,003 + step, which must stay in 64 bits
-# A hub id as huggingface_hub spells one: "name" or "owner/name"
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+from .pipelines import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, MAX_TRAIN_SEED
 
 
 def _integer(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -68,6 +58,8 @@ def _number(low: float, high: float | None = None, *, above: bool = False) -> Ca
     return parse
 
 
+# The numeric options, in the bounds pipelines.py holds for every entry point: checked while the command line is
+# parsed, so a typo fails before a model loads.
 _STEPS, _GUIDANCE, _SEED = _integer(1, MAX_STEPS), _number(0.0, MAX_GUIDANCE), _integer(0, MAX_SEED)
 GUIDANCE_HELP = f"classifier-free guidance scale, 0 to {MAX_GUIDANCE:g}; at most 1 turns guidance off (default 4.0)"
 _POSITIVE, _NON_NEGATIVE = _integer(1), _integer(0)
@@ -83,12 +75,8 @@ def _load_config(spec: str | Path, option: str) -> AdaCacheConfig:
 
 def _cache_config(args: argparse.Namespace) -> AdaCacheConfig:
     cache = args.cache
-    if cache == "auto":  # the embedded model's own calibrated codebook for this step count; else the 30-step preset
-        # (with --moreg, its MoReg codebook, whose motion normalisation was measured on it, where one ships)
-        from .embedded.pipeline import auto_config
-
-        tuned = auto_config(args.steps, args.moreg) if getattr(args, "model", None) is None else None
-        cache = str(tuned) if tuned else "opensora-30-fast"
+    if cache == "auto":  # the embedded model's own calibrated codebook for this step count, else the fallback preset
+        cache, _ = pipelines.auto_config(getattr(args, "model", None), args.steps, args.moreg)
     config = _load_config(cache, "--cache")
     if args.moreg:
         config = dataclasses.replace(config, moreg=True)
@@ -109,40 +97,10 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"computed steps ({len(computed)}/{result.num_steps}): {computed}")
     print(f"uncached {result.uncached_seconds:.2f} s, AdaCache {result.cached_seconds:.2f} s: "
           f"speed-up {result.speedup:.2f}x (wall clock, same process, same seed)")
-    print(f"PSNR of the final latents against the uncached run: {result.psnr_db:.1f} dB")
+    print(f"PSNR of the final latents against the uncached run: {result.psnr_db:.1f} dB (peak: the uncached "
+          "latents' range)")
     print("Random weights: this shows the mechanics, not video quality. Codebook thresholds are model-specific.")
     return 0
-
-
-def _model_kind(model: str | None) -> str:
-    """"embedded" (no --model, or a folder `adacache train --export` wrote) or "diffusers"; a --model that cannot
-    be a pipeline is refused here, before any work."""
-    import json
-
-    if model is None:
-        return "embedded"
-    if not model.strip():
-        raise ConfigError("--model is empty; give a pipeline folder or hub id, or leave it out for the embedded model")
-    path = Path(model).expanduser()
-    if path.is_dir():
-        index = path / "model_index.json"
-        if not index.is_file():
-            raise ConfigError(f"--model {model!r} is a folder without model_index.json, so not a diffusers pipeline; "
-                              "give the folder that save_pretrained (or `adacache train --export DIR`) wrote")
-        try:
-            data = json.loads(index.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            reason = error.strerror if isinstance(error, OSError) and error.strerror else error
-            raise ConfigError(f"cannot read {str(index)!r}: {reason}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{str(index)!r} must hold a JSON object naming the pipeline's class and components")
-        return "embedded" if data.get("_class_name") == "EmbeddedVideoPipeline" else "diffusers"
-    if path.exists():
-        raise ConfigError(f"--model {model!r} is a file; give a pipeline folder (holding model_index.json) or a hub "
-                          "id such as Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
-    if not _HUB_ID.fullmatch(model):
-        raise ConfigError(f"--model {model!r}: no such folder, and not a hub id (owner/name)")
-    return "diffusers"
 
 
 def _check_sizes(args: argparse.Namespace, kind: str) -> dict:
@@ -158,105 +116,13 @@ def _check_sizes(args: argparse.Namespace, kind: str) -> dict:
     return given
 
 
-def _load_pipeline(model: str | None, progress: bool = True):
-    """The embedded model by default; a folder holding it (as `adacache train --export` writes); else any
-    diffusers pipeline id or folder. Load failures become a ConfigError naming the model."""
-    import torch
-
-    from .embedded.pipeline import EmbeddedVideoPipeline
-
-    kind = _model_kind(model)
-    with _loading_bars(progress):
-        if model is None:
-            return EmbeddedVideoPipeline.from_embedded()
-        folder = Path(model).expanduser()
-        source = str(folder) if folder.is_dir() else model  # a quoted "~/..." too
-        try:
-            if kind == "embedded":
-                return EmbeddedVideoPipeline.from_pretrained(source, local_files_only=True)
-            from diffusers import DiffusionPipeline
-
-            return DiffusionPipeline.from_pretrained(source, dtype=torch.float32)
-        except (OSError, ValueError) as error:
-            reason = " ".join(str(error).split())  # diffusers' messages run long: the start says what failed
-            reason = reason if len(reason) <= 160 else reason[:160] + "..."
-            if folder.is_dir():
-                raise ConfigError(f"cannot load the pipeline folder {model!r}: {reason}") from None
-            raise ConfigError(
-                f"cannot load --model {model!r}: no local folder has that name, and the hub id is neither cached "
-                f"nor downloadable; give a folder holding model_index.json, or check the id and the network "
-                f"(diffusers: {reason})") from None
-
-
-@contextlib.contextmanager
-def _loading_bars(show: bool):
-    """The loading bars of diffusers ("Loading pipeline components") and transformers ("Loading weights", a text
-    encoder's), hidden with --no-progress and restored after."""
-    import importlib
-
-    switches = []
-    for name in ("diffusers.utils.logging", "transformers.utils.logging"):
-        try:
-            switches.append(importlib.import_module(name))
-        except ImportError:  # transformers is optional
-            continue
-    shown = [module for module in switches if module.is_progress_bar_enabled()]
-    if not show:
-        for module in shown:
-            module.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for module in shown:
-            module.enable_progress_bar()
-
-
-def _check_prompts(pipe, prompts: list[str]) -> None:
-    """Refuse, before any generation, a prompt the embedded model cannot read (no word of its vocabulary, too
-    many words); other pipelines read any text."""
-    encoder = getattr(pipe, "text_encoder", None)
-    if hasattr(encoder, "check_prompt"):
-        for prompt in prompts:
-            encoder.check_prompt(prompt)
-
-
-def _finite_step_check(pipe, steps: int) -> dict:
-    """Call arguments for a diffusers pipeline that takes `callback_on_step_end`: stop at the first step whose
-    latents hold inf or nan, naming it (the decoded frames are checked again in any case)."""
-    import inspect
-
-    import torch
-
-    if ("callback_on_step_end" not in inspect.signature(pipe.__call__).parameters
-            or "latents" not in getattr(pipe, "_callback_tensor_inputs", ())):
-        return {}
-
-    def check(pipe, step: int, timestep, tensors: dict) -> dict:
-        if not torch.isfinite(tensors["latents"]).all():
-            raise FloatingPointError(f"the latents became non-finite (inf or nan) at step {step + 1} of {steps}; "
-                                     "lower --guidance, or check the model's weights")
-        return {}
-
-    return {"callback_on_step_end": check, "callback_on_step_end_tensor_inputs": ["latents"]}
-
-
-def _frames_of(output) -> "np.ndarray":
-    """The first video of a pipeline's output, as (T, H, W, 3)."""
-    import numpy as np
-
-    frames = output.frames if hasattr(output, "frames") else output[0]
-    video = frames[0]
-    video = video.detach().cpu().numpy() if hasattr(video, "detach") else np.asarray(video)
-    return video
-
-
 def _generate(args: argparse.Namespace) -> int:
     from . import parallel
     from .video import check_writable
 
     if not args.prompt.strip():
         raise ConfigError("the prompt is empty; describe a clip, e.g. 'a red circle moving right fast'")
-    kind = _model_kind(args.model)
+    kind = pipelines.model_kind(args.model)
     sizes = _check_sizes(args, kind)
     output = check_writable(args.output)
     gif = None
@@ -278,49 +144,33 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _generate_on(args: argparse.Namespace, kind: str, sizes: dict, output: Path, gif: Path | None,
                  config: AdaCacheConfig | None, mode: str, rank: int) -> int:
-    import time
-
-    import torch
-
     from . import parallel
-    from .demo import psnr
-    from .hooks import apply_adacache, get_stats, reconfigure, remove_adacache, transformers_of
-    from .video import side_by_side, to_uint8, upscale, write_video
+    from .evaluation.metrics import psnr
+    from .hooks import apply_adacache, reconfigure, transformers_of
+    from .video import side_by_side, upscale, write_video
 
     quiet = args.no_progress or rank != 0
-    pipe = _load_pipeline(args.model, progress=not quiet)
+    pipe = pipelines.load_pipeline(args.model, progress=not quiet)
     pipe.set_progress_bar_config(disable=quiet)
-    if mode != "none":  # AdaCache first (paused until its run), then diffusers' split around its blocks
+    paused = mode != "none"
+    if paused:  # AdaCache first (paused until its run), then diffusers' split around its blocks
         if config is not None:
             apply_adacache(pipe, config)
             reconfigure(pipe, None)
         parallel.enable_context_parallel(pipe, mode, transformers_of(pipe))
-    # output_type "np": uint8 from the embedded model (its loop checks every step for inf/nan), floats in [0, 1]
-    # from diffusers pipelines, which to_uint8 refuses when they hold inf/nan
-    call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="np", **sizes)
-    if kind == "diffusers":
-        call.update(_finite_step_check(pipe, args.steps))
-
-    def run() -> tuple["np.ndarray", float]:
-        start = time.perf_counter()
-        video = _frames_of(pipe(args.prompt, generator=torch.Generator().manual_seed(args.seed), **call))
-        return to_uint8(video), time.perf_counter() - start
-
-    if args.compare:  # one untimed step first: the first call in a process pays one-time costs (allocation, kernel
-        # selection) that would be charged to the uncached run and flatter the speed-up
-        pipe(args.prompt, generator=torch.Generator().manual_seed(args.seed), **{**call, "num_inference_steps": 1})
-    uncached = run() if args.compare or config is None else None
-    if config is not None:
-        if mode != "none":
-            reconfigure(pipe, config)
-        else:
-            apply_adacache(pipe, config)
-        try:
-            cached = run()
-            stats = get_stats(pipe)  # applied just before: only this generation's branches
-        finally:
-            if mode == "none":
-                remove_adacache(pipe)
+    # the embedded model's loop checks every step for inf/nan; diffusers pipelines get a step callback for it
+    call = dict(sizes, **(pipelines.finite_step_check(pipe, args.steps) if kind == "diffusers" else {}))
+    sampling = dict(seed=args.seed, guidance=args.guidance, call=call)
+    run = pipelines.generation(pipe, args.prompt, steps=args.steps, **sampling)
+    if args.compare and config is not None:  # after one untimed step (see pipelines.uncached_then_cached)
+        runs = pipelines.uncached_then_cached(
+            pipe, config, run, warm_up=pipelines.generation(pipe, args.prompt, steps=1, **sampling), paused=paused)
+        uncached, cached, stats = (runs.uncached, runs.uncached_seconds), (runs.cached, runs.cached_seconds), runs.stats
+    elif config is not None:
+        video, seconds, stats = pipelines.timed_cached(pipe, config, run, paused=paused)
+        cached = (video, seconds)
+    else:
+        uncached = pipelines.timed(run)
     if rank != 0:
         return 0  # (the same video: rank 0 reports it)
     prefix = "  " if args.compare and config is not None else ""
@@ -332,8 +182,8 @@ def _generate_on(args: argparse.Namespace, kind: str, sizes: dict, output: Path,
     if mode != "none":
         print(f"context parallelism: {mode} over {parallel.launched_world()} processes")
     if args.compare and config is not None:
-        reference, other = (torch.from_numpy(v[0]).float() for v in (uncached, cached))
-        print(f"PSNR against the uncached video (same seed): {psnr(reference, other):.2f} dB")
+        value = psnr(uncached[0] / 255.0, cached[0] / 255.0)  # uint8 frames scaled to [0, 1], peak 1.0
+        print(f"PSNR against the uncached video (same seed): {value:.2f} dB")
         factor = max(1, 128 // cached[0].shape[1])
         video, scale = side_by_side(upscale(uncached[0], factor), upscale(cached[0], factor)), 1
         what = " (left: uncached, right: AdaCache)"
@@ -389,20 +239,13 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
-def _tuned(steps: int, moreg: bool = False) -> str | None:
-    from .embedded.pipeline import tuned_config
-
-    tuned = tuned_config(steps, moreg)
-    return str(tuned) if tuned is not None else None
-
-
 def _bench(args: argparse.Namespace) -> int:
     import shlex
 
     from .evaluation.bench import BenchSettings, prepare_folder, run_bench
     from .evaluation.methods import default_methods, parse_methods
 
-    sizes = _check_sizes(args, _model_kind(args.model))
+    sizes = _check_sizes(args, pipelines.model_kind(args.model))
     seeds = _seeds(args.seeds)
     prompts = _prompts(args)
     if args.methods is None:
@@ -413,7 +256,7 @@ def _bench(args: argparse.Namespace) -> int:
             raise ConfigError(f"--methods {args.methods!r} has an empty name; give comma-separated methods such as "
                               "none,auto,fbc:0.1 (or leave --methods out for the default comparison)")
     # auto[+moreg]: the embedded model's calibrated codebooks for this step count (MoReg's where one ships)
-    tuned = {"plain": _tuned(args.steps), "moreg": _tuned(args.steps, moreg=True)} if args.model is None else None
+    tuned = pipelines.calibrated_codebooks(args.model, args.steps)
     parsed = parse_methods(methods, tuned)  # every name checked before the model loads
     mode = _context_parallel(args, "bench")
     if mode != "none":
@@ -431,14 +274,14 @@ def _bench(args: argparse.Namespace) -> int:
     made = not out.exists()
     prepare_folder(out)
     try:
-        pipe = _load_pipeline(args.model, progress=not args.no_progress)
-        _check_prompts(pipe, prompts)
+        pipe = pipelines.load_pipeline(args.model, progress=not args.no_progress)
+        pipelines.check_prompts(pipe, prompts)
     except BaseException:
         if made:  # a model that does not load leaves no empty output folder behind
             with contextlib.suppress(OSError):
                 out.rmdir()
         raise
-    _to_device(pipe)
+    pipelines.to_device(pipe)
     command = "adacache " + " ".join(shlex.quote(a) for a in args.argv)
     if mode == "none":
         report = run_bench(pipe, settings, args.out, tuned=tuned, progress=not args.no_progress, command=command)
@@ -523,7 +366,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     for path in paths:
         if path.is_dir():
             raise ConfigError(f"{str(path)!r} is a folder where a config file belongs; delete or rename it")
-    sizes = _check_sizes(args, _model_kind(args.model))
+    sizes = _check_sizes(args, pipelines.model_kind(args.model))
     seeds = _seeds(args.seeds)
     prompts = _prompts(args)
     held_out: list[str] = []
@@ -553,9 +396,9 @@ def _calibrate(args: argparse.Namespace) -> int:
                 pass
         except OSError as error:
             raise ConfigError(f"cannot write to the output folder {str(paths[0].parent)!r}: {error.strerror}") from None
-        pipe = _load_pipeline(args.model)
-        _check_prompts(pipe, prompts + held_out)
-        _to_device(pipe)
+        pipe = pipelines.load_pipeline(args.model)
+        pipelines.check_prompts(pipe, prompts + held_out)
+        pipelines.to_device(pipe)
         calibrator = Calibrator(pipe, prompts, seeds=seeds, steps=args.steps, guidance=args.guidance, base=base,
                                 call=sizes, progress=print)
         path_of = dict(zip(targets, paths))
@@ -611,21 +454,9 @@ def _calibrate(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from .serve import serve
 
-    sizes = _check_sizes(args, _model_kind(args.model))
+    sizes = _check_sizes(args, pipelines.model_kind(args.model))
     return serve(args.model, args.codebook, host=args.host, port=args.port, open_browser=not args.no_browser,
                  call=sizes)
-
-
-def _to_device(pipe) -> None:
-    """CUDA when there is one (under torchrun, this process's GPU); else CPU as loaded."""
-    import os
-
-    import torch
-
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        pipe.to(f"cuda:{local}")
 
 
 CONTEXT_PARALLEL = ("none", "ulysses", "ring")
@@ -647,38 +478,55 @@ def _context_parallel(args: argparse.Namespace, command: str) -> str:
     return args.context_parallel
 
 
+def _parents() -> dict[str, argparse.ArgumentParser]:
+    """The options several commands share, each declared once (argparse parents; a command lists its parents'
+    options first in its --help). Options that differ by command in default or help stay with the command:
+    --seed, --seeds, --prompts, --num-prompts, --moreg, --context-parallel, calibrate's --steps, bench's and
+    train's --no-progress."""
+    model = argparse.ArgumentParser(add_help=False)  # generate, bench, calibrate, serve
+    model.add_argument("--model", default=None,
+                       help="diffusers pipeline id or local folder (default: the embedded model)")
+    model.add_argument("--height", type=_POSITIVE, default=None, help="frame height, for --model pipelines")
+    model.add_argument("--width", type=_POSITIVE, default=None, help="frame width, for --model pipelines")
+    model.add_argument("--num-frames", type=_POSITIVE, default=None, help="number of frames, for --model pipelines")
+    guidance = argparse.ArgumentParser(add_help=False)  # generate, bench, calibrate
+    guidance.add_argument("--guidance", type=_GUIDANCE, default=4.0, help=GUIDANCE_HELP)
+    steps = argparse.ArgumentParser(add_help=False)  # demo, generate, bench
+    steps.add_argument("--steps", type=_STEPS, default=30, help=f"denoising steps, 1 to {MAX_STEPS} (default 30)")
+    sampling = argparse.ArgumentParser(add_help=False, parents=[steps, guidance])  # generate, bench
+    progress = argparse.ArgumentParser(add_help=False)  # demo, generate
+    progress.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return dict(model=model, guidance=guidance, steps=steps, sampling=sampling, progress=progress)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    shared = _parents()
     parser = argparse.ArgumentParser(
         prog="adacache", description="Adaptive Caching (AdaCache) with Motion Regularization for video DiTs."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log the library's decisions")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="run a small model on CPU uncached and cached; print steps and speed-up")
-    demo.add_argument("--steps", type=_STEPS, default=30, help=f"denoising steps, 1 to {MAX_STEPS} (default 30)")
+    demo = commands.add_parser("demo", help="run a small model on CPU uncached and cached; print steps and speed-up",
+                               parents=[shared["steps"], shared["progress"]])
     demo.add_argument("--cache", default="opensora-30-fast",
                       help=f"preset ({', '.join(sorted(PRESETS))}) or a JSON config file (default opensora-30-fast)")
     demo.add_argument("--moreg", action="store_true", help="enable motion regularization")
     demo.add_argument("--seed", type=_SEED, default=0, help="random seed (weights and noise), 0 to 2**64-1")
-    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(run=_demo)
 
-    gen = commands.add_parser("generate", help="prompt -> video (the embedded model by default, or any diffusers pipeline)")
+    gen = commands.add_parser("generate",
+                              help="prompt -> video (the embedded model by default, or any diffusers pipeline)",
+                              parents=[shared["model"], shared["sampling"], shared["progress"]])
     gen.add_argument("prompt", help='e.g. "a red circle moving right fast"')
     gen.add_argument("-o", "--output", default="out.mp4",
                      help="output .mp4 or .gif, replaced atomically if it exists; its folder must exist "
                           "(default out.mp4)")
-    gen.add_argument("--model", default=None, help="diffusers pipeline id or local folder (default: the embedded model)")
     gen.add_argument("--cache", default="auto",
                      help=f"none, auto, a preset ({', '.join(sorted(PRESETS))}) or a JSON config file (default auto: "
                           "the embedded model's calibrated codebook for the step count, or opensora-30-fast for --model "
                           "pipelines)")
     gen.add_argument("--moreg", action="store_true", help="enable motion regularization")
-    gen.add_argument("--steps", type=_STEPS, default=30, help=f"denoising steps, 1 to {MAX_STEPS} (default 30)")
-    gen.add_argument("--guidance", type=_GUIDANCE, default=4.0, help=GUIDANCE_HELP)
     gen.add_argument("--seed", type=_SEED, default=0, help="random seed, 0 to 2**64-1 (default 0)")
-    gen.add_argument("--height", type=_POSITIVE, default=None, help="frame height, for --model pipelines")
-    gen.add_argument("--width", type=_POSITIVE, default=None, help="frame width, for --model pipelines")
-    gen.add_argument("--num-frames", type=_POSITIVE, default=None, help="number of frames, for --model pipelines")
     gen.add_argument("--compare", action="store_true",
                      help="also run uncached with the same seed: print both times, the speed-up and PSNR, write side by side")
     gen.add_argument("--gif", action="store_true",
@@ -688,11 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="under torchrun: split each video's tokens over the processes with diffusers' context "
                           "parallelism (ulysses or ring; ring needs an attention backend with log-sum-exp, a GPU "
                           "one); rank 0 prints and writes (default none)")
-    gen.add_argument("--no-progress", action="store_true", help="hide progress bars")
     gen.set_defaults(run=_generate)
 
-    be = commands.add_parser("bench", help="AdaCache and its peers side by side: speed-up, FLOPs, memory, quality")
-    be.add_argument("--model", default=None, help="diffusers pipeline id or local folder (default: the embedded model)")
+    be = commands.add_parser("bench", help="AdaCache and its peers side by side: speed-up, FLOPs, memory, quality",
+                             parents=[shared["model"], shared["sampling"]])
     be.add_argument("--prompts", default=None, help="prompt file, one per line (default on the embedded model: its "
                                                     "36-prompt set)")
     be.add_argument("--num-prompts", type=_POSITIVE, default=None, help="use N prompts spread over the set")
@@ -703,14 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "with cache-dit installed (pip install 'adacache[peers]') dbcache[:thr], "
                          "dbcache-taylorseer[:thr], cachedit-mask[:slow|medium|fast|ultra] "
                          "(default: all of them at a few settings)")
-    be.add_argument("--steps", type=_STEPS, default=30, help=f"denoising steps, 1 to {MAX_STEPS} (default 30)")
-    be.add_argument("--guidance", type=_GUIDANCE, default=4.0, help=GUIDANCE_HELP)
     be.add_argument("--repeats", type=_POSITIVE, default=1, help="timed generations per video and method (median)")
     be.add_argument("--warmup", type=_NON_NEGATIVE, default=1, help="untimed generations per method first (default 1)")
     be.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting pass")
-    be.add_argument("--height", type=_POSITIVE, default=None, help="frame height, for --model pipelines")
-    be.add_argument("--width", type=_POSITIVE, default=None, help="frame width, for --model pipelines")
-    be.add_argument("--num-frames", type=_POSITIVE, default=None, help="number of frames, for --model pipelines")
     be.add_argument("-o", "--out", default="bench", help="output folder; a run there resumes (default bench)")
     be.add_argument("--context-parallel", choices=CONTEXT_PARALLEL, default="none",
                     help="under torchrun: run every video on all processes, its tokens split by diffusers' context "
@@ -719,7 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     be.set_defaults(run=_bench)
 
-    ca = commands.add_parser("calibrate", help="derive a codebook for this model and step count from a few prompts")
+    ca = commands.add_parser("calibrate", help="derive a codebook for this model and step count from a few prompts",
+                             parents=[shared["model"], shared["guidance"]])
     ca.add_argument("-o", "--output", required=True, metavar="FILE.json|FOLDER",
                     help="a .json file (one target), or a folder, created if missing, that gets one file per target "
                          "named by model, steps and target, e.g. embedded-30-2.50x.json")
@@ -731,7 +574,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="or: the fastest codebook keeping this mean PSNR (dB); several give one codebook each")
     ca.add_argument("--compute", action="store_true",
                     help="read --speedup as compute (steps / computed steps) instead of wall clock")
-    ca.add_argument("--model", default=None, help="diffusers pipeline id or local folder (default: the embedded model)")
     ca.add_argument("--prompts", default=None, help="calibration prompt file (default on the embedded model: its set)")
     ca.add_argument("--num-prompts", type=_POSITIVE, default=6, help="use N prompts spread over the set (default 6)")
     ca.add_argument("--check", type=_NON_NEGATIVE, default=0, metavar="N",
@@ -739,7 +581,6 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     ca.add_argument("--steps", type=_STEPS, default=30,
                     help=f"denoising steps, 1 to {MAX_STEPS}: codebooks are step-count specific (default 30)")
-    ca.add_argument("--guidance", type=_GUIDANCE, default=4.0, help=GUIDANCE_HELP)
     ca.add_argument("--base", default=None,
                     help="preset or config file whose other settings (probe, MoReg window) the result keeps "
                          "(default: AdaCacheConfig's defaults)")
@@ -752,23 +593,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "compare with the cost model's prediction (0 skips the check; default 3)")
     ca.add_argument("--iterations", type=_POSITIVE, default=9,
                     help="bisection steps on the threshold scale, each a cached run of every prompt (default 9)")
-    ca.add_argument("--height", type=_POSITIVE, default=None, help="frame height, for --model pipelines")
-    ca.add_argument("--width", type=_POSITIVE, default=None, help="frame width, for --model pipelines")
-    ca.add_argument("--num-frames", type=_POSITIVE, default=None, help="number of frames, for --model pipelines")
     ca.set_defaults(run=_calibrate)
 
     se = commands.add_parser("serve", help="a web page: prompt -> uncached and AdaCache videos side by side, times, "
-                                           "speed-up, PSNR and the probe distance per step (part of adacache[all])")
-    se.add_argument("--model", default=None, help="diffusers pipeline id or local folder (default: the embedded model)")
+                                           "speed-up, PSNR and the probe distance per step (part of adacache[all])",
+                             parents=[shared["model"]])
     se.add_argument("--codebook", action="append", default=[], metavar="FILE",
                     help="a JSON config file to offer besides auto and the presets; repeatable; checked at start-up")
     se.add_argument("--host", default="127.0.0.1",
                     help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
     se.add_argument("--port", type=_integer(1, 65535), default=7860, help="port, 1 to 65535 (default 7860)")
     se.add_argument("--no-browser", action="store_true", help="do not open the page in a browser")
-    se.add_argument("--height", type=_POSITIVE, default=None, help="frame height, for --model pipelines")
-    se.add_argument("--width", type=_POSITIVE, default=None, help="frame width, for --model pipelines")
-    se.add_argument("--num-frames", type=_POSITIVE, default=None, help="number of frames, for --model pipelines")
     se.set_defaults(run=_serve)
 
     tr = commands.add_parser("train", help="train (or resume) the embedded model on the procedural domain")

@@ -3,19 +3,22 @@ real diffusers scheduler, uncached and then with AdaCache, same seed, side by si
 
 Random weights make no picture: the demo shows the mechanics (which steps AdaCache computes, the measured
 wall-clock speed-up, and how far the cached result drifts, as PSNR of the final latents), not quality.
+
+The demo runs a bare transformer with its own denoising loop, not a pipeline; it still takes the road every
+command takes for "uncached, then cached from the same seed" (`pipelines.uncached_then_cached`, with `denoise` as
+the run), and its PSNR is `metrics.psnr` with the peak stated: latents are not pixels in [0, 1], so the peak is the
+uncached latents' range (max - min).
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import time
 from dataclasses import dataclass
 
 import torch
 
 from .config import AdaCacheConfig
-from .hooks import apply_adacache, get_stats, remove_adacache
+from .pipelines import uncached_then_cached
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +36,7 @@ DEMO_TEXT_TOKENS = 16
 class DemoResult:
     uncached_seconds: float
     cached_seconds: float
-    psnr_db: float
+    psnr_db: float  # the final latents against the uncached run's, peak: the uncached latents' range
     computed_steps: list[int]
     num_steps: int
 
@@ -71,25 +74,13 @@ def denoise(model: torch.nn.Module, num_steps: int, seed: int, progress: bool = 
     return latents
 
 
-def psnr(reference: torch.Tensor, other: torch.Tensor) -> float:
-    """PSNR in dB over the reference's value range."""
-    mse = torch.mean((reference.double() - other.double()) ** 2).item()
-    peak = (reference.max() - reference.min()).item()
-    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
-
-
 def run_demo(config: AdaCacheConfig, num_steps: int = 30, seed: int = 0, progress: bool = True) -> DemoResult:
+    from .evaluation.metrics import psnr
+
     model = build_demo_model(seed)
-    denoise(model, 2, seed, progress=False)  # warm-up: first calls pay one-off allocation costs
-    start = time.perf_counter()
-    reference = denoise(model, num_steps, seed, progress)
-    uncached_seconds = time.perf_counter() - start
-    apply_adacache(model, config)
-    try:
-        start = time.perf_counter()
-        cached = denoise(model, num_steps, seed, progress)
-        cached_seconds = time.perf_counter() - start
-        stats = get_stats(model)[-1]
-    finally:
-        remove_adacache(model)
-    return DemoResult(uncached_seconds, cached_seconds, psnr(reference, cached), stats.computed_steps, num_steps)
+    runs = uncached_then_cached(model, config, lambda: denoise(model, num_steps, seed, progress),
+                                warm_up=lambda: denoise(model, 2, seed, progress=False))  # one-off allocation costs
+    reference, cached = runs.uncached, runs.cached
+    peak = (reference.max() - reference.min()).item()  # latents: the reference's range, not 1.0
+    return DemoResult(runs.uncached_seconds, runs.cached_seconds, psnr(reference.numpy(), cached.numpy(), peak=peak),
+                      runs.stats[-1].computed_steps, num_steps)

@@ -3,8 +3,8 @@ side by side, both wall times, the speed-up, PSNR, and the probe distance at eve
 marked (the picture that explains AdaCache).
 
 Three layers, each usable without the one above it:
-- `compare` runs one prompt uncached, then with AdaCache, with the same seed, and writes both videos; plain
-  library calls (`apply_adacache`, `get_stats`, `remove_adacache`), no web code.
+- `compare` runs one prompt uncached, then with AdaCache, with the same seed (`pipelines.uncached_then_cached`,
+  the road `adacache generate --compare` takes too), and writes both videos; no web code.
 - `distance_plot` and `summary` draw what `compare` returned (matplotlib without pyplot; markdown).
 - `WebPage` is the gradio page around them: it checks every input and turns every failure into a message on the
   page (`gradio.Error`), never a traceback. `serve` is the command: it loads the model once, writes only into one
@@ -31,10 +31,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from . import pipelines
 from .config import PRESETS, AdaCacheConfig, ConfigError
+from .pipelines import MAX_GUIDANCE, MAX_SEED, PAGE_MAX_STEPS, PAGE_MIN_STEPS
 
 if TYPE_CHECKING:
-    import numpy as np
     from matplotlib.figure import Figure
 
     from .hooks import GenerationStats
@@ -42,10 +43,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_PROMPT = "a red circle moving right fast"
-DEFAULT_STEPS = 30
-# The page's step range: below 4 every step is computed (steps 1 and 2, and the last two, always are); above 100 a
-# page waits too long (the paper's schedules are 30 and 100 steps).
-MIN_STEPS, MAX_STEPS = 4, 100
+DEFAULT_STEPS = 30  # in the page's step range, PAGE_MIN_STEPS .. PAGE_MAX_STEPS
 DEFAULT_GUIDANCE = 4.0
 AUTO = "auto"
 GRADIO_MISSING = 'the web page needs gradio: pip install "adacache[all]"'
@@ -65,7 +63,7 @@ class Comparison:
     cached_video: Path
     uncached_seconds: float
     cached_seconds: float
-    psnr_db: float  # the AdaCache video against the uncached one; inf when identical
+    psnr_db: float  # the AdaCache video against the uncached one (peak 1.0 on [0, 1] frames); inf when identical
     stats: list["GenerationStats"]  # per CFG branch (and transformer) of the cached generation
     num_steps: int
 
@@ -78,38 +76,22 @@ def compare(pipe, prompt: str, config: AdaCacheConfig, folder: str | os.PathLike
             guidance: float, call: dict | None = None) -> Comparison:
     """Generate `prompt` uncached, then with AdaCache (applied for this generation only), from the same seed, and
     write both videos into `folder` as uncached.mp4 and adacache.mp4, upscaled so a tiny clip is visible.
-    `call`: more pipeline arguments (height, width, num_frames, callback_on_step_end)."""
-    import torch
-
-    from .cli import _frames_of
+    `call`: more pipeline arguments (height, width, num_frames, callback_on_step_end). PSNR: `metrics.psnr` on
+    the uint8 frames scaled to [0, 1], peak 1.0."""
     from .evaluation.metrics import psnr
-    from .hooks import apply_adacache, get_stats, remove_adacache
-    from .video import to_uint8, write_video
+    from .video import write_video
 
-    # output_type "np": uint8 from the embedded model, floats in [0, 1] from diffusers pipelines (as in generate)
-    arguments = dict(num_inference_steps=steps, guidance_scale=guidance, output_type="np", **(call or {}))
-
-    def run() -> tuple["np.ndarray", float]:
-        start = time.perf_counter()
-        output = pipe(prompt, generator=torch.Generator().manual_seed(seed), **arguments)
-        video = to_uint8(_frames_of(output))  # (T, H, W, 3); refuses inf/nan frames
-        return video, time.perf_counter() - start
-
-    uncached, uncached_seconds = run()
-    apply_adacache(pipe, config)
-    try:
-        cached, cached_seconds = run()
-        stats = get_stats(pipe)  # applied just before: this generation's branches only
-    finally:
-        remove_adacache(pipe)
+    run = pipelines.generation(pipe, prompt, steps=steps, seed=seed, guidance=guidance, call=call)
+    runs = pipelines.uncached_then_cached(pipe, config, run)
     folder = Path(folder)
-    scale = max(1, PAGE_VIDEO_SIZE // uncached.shape[1])
+    scale = max(1, PAGE_VIDEO_SIZE // runs.uncached.shape[1])
     paths = folder / "uncached.mp4", folder / "adacache.mp4"
-    for video, path in zip((uncached, cached), paths):
+    for video, path in zip((runs.uncached, runs.cached), paths):
         write_video(video, path, scale=scale)
     return Comparison(
-        uncached_video=paths[0], cached_video=paths[1], uncached_seconds=uncached_seconds,
-        cached_seconds=cached_seconds, psnr_db=psnr(uncached / 255.0, cached / 255.0), stats=stats, num_steps=steps,
+        uncached_video=paths[0], cached_video=paths[1], uncached_seconds=runs.uncached_seconds,
+        cached_seconds=runs.cached_seconds, psnr_db=psnr(runs.uncached / 255.0, runs.cached / 255.0),
+        stats=runs.stats, num_steps=steps,
     )
 
 
@@ -219,8 +201,8 @@ def summary(result: Comparison, cache_label: str) -> str:
         f"| {_seconds(result.uncached_seconds)} | {_seconds(result.cached_seconds)} | **{result.speedup:.2f}x** | "
         f"{psnr} | {computed} |",
         "",
-        f"Wall clock, same process, same seed; PSNR of the AdaCache video against the uncached one. Cache: "
-        f"{cache_label}.",
+        f"Wall clock, same process, same seed; PSNR of the AdaCache video against the uncached one (peak 1.0, "
+        f"frames scaled to [0, 1]). Cache: {cache_label}.",
     ]
     notes = sorted({note for s in result.stats for note in s.notes})
     lines += [f"- note: {note}" for note in notes]
@@ -244,12 +226,10 @@ class WebPage:
 
     def __init__(self, pipe, folder: str | os.PathLike, *, model: str | None = None,
                  codebooks: dict[str, AdaCacheConfig] | None = None, call: dict | None = None):
-        from .cli import _model_kind
-
         self.pipe = pipe
         self.folder = Path(folder)
         self.model = model  # None: the embedded model, whose own calibrated codebooks `auto` takes
-        self.kind = _model_kind(model)  # "embedded" (the embedded model, or a folder of it) or "diffusers"
+        self.kind = pipelines.model_kind(model)  # "embedded" (the embedded model, or a folder of it) or "diffusers"
         self.model_label = "the embedded model" if model is None else model
         self.codebooks = dict(codebooks or {})  # label -> config, from --codebook files
         self.call = dict(call or {})  # height / width / num_frames for --model pipelines
@@ -263,13 +243,9 @@ class WebPage:
 
     def resolve_cache(self, choice: str, steps: int, moreg: bool) -> tuple[AdaCacheConfig, str]:
         """The config for a dropdown choice, and how to name it on the page."""
-        from .embedded.pipeline import auto_config
-
-        if choice == AUTO:
-            # as `adacache generate --cache auto [--moreg]`
-            tuned = auto_config(steps, moreg) if self.model is None else None
-            config = AdaCacheConfig.load(tuned) if tuned else AdaCacheConfig.from_preset("opensora-30-fast")
-            label = f"auto: the embedded model's {Path(tuned).name}" if tuned else "auto: opensora-30-fast"
+        if choice == AUTO:  # as `adacache generate --cache auto [--moreg]`
+            source, label = pipelines.auto_config(self.model, steps, moreg)
+            config, label = AdaCacheConfig.load(source), f"auto: {label}"
         elif choice in PRESETS:
             config, label = AdaCacheConfig.from_preset(choice), choice
         elif choice in self.codebooks:
@@ -284,21 +260,18 @@ class WebPage:
                      ) -> tuple[str, str, bool, int, int, float, list[str]]:
         """Every input checked (a page's API takes any value); ConfigError says what to change. Returns them
         normalised, with the prompt's unknown words (the embedded model reads them as <unk>)."""
-        from .cli import MAX_GUIDANCE, MAX_SEED
-
         if not isinstance(prompt, str) or not prompt.strip():
             raise ConfigError(f"the prompt is empty; describe a clip, e.g. '{DEFAULT_PROMPT}'")
         prompt = prompt.strip()
         if cache not in self.cache_choices:
             raise ConfigError(f"unknown cache {cache!r}; pick one of: {', '.join(self.cache_choices)}")
-        steps = _whole(steps, "steps", MIN_STEPS, MAX_STEPS)
+        steps = _whole(steps, "steps", PAGE_MIN_STEPS, PAGE_MAX_STEPS)
         seed = _whole(seed, "seed", 0, MAX_SEED)
         if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
                 or not 0 <= guidance <= MAX_GUIDANCE:
             raise ConfigError(f"guidance must be a number from 0 to {MAX_GUIDANCE:g} (at most 1 turns guidance "
                               f"off), got {guidance!r}")
-        encoder = getattr(self.pipe, "text_encoder", None)
-        unknown = encoder.check_prompt(prompt) if hasattr(encoder, "check_prompt") else []  # cli._check_prompts
+        unknown = pipelines.check_prompts(self.pipe, [prompt])
         return prompt, cache, bool(moreg), steps, seed, float(guidance), unknown
 
     def close(self) -> None:
@@ -343,9 +316,7 @@ class WebPage:
                        "unknown")
         call = dict(self.call)
         if self.kind == "diffusers":
-            from .cli import _finite_step_check
-
-            call.update(_finite_step_check(self.pipe, steps))
+            call.update(pipelines.finite_step_check(self.pipe, steps))
         try:
             with self._lock:
                 if self._closed:
@@ -385,7 +356,8 @@ class WebPage:
                                         info="auto: the model's own calibrated codebook for the step count",
                                         elem_id="cache")
                     moreg = gr.Checkbox(False, label="MoReg (motion regularization)", elem_id="moreg")
-                    steps = gr.Slider(MIN_STEPS, MAX_STEPS, DEFAULT_STEPS, step=1, label="steps", elem_id="steps")
+                    steps = gr.Slider(PAGE_MIN_STEPS, PAGE_MAX_STEPS, DEFAULT_STEPS, step=1, label="steps",
+                                      elem_id="steps")
                     with gr.Row():
                         seed = gr.Number(0, label="seed", precision=0, minimum=0, elem_id="seed")
                         guidance = gr.Number(DEFAULT_GUIDANCE, label="guidance", minimum=0, elem_id="guidance")
@@ -477,8 +449,6 @@ def serve(model: str | None = None, codebook_files: Sequence[str] = (), *, host:
           port: int = 7860, open_browser: bool = True, call: dict | None = None) -> int:
     """`adacache serve`: load the model, serve the page until Ctrl-C or SIGTERM (the CLI's exit 130 or 143), then
     delete the temporary folder that held everything written (videos and gradio's own files)."""
-    from .cli import _load_pipeline, _model_kind, _to_device
-
     folder = Path(tempfile.mkdtemp(prefix="adacache-serve-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)  # a kill between here and the finally
     saved = {key: os.environ.get(key) for key in ("GRADIO_TEMP_DIR", "GRADIO_ANALYTICS_ENABLED",
@@ -493,11 +463,11 @@ def serve(model: str | None = None, codebook_files: Sequence[str] = (), *, host:
         _gradio()  # before the model loads: a missing gradio is one line
         codebooks = load_codebooks(codebook_files)
         check_address(host, port)
-        kind = _model_kind(model)
+        kind = pipelines.model_kind(model)
         print(f"adacache: loading {'the embedded model' if model is None else model}")
-        pipe = _load_pipeline(model)
+        pipe = pipelines.load_pipeline(model)
         pipe.set_progress_bar_config(disable=True)
-        _to_device(pipe)
+        pipelines.to_device(pipe)
         page = WebPage(pipe, folder, model=model, codebooks=codebooks, call=call)
         print("adacache: warming up (one step, so that the first timing on the page is fair)")
         pipe(DEFAULT_PROMPT if kind == "embedded" else "a video", num_inference_steps=1,

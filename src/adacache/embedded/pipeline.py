@@ -30,18 +30,13 @@ def tuned_config(steps: int = 30, moreg: bool = False) -> Path | None:
     """The embedded model's own AdaCache config (calibrated by `adacache calibrate`) for a step count:
     weights/adacache-<steps>.json if there is one, else weights/adacache.json (calibrated at 30 steps); None
     when neither ships. With `moreg`, the MoReg one (its motion normalisation measured on this model):
-    adacache-<steps>-moreg.json, else adacache-moreg.json, else None."""
+    adacache-<steps>-moreg.json, else adacache-moreg.json, else None. What `auto` picks from them is
+    `adacache.pipelines.auto_config`."""
     suffix = "-moreg" if moreg else ""
     for name in (f"adacache-{steps}{suffix}.json", f"adacache{suffix}.json"):
         if (WEIGHTS_DIR / name).is_file():
             return WEIGHTS_DIR / name
     return None
-
-
-def auto_config(steps: int = 30, moreg: bool = False) -> Path | None:
-    """What `--cache auto` uses on the embedded model: with `moreg`, its MoReg codebook where one ships, else its
-    plain one (`tuned_config`); None when neither ships."""
-    return (tuned_config(steps, moreg=True) if moreg else None) or tuned_config(steps)
 
 
 RGB = 3  # the model works in pixel space: its latents are the clip's RGB channels

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from ..hooks import transformers_of
+from ..pipelines import first_video
 from .folder import BenchFolderError, BenchSettings, finite, refuse, write_atomic
 from .methods import Method, parse_methods
 from .metrics import LPIPS, TransformerMeter, as_video, frame_motion, object_psnr, psnr, ssim
@@ -199,8 +200,7 @@ class Bench:
     def _generate(self, prompt: str, seed: int) -> np.ndarray:
         output = self.pipe(prompt, num_inference_steps=self.settings.steps, guidance_scale=self.settings.guidance,
                            generator=torch.Generator().manual_seed(seed), **self.settings.call)
-        frames = output.frames if hasattr(output, "frames") else output[0]
-        video = as_video(frames[0])
+        video = as_video(first_video(output))
         if not np.isfinite(video).all():
             raise FloatingPointError("the video holds non-finite values (NaN or inf)")
         return video.astype(np.float16)  # what is stored and compared: both sides alike

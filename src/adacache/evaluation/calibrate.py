@@ -57,6 +57,7 @@ import torch
 
 from ..config import AdaCacheConfig
 from ..hooks import transformers_of, apply_adacache, get_stats, remove_adacache
+from ..pipelines import first_video
 from .metrics import TransformerMeter, as_video, psnr
 
 logger = logging.getLogger(__name__)
@@ -254,10 +255,9 @@ class Calibrator:
         finally:
             if config is not None:
                 remove_adacache(self.pipe)
-        frames = output.frames if hasattr(output, "frames") else output[0]
         computed = max((len(s.computed_steps) for s in stats), default=self.steps)
         self._last_stats = stats
-        return Run(as_video(frames[0]), seconds, computed, self.steps)
+        return Run(as_video(first_video(output)), seconds, computed, self.steps)
 
     def references(self) -> list[Run]:
         """The uncached videos and times of every calibration video, after one untimed warm-up generation (the

@@ -4,6 +4,7 @@
     <preset>[+moreg]            an AdaCache preset (opensora-30-fast, opensora-30-slow, opensora-100-fast)
     <file.json>[+moreg]         an AdaCache config file (as `adacache calibrate` writes)
     auto[+moreg]                the model's own codebook: the embedded model's calibrated one, else opensora-30-fast
+                                (pipelines.auto_choice, the rule `adacache generate --cache auto` follows too)
     static:<k>                  reuse the stack residual for k-1 steps after each computed one, whatever the content
                                 (AdaCache's machinery with a constant rate: what adaptivity buys, at matched compute)
     fbc[:threshold]             diffusers FirstBlockCache (default threshold 0.05)
@@ -31,24 +32,22 @@ steps and `stats(pipe)` what it did in the last generation, as record fields. Th
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import inspect
-import logging
 import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Hashable, Iterator, Mapping
+from typing import Any, Callable, ClassVar, Hashable, Mapping
 
 import torch
 
 from .. import compat
 from ..config import PRESETS, AdaCacheConfig, ConfigError
 from ..hooks import apply_adacache, get_stats, is_applied, reconfigure, remove_adacache, transformers_of
-from ..models.specs import BlockSpec, get_attribute, registered_spec
+from ..pipelines import auto_choice
+from . import cachedit
 from .metrics import held_tensor_bytes, state_tensor_bytes
 
 PEERS = ("fbc", "pab", "magcache", "taylorseer", "fastercache")
@@ -70,7 +69,6 @@ CACHEDIT_NAMES = {
 # cache-dit's own defaults: DBCacheConfig.residual_diff_threshold and steps_mask's mask_policy
 CACHEDIT_DEFAULTS: dict[str, float | str] = {"dbcache": 0.08, "dbcache-taylorseer": 0.08, "cachedit-mask": "medium"}
 MASK_POLICIES = ("slow", "medium", "fast", "ultra")  # cache_dit.steps_mask's predefined policies, slowest first
-CACHEDIT_MISSING = "cache-dit is not installed: pip install cache-dit (or pip install 'adacache[peers]')"
 
 
 # cache-dit's operating points in the default comparison, from about 1.4x to 3x fewer computed steps. On the shipped
@@ -246,7 +244,8 @@ class DiffusersPeer(Method):
 @dataclass
 class CacheDitPeer(Method):
     """One of cache-dit's caches (`CACHEDIT_PEERS`), through a `cache_dit.BlockAdapter` on the pipeline's transformer
-    built from adacache's own ModelSpec (where the blocks are, what they take and return); see `_cachedit_plan`."""
+    built from adacache's own ModelSpec (where the blocks are, what they take and return); the set-up is in
+    cachedit.py (`cachedit.block_plan`)."""
 
     variant: str = "dbcache"
     value: float | str = 0.08
@@ -258,17 +257,18 @@ class CacheDitPeer(Method):
         return (self.variant, self.value)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "value": self.value, "settings": _cachedit_settings(self)}
+        settings = cachedit.run_settings(self.variant, self.value)
+        return {**super().describe(), "value": self.value, "settings": settings}
 
     def unsupported(self, pipe: Any, guidance: float | None = None, steps: int | None = None) -> str | None:
-        cache_dit, problem = _import_cache_dit()
+        cache_dit, problem = cachedit.import_cache_dit()
         if cache_dit is None:
             return problem
         models = transformers_of(pipe)
         if len(models) > 1:
             return ("cache-dit counts steps per transformer over the whole generation; with two experts (Wan 2.2) "
                     "each sees only part of the steps, which this bench does not set up")
-        plan = _cachedit_plan(models[0])
+        plan = cachedit.block_plan(models[0])
         if isinstance(plan, str):
             return plan
         separate = _separate_cfg(cache_dit, pipe, guidance)
@@ -285,21 +285,21 @@ class CacheDitPeer(Method):
         reason = self.unsupported(pipe, guidance, steps)
         if reason:
             raise ValueError(f"method {self.name!r} cannot run here: {reason}")
-        cache_dit, _ = _import_cache_dit()
+        cache_dit, _ = cachedit.import_cache_dit()
         model = transformers_of(pipe)[0]
         if cache_dit.BlockAdapter.is_cached(model):
             raise RuntimeError(f"cache-dit is already enabled on this {type(model).__name__} (by another method, or "
                                "by hand); remove it first (cache_dit.disable_cache), or it would silently stay")
-        plan = _cachedit_plan(model)
+        plan = cachedit.block_plan(model)
         separate = _separate_cfg(cache_dit, pipe, guidance)
         cache_config = cache_dit.DBCacheConfig(
             Fn_compute_blocks=plan.first_blocks, Bn_compute_blocks=plan.last_blocks, num_inference_steps=steps,
-            enable_separate_cfg=separate, **_variant_settings(cache_dit, self, steps))
-        calibrator = (cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=TAYLORSEER_ORDER)
+            enable_separate_cfg=separate, **cachedit.variant_settings(cache_dit, self.variant, self.value, steps))
+        calibrator = (cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=cachedit.TAYLORSEER_ORDER)
                       if self.variant == "dbcache-taylorseer" else None)
         patterns = [cache_dit.ForwardPattern[p] for p in plan.patterns]
         self.state.update(model=model, steps=steps, separate_cfg=separate, attributes=set(vars(model)))
-        with _quiet_cache_dit():
+        with cachedit.quiet_cache_dit():
             adapter = cache_dit.BlockAdapter(  # no pipe: cache-dit keeps its context on the transformer
                 transformer=model, blocks=plan.blocks if len(plan.blocks) > 1 else plan.blocks[0],
                 forward_pattern=patterns if len(patterns) > 1 else patterns[0])
@@ -315,7 +315,7 @@ class CacheDitPeer(Method):
 
         def renew_at_generation_start(module: torch.nn.Module, args: tuple) -> None:
             if calls["done"] and calls["done"] % calls_per_generation == 0:
-                with _quiet_cache_dit():
+                with cachedit.quiet_cache_dit():
                     cache_dit.refresh_context(model, cache_config=copy.deepcopy(cache_config),
                                               calibrator_config=copy.deepcopy(calibrator))
             calls["done"] += 1
@@ -331,10 +331,10 @@ class CacheDitPeer(Method):
             self.state.pop(key, None)
         if model is None:
             return
-        cache_dit, problem = _import_cache_dit()
+        cache_dit, problem = cachedit.import_cache_dit()
         if cache_dit is None:
             raise RuntimeError(f"cache-dit's hooks cannot be taken off {type(model).__name__}: {problem}")
-        with _quiet_cache_dit():
+        with cachedit.quiet_cache_dit():
             if adapter is not None and cache_dit.BlockAdapter.is_normalized(adapter):
                 cache_dit.disable_cache(adapter)
             else:  # enable_cache stopped before it took the adapter in: undo what it did on the transformer
@@ -353,8 +353,8 @@ class CacheDitPeer(Method):
         model = self.state.get("model")
         if model is None:
             return {}
-        cache_dit, _ = _import_cache_dit()
-        with _quiet_cache_dit():
+        cache_dit, _ = cachedit.import_cache_dit()
+        with cachedit.quiet_cache_dit():
             summaries = cache_dit.summary(model, logging=False)
         per_list = summaries[:-1] or summaries  # one per cached block list, then the transformer's own
         steps = self.state["steps"]
@@ -431,7 +431,8 @@ def _mask_policy(token: str, param: str) -> str:
 def parse_method(name: str, tuned: str | os.PathLike | Mapping[str, Any] | None = None) -> Method:
     """A `Method` from its name (see the module docstring); ConfigError (a ValueError) with the grammar or the
     valid range for anything else. `tuned` is what `auto[+moreg]` stands for: the model's own calibrated codebook
-    file, or a mapping of its plain and MoReg ones (see `_auto_source`; None: opensora-30-fast)."""
+    file, or a mapping of its plain and MoReg ones (`pipelines.calibrated_codebooks`), or None: the rule is
+    `pipelines.auto_choice`."""
     if not isinstance(name, str):
         raise ConfigError(f"a method name must be a string, got {name!r}")
     token = name.strip()
@@ -458,7 +459,7 @@ def parse_method(name: str, tuned: str | os.PathLike | Mapping[str, Any] | None 
     if source.endswith(MOREG):
         raise ConfigError(f"method {token!r}: {MOREG} is given more than once; write {source.split(MOREG)[0]}{MOREG}")
     if source == "auto":
-        source = _auto_source(tuned, moreg)
+        source = auto_choice(tuned, moreg)
     if source in PRESETS or source.endswith(".json") or Path(source).is_file():
         try:
             config = AdaCacheConfig.load(source)
@@ -472,17 +473,6 @@ def parse_method(name: str, tuned: str | os.PathLike | Mapping[str, Any] | None 
         f"a config .json[+moreg], static:<k>, {', '.join(f'{p}[:value]' for p in PEERS)}, "
         f"{', '.join(f'{p}[:threshold]' for p in CACHEDIT_PEERS[:2])}, cachedit-mask[:{'|'.join(MASK_POLICIES)}]"
     )
-
-
-def _auto_source(tuned: Any, moreg: bool) -> str:
-    """What `auto[+moreg]` stands for: `tuned` is the model's calibrated codebook file, or a mapping {"plain": file,
-    "moreg": file} where the model also ships a MoReg codebook (its motion normalisation measured on it), which
-    `auto+moreg` then uses; the 30-step fast preset where the model ships none."""
-    if isinstance(tuned, Mapping):
-        chosen = (tuned.get("moreg") if moreg else None) or tuned.get("plain")
-    else:
-        chosen = tuned
-    return str(chosen) if chosen is not None else "opensora-30-fast"
 
 
 def parse_methods(names: list[str], tuned: str | os.PathLike | Mapping[str, Any] | None = None) -> list[Method]:
@@ -672,108 +662,7 @@ _PEER_CONFIG: dict[str, Callable[..., Any]] = {
 }
 
 
-# --- cache-dit's caches ---------------------------------------------------------------------------------------------
-# DBCache runs the first Fn blocks every step and decides from their residual whether to reuse the cached residual of
-# the middle blocks; the last Bn blocks then run too. cache-dit's defaults, F8B0, need more than 8 blocks to cache
-# anything at all (it refuses Fn above the block count): they are kept where a block list has at least
-# FULL_DEFAULTS_FROM blocks (so that half of it or more can be cached); smaller models get F1B0, cache-dit's
-# lightest setting (the embedded model's 6 blocks: 5 of 6 cached on a reused step).
-CACHEDIT_FN, CACHEDIT_BN = 8, 0  # cache-dit's DBCacheConfig defaults
-FULL_DEFAULTS_FROM = 2 * CACHEDIT_FN
-SMALL_FN, SMALL_BN = 1, 0
-TAYLORSEER_ORDER = 1  # cache-dit's default order of TaylorSeerCalibratorConfig (its docs recommend 1 or 2)
-
-
-@dataclass(frozen=True)
-class _CacheDitPlan:
-    """How cache-dit's BlockAdapter is set up on one transformer: its block lists in call order, each with the
-    name of its cache_dit.ForwardPattern, and the compute blocks (Fn first, Bn last) of every list."""
-
-    blocks: list[torch.nn.ModuleList]
-    patterns: list[str]
-    first_blocks: int
-    last_blocks: int
-
-
-def _import_cache_dit() -> tuple[Any, str | None]:
-    """(cache_dit, None), or (None, why it cannot be used)."""
-    try:
-        import cache_dit
-    except ImportError:
-        return None, CACHEDIT_MISSING
-    except Exception as error:  # noqa: BLE001 - an install that breaks on import: say so, and skip
-        return None, f"cache-dit failed to import ({type(error).__name__}: {str(error)[:160]}); reinstall it: " \
-                     "pip install --force-reinstall cache-dit"
-    return cache_dit, None
-
-
-@contextlib.contextmanager
-def _quiet_cache_dit() -> Iterator[None]:
-    """cache-dit logs every enable, disable and refresh (INFO and WARNING) through handlers of its own; the bench
-    owns the terminal, so its loggers are held at ERROR while cache-dit is called, and put back after."""
-    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
-               if name == "cache_dit" or name.startswith("cache_dit.")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
-def _cachedit_plan(model: torch.nn.Module) -> _CacheDitPlan | str:
-    """The BlockAdapter set-up for `model`, from adacache's ModelSpec of its class; or why cache-dit cannot cache it."""
-    name = type(model).__name__
-    spec = registered_spec(model)
-    if spec is None:
-        return (f"{name} has no ModelSpec (adacache.register_model): which block lists cache-dit may cache, and what "
-                "their blocks take and return, is unknown")
-    if spec.interleave:
-        return (f"{name} calls its block lists interleaved ({', '.join(b.attribute for b in spec.block_lists)}); "
-                "cache-dit caches each block list as one unit, run one after the other")
-    blocks, patterns = [], []
-    for block_list in spec.block_lists:
-        try:
-            modules = get_attribute(model, block_list.attribute)
-        except AttributeError:
-            modules = None
-        if not isinstance(modules, torch.nn.ModuleList) or not len(modules):
-            return f"{name}.{block_list.attribute} is not a ModuleList of blocks, as its ModelSpec says"
-        pattern = _forward_pattern(block_list.block, modules[0])
-        if pattern is None:
-            return (f"{name}'s blocks in {block_list.attribute} do not take (hidden_states, encoder_hidden_states, "
-                    "...) first and return the video stream alone or with the text stream, as cache-dit's forward "
-                    "patterns need")
-        blocks.append(modules)
-        patterns.append(pattern)
-    fewest = min(len(b) for b in blocks)
-    first, last = (CACHEDIT_FN, CACHEDIT_BN) if fewest >= FULL_DEFAULTS_FROM else (SMALL_FN, SMALL_BN)
-    if fewest <= first + last:
-        return f"{name} has {fewest} block(s) in a block list; cache-dit computes the first {first} every step and " \
-               "needs at least one more to cache"
-    return _CacheDitPlan(blocks, patterns, first, last)
-
-
-def _forward_pattern(block_spec: BlockSpec, block: torch.nn.Module) -> str | None:
-    """The name of cache-dit's ForwardPattern for blocks described by `block_spec`, or None where none fits.
-
-    cache-dit calls a block list's blocks as block(hidden_states, encoder_hidden_states, *rest) (Pattern_0/1/2), or
-    block(hidden_states, *rest) where the blocks take no text (Pattern_3); Pattern_2 blocks return the video stream
-    alone, Pattern_0 and Pattern_1 return both streams, video first or second."""
-    parameters = list(inspect.signature(block.forward).parameters)
-    if block_spec.hidden_states_argument != "hidden_states" or parameters[:1] != ["hidden_states"]:
-        return None
-    takes_text = parameters[1:2] == ["encoder_hidden_states"]
-    if block_spec.encoder_hidden_states_argument is None:
-        return "Pattern_2" if takes_text else "Pattern_3" if "encoder_hidden_states" not in parameters else None
-    if block_spec.encoder_hidden_states_argument != "encoder_hidden_states" or not takes_text:
-        return None
-    order = (block_spec.output_hidden_states_index, block_spec.output_encoder_hidden_states_index)
-    return {(0, 1): "Pattern_0", (1, 0): "Pattern_1"}.get(order)
-
-
+# --- cache-dit: one call per step or two (here, beside BATCHED_CFG_PIPELINES; the rest of its set-up: cachedit.py) -
 def _separate_cfg(cache_dit: Any, pipe: Any, guidance: float | None) -> bool | str:
     """Whether each step makes two transformer calls (split CFG), which cache-dit must be told since it counts
     steps in calls; or why that is unknown. Pipelines batching their CFG branches make one call, as do all without
@@ -788,29 +677,3 @@ def _separate_cfg(cache_dit: Any, pipe: Any, guidance: float | None) -> bool | s
     return (f"{name} is not known to batch its CFG branches in one call (known: {', '.join(BATCHED_CFG_PIPELINES)}) "
             "nor known to cache-dit; cache-dit counts steps in transformer calls, so it must know whether a step "
             "makes one call or two")
-
-
-def _variant_settings(cache_dit: Any, method: CacheDitPeer, steps: int) -> dict[str, Any]:
-    """The DBCacheConfig fields that differ between the cache-dit methods (the rest stay cache-dit's defaults)."""
-    if method.variant == "cachedit-mask":
-        # "static": the steps the mask leaves out reuse the cache whatever the residual difference, so the method
-        # computes a fixed set of steps ("dynamic" would still ask the threshold on those steps)
-        return {"steps_computation_mask": cache_dit.steps_mask(total_steps=steps, mask_policy=method.value),
-                "steps_computation_policy": "static"}
-    return {"residual_diff_threshold": float(method.value)}
-
-
-def _cachedit_settings(method: CacheDitPeer) -> dict[str, Any]:
-    """The settings a cache-dit method runs with, for run.json (the model decides the compute blocks)."""
-    settings: dict[str, Any] = {
-        "compute_blocks": f"F{CACHEDIT_FN}B{CACHEDIT_BN} on block lists of {FULL_DEFAULTS_FROM} or more blocks, else "
-                          f"F{SMALL_FN}B{SMALL_BN}",
-        "other_settings": "cache-dit's DBCacheConfig defaults (max_warmup_steps 8, no cap on cached steps)",
-    }
-    if method.variant == "cachedit-mask":
-        settings.update(mask_policy=method.value, steps_computation_policy="static")
-    else:
-        settings["residual_diff_threshold"] = method.value
-    if method.variant == "dbcache-taylorseer":
-        settings["taylorseer_order"] = TAYLORSEER_ORDER
-    return settings

@@ -22,10 +22,13 @@ logger = logging.getLogger(__name__)
 
 
 # --- quality ------------------------------------------------------------------------------------------------------
-def psnr(reference: np.ndarray, other: np.ndarray) -> float:
-    """Peak signal-to-noise ratio in dB for values in [0, 1]; inf for identical videos (NaN if either has NaN)."""
+def psnr(reference: np.ndarray, other: np.ndarray, peak: float = 1.0) -> float:
+    """Peak signal-to-noise ratio in dB, 10 log10(peak^2 / MSE), the one PSNR of the package; inf for identical
+    inputs (NaN if either has NaN). `peak` is the largest possible difference: 1.0 for videos in [0, 1] (uint8
+    frames are divided by 255 first); for values without a fixed range (the demo's latents) the caller states one,
+    e.g. the reference's max - min."""
     mse = float(np.mean((np.asarray(reference, np.float64) - np.asarray(other, np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
 
 
 OBJECT_THRESHOLD = 0.05  # a reference pixel belongs to the object where any channel exceeds this (0..1 scale)
