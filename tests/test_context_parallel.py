@@ -217,7 +217,7 @@ def _sharded_reduction(rank: int) -> dict:
         whole = torch.randn(2, frames * per_frame, 8, generator=generator, dtype=torch.float64)
         expected = motion_sums(whole.view(2, frames, per_frame, 8), strides)
         sharded = ShardedProbe(ContextParallel(dist.group.WORLD, even=even))
-        local = sharded.motion(_split_tokens(whole, rank, even), frames, strides)
+        local = sharded.motion_sums(_split_tokens(whole, rank, even), frames, strides)
         change = torch.zeros((), dtype=torch.float64)
         reduced = sharded.reduce_all([ProbeSums(change, change, local, moreg=True)])[0][0].motion
         results[name] = [(a.item(), b.item(), c.item(), d.item()) for (a, b), (c, d) in zip(reduced, expected)]
@@ -229,7 +229,7 @@ def _sharded_reduction(rank: int) -> dict:
     current = torch.tensor([1.01, 1.5, 1.5, 1.5]).view(1, 4, 1)
     whole_schedule = Schedule(AdaCacheConfig(codebook=codebook))
     sharded = ShardedProbe(ContextParallel(dist.group.WORLD, even=False))
-    schedule = Schedule(AdaCacheConfig(codebook=codebook), motion=sharded.motion)
+    schedule = Schedule(AdaCacheConfig(codebook=codebook), motion_sums_of=sharded.motion_sums)
     mine = slice(0, 1) if rank == 0 else slice(1, 4)
     local = Schedule(AdaCacheConfig(codebook=codebook))
     for step, probe in ((1, previous), (2, current)):

@@ -12,7 +12,7 @@ measures its own slice of the probe. What this module adds, per generation (`Sha
   stacked tensor per computed step, together with the sums of the residuals about to be cached (a non-finite value
   on one rank makes the total non-finite on all); every rank then divides the same sums, so every rank looks the
   same rate up and makes the same keep-or-recompute choice. Sums, never per-rank ratios: slices may be uneven.
-- `motion`: MoReg's frame-to-frame differences pair token i with token i - stride * S (S tokens per frame), which
+- `motion_sums`: MoReg's frame-to-frame differences pair token i with token i - stride * S (S tokens per frame), which
   for the first stride * S tokens of a slice lie on the ranks before it. Those tokens (at most max(stride) frames)
   are sent by point-to-point from the ranks that hold them; the rest is measured locally, and the sums are then
   exact, whatever the slice boundaries (inside a frame or between frames).
@@ -63,7 +63,7 @@ class ContextParallel:
 
 class ShardedProbe:
     """One generation's probe measurement under context parallelism: `reduce_all` between its Schedules' `measure`
-    and `conclude`, and `motion` for their `measure`."""
+    and `conclude`, and `motion_sums` for their `measure`."""
 
     def __init__(self, parallel: ContextParallel) -> None:
         self.parallel = parallel
@@ -92,7 +92,7 @@ class ShardedProbe:
             reduced.append(ProbeSums(change, base, pairs if s.motion is not None else None, moreg=s.moreg))
         return reduced, list(total)
 
-    def motion(self, probe: torch.Tensor, frames: int,
+    def motion_sums(self, probe: torch.Tensor, frames: int,
                strides: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """MoReg's per-stride (numerator, denominator) of this rank's slice of a (B, N, C) probe whose N tokens are
         `frames` frames of N / frames tokens, frame pairs across slice boundaries included (their earlier frame's

@@ -150,7 +150,7 @@ class Schedule:
     notes: list[str] = field(default_factory=list)
     # MoReg's sums of a probe (framed (B, T, S, C), or as the caller laid it out) with `frames` frames; a sharded
     # probe replaces it with one that pairs frames across the shard boundaries (adacache.parallel).
-    motion: Callable[[torch.Tensor, int, tuple[int, ...]], list[tuple[torch.Tensor, torch.Tensor]]] | None = None
+    motion_sums_of: Callable[[torch.Tensor, int, tuple[int, ...]], list[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     def is_computed(self, step: int, have_cache: bool) -> bool:
         """Whether `step` runs the blocks. Without a usable cache every step is computed."""
@@ -173,7 +173,7 @@ class Schedule:
             self.note("MoReg skipped: the probe's frame layout is unknown (see the model spec's token_layout)")
         if config.moreg and frames is not None and self._in_moreg_window(step):
             strides = config.moreg_strides
-            motion = motion_sums(probe, strides) if self.motion is None else self.motion(probe, frames, strides)
+            motion = motion_sums(probe, strides) if self.motion_sums_of is None else self.motion_sums_of(probe, frames, strides)
             if not motion:
                 self.note(f"MoReg: the probe has too few frames for strides {config.moreg_strides}; m = 1")
         return ProbeSums(change, base, motion, moreg=config.moreg and frames is not None)

@@ -213,7 +213,7 @@ class Runtime(NotCopyable):
             if sharded is not None:  # every rank decides from the sums of the whole probe
                 state.sharded = sharded
                 for video in state.videos:
-                    video.schedule.motion = sharded.motion
+                    video.schedule.motion_sums_of = sharded.motion_sums
         state.thread = thread
         computing, skipping = [], []
         for video in state.videos:

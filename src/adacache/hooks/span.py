@@ -132,7 +132,7 @@ def conclude(call: Call, outputs: tuple, layout: Layout) -> None:
     for video, rows in call.parts:
         # kept as the video's last probe: its own rows only
         probe = own_rows_of(call.probe, rows, call.size) if len(call.parts) > 1 else rows_of(call.probe, rows, call.size)
-        if state.sharded is not None:  # a slice of the tokens: ShardedProbe.motion pairs its frames across ranks
+        if state.sharded is not None:  # a slice of the tokens: ShardedProbe.motion_sums pairs its frames across ranks
             frames = call.frames
         elif (framed := probe_frames(probe, layout.probe_tokens, call.frames)) is None:
             frames = None  # MoReg cannot read frames from it: the distance decides
