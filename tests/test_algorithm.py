@@ -1,5 +1,6 @@
 """The decision on hand-built probes, with expected results worked out by hand (see each test's comments)."""
 
+import dataclasses
 import math
 
 import pytest
@@ -87,8 +88,9 @@ def test_paper_mode_needs_the_planned_step_exactly():
 
 
 def test_moreg_by_hand():
-    # Probe frames (B=1, T=2, S=1, C=1). Window (2, 9) of N=10. Codebook {0.1: 4, 1.0: 1}.
-    config = AdaCacheConfig(codebook={0.1: 4, 1.0: 1}, moreg=True, moreg_window=(2, 9))
+    # Probe frames (B=1, T=2, S=1, C=1). Window (2, 9) of N=10. Codebook {0.1: 4, 1.0: 1}. The authors' rule
+    # (paper mode): the first m's gradient is taken against 1.
+    config = AdaCacheConfig(codebook={0.1: 4, 1.0: 1}, moreg=True, moreg_window=(2, 9), paper_mode=True)
     schedule = Schedule(config, num_steps=10)
     decide_computed_step(schedule, 1, torch.tensor([1.0, 1.0]).view(1, 2, 1, 1), frames=2)
     # step 2: [1.0, 1.1]: raw distance = |0| + |0.1| over 2 = 0.05; motion raw = 0.1 / 2.1
@@ -99,6 +101,11 @@ def test_moreg_by_hand():
     assert record.motion_factor == pytest.approx(m + abs(g), rel=1e-4)
     assert record.distance == pytest.approx(0.05 * (m + abs(g)), rel=1e-4)
     assert record.rate == lookup_rate(config.codebook, 0.05 * (m + abs(g)))
+    # the default mode takes no gradient at the first reading (against 1 it multiplied the distance by 10 here)
+    ours = Schedule(dataclasses.replace(config, paper_mode=False), num_steps=10)
+    decide_computed_step(ours, 1, torch.tensor([1.0, 1.0]).view(1, 2, 1, 1), frames=2)
+    first = decide_computed_step(ours, 2, torch.tensor([1.0, 1.1]).view(1, 2, 1, 1), frames=2)
+    assert first.motion_factor == pytest.approx(m, rel=1e-4) and first.distance == pytest.approx(0.05 * m, rel=1e-4)
     # outside the window MoReg leaves the distance alone
     outside = Schedule(AdaCacheConfig(codebook={0.1: 4, 1.0: 1}, moreg=True, moreg_window=(5, 9)), num_steps=10)
     decide_computed_step(outside, 1, torch.tensor([1.0, 1.0]).view(1, 2, 1, 1), frames=2)

@@ -47,7 +47,8 @@ def test_method_names_parse_to_what_they_say(tmp_path):
     AdaCacheConfig(codebook={0.1: 4, 1.0: 1}).save(path)
     assert parse_method(str(path)).adacache.codebook == {0.1: 4, 1.0: 1}
     assert parse_method("auto", tuned=path).adacache.codebook == {0.1: 4, 1.0: 1}
-    assert parse_method("auto").adacache.codebook == AdaCacheConfig.from_preset("opensora-30-fast").codebook
+    assert parse_method("auto").adacache == AdaCacheConfig.from_preset("balanced")  # no codebook: the default
+    assert parse_method("default").adacache == AdaCacheConfig() and parse_method("speedup:2.5").adacache.speedup == 2.5
     for steps in (30, 100):
         assert parse_methods(default_methods(steps))[0].name == "none"
 

@@ -84,6 +84,21 @@ def test_bad_fields(field, value):
 
 
 def test_default_moreg_window_scales_with_steps():
-    assert AdaCacheConfig().resolve_moreg_window(30) == (3, 27)
-    assert AdaCacheConfig().resolve_moreg_window(100) == (10, 90)
+    # paper mode: the authors' window, from max(2, N/10); with a codebook, from step 2 (the first with a distance:
+    # read outside the window, it met thresholds scaled for regularised distances); without one, to the last step
+    assert AdaCacheConfig(paper_mode=True).resolve_moreg_window(30) == (3, 27)
+    assert AdaCacheConfig(paper_mode=True).resolve_moreg_window(100) == (10, 90)
+    assert AdaCacheConfig.from_preset("opensora-30-fast", moreg_window=None).resolve_moreg_window(30) == (2, 27)
+    assert AdaCacheConfig().resolve_moreg_window(30) == (2, 30)
     assert AdaCacheConfig(moreg_window=(4, 26)).resolve_moreg_window(100) == (4, 26)
+
+
+def test_no_codebook_is_the_calibration_free_default_and_paper_mode_takes_the_authors():
+    assert AdaCacheConfig().calibration_free and AdaCacheConfig().speedup == 2.0
+    assert AdaCacheConfig.from_preset("fast").speedup == 3.0 and AdaCacheConfig.from_preset("fast").calibration_free
+    assert AdaCacheConfig(paper_mode=True).codebook == AdaCacheConfig.from_preset("opensora-30-fast").codebook
+    for bad in (0.5, float("nan"), 25, "2", True):
+        with pytest.raises(ConfigError, match="speedup"):
+            AdaCacheConfig(speedup=bad)
+    config = AdaCacheConfig(speedup=2.5)
+    assert AdaCacheConfig.from_dict(config.to_dict()) == config

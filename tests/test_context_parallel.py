@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from adacache.config import AdaCacheConfig
-from adacache.core.decision import ProbeSums, Schedule, motion_sums
+from adacache.core.decision import ProbeSums, Schedule, motion_sums, scale_free_motion_sums
 
 from toy import decide_computed_step
 
@@ -221,6 +221,13 @@ def _sharded_reduction(rank: int) -> dict:
         change = torch.zeros((), dtype=torch.float64)
         reduced = sharded.reduce_all([ProbeSums(change, change, local, moreg=True)])[0][0].motion
         results[name] = [(a.item(), b.item(), c.item(), d.item()) for (a, b), (c, d) in zip(reduced, expected)]
+        # the calibration-free MoReg's sums: counts, and the change between neighbouring tokens of a frame last
+        expected = scale_free_motion_sums(whole.view(2, frames, per_frame, 8), strides)
+        local = sharded.motion_sums(_split_tokens(whole, rank, even), frames, strides, scale_free=True)
+        reduced = sharded.reduce_all([ProbeSums(change, change, local, moreg=True, scale_free=True)])[0][0]
+        assert reduced.scale_free and len(reduced.motion) == len(expected)
+        results[f"{name}, scale-free"] = [(a.item(), b.item(), c.item(), d.item())
+                                          for (a, b), (c, d) in zip(reduced.motion, expected)]
 
     # Rank 0 holds one token that barely changed, rank 1 three that changed a lot: alone, rank 0 would skip two
     # steps and rank 1 compute the next; the mean of their ratios (0.255) is not the whole's ratio (0.3775).
@@ -329,7 +336,9 @@ def test_moreg_pairs_frames_across_the_shard_boundary(ranks, scenario):
 
 
 @pytest.mark.parametrize("layout", ["between frames", "inside a frame", "uneven inside",
-                                    "slice shorter than the stride"])
+                                    "slice shorter than the stride",
+                                    *(f"{name}, scale-free" for name in ("between frames", "inside a frame",
+                                                                         "uneven inside"))])
 def test_sharded_motion_sums_equal_the_whole(ranks, layout):
     for outcome in ranks:
         for reduced_change, reduced_base, change, base in outcome["reduction"][layout]:

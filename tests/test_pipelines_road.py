@@ -18,7 +18,8 @@ from adacache.cli import build_parser
 from adacache.embedded.pipeline import WEIGHTS_DIR
 from adacache.evaluation.methods import parse_method
 from adacache.hooks import is_applied
-from adacache.pipelines import (AUTO_FALLBACK, MAX_GUIDANCE, MAX_SEED, MAX_STEPS, MAX_TRAIN_SEED, PAGE_MAX_STEPS,
+from adacache.pipelines import (AUTO_FALLBACK, AUTO_FALLBACK_LABEL, MAX_GUIDANCE, MAX_SEED, MAX_STEPS,
+                                MAX_TRAIN_SEED, PAGE_MAX_STEPS,
                                 PAGE_MIN_STEPS, auto_choice, auto_config, calibrated_codebooks, check_prompts,
                                 finite_step_check, first_video, generation, model_kind, uncached_then_cached)
 from adacache.serve import WebPage
@@ -53,12 +54,13 @@ def test_auto_on_the_embedded_model_is_its_codebook_for_the_step_count(steps, mo
 def test_auto_for_a_model_pipeline_is_the_fallback_preset(tmp_path, moreg):
     assert AUTO_FALLBACK in adacache.PRESETS
     assert calibrated_codebooks("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 30) is None
-    assert auto_config("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 30, moreg) == (AUTO_FALLBACK, AUTO_FALLBACK)
-    assert auto_config(str(tmp_path), 100, moreg) == (AUTO_FALLBACK, AUTO_FALLBACK)  # even a folder of the embedded
+    assert auto_config("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 30, moreg) == (AUTO_FALLBACK, AUTO_FALLBACK_LABEL)
+    assert auto_config(str(tmp_path), 100, moreg) == (AUTO_FALLBACK, AUTO_FALLBACK_LABEL)  # even a folder of the embedded
     assert parse_method("auto+moreg" if moreg else "auto").adacache.codebook == \
         AdaCacheConfig.from_preset(AUTO_FALLBACK).codebook
     config, label = WebPage(object(), "unused", model="someone/a-model").resolve_cache("auto", 30, moreg)
-    assert label == f"auto: {AUTO_FALLBACK}" + (" + MoReg" if moreg else "")
+    assert label == f"auto: {AUTO_FALLBACK_LABEL}" + (" + MoReg" if moreg else "")
+    assert config.calibration_free and config.speedup == 2.0
 
 
 def test_auto_choice_takes_moreg_where_one_ships_else_plain_else_the_fallback():

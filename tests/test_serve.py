@@ -212,7 +212,7 @@ def test_generate_on_a_diffusers_pipeline(tmp_path):
     page = WebPage(pipe, tmp_path / "serve", model=str(folder), call={"height": 32, "width": 32, "num_frames": 9})
     uncached, cached, figure, numbers = page.generate("a cat surfing", "auto", False, 5, 0, 5.0)
     assert _frame_count(uncached) == _frame_count(cached) == 9
-    assert "Cache: auto: opensora-30-fast" in numbers
+    assert "Cache: auto: balanced, the calibration-free default" in numbers
     assert re.search(r"cond \d/5, uncond \d/5", numbers), numbers
     assert [label.get_text() for label in figure.axes[1].get_yticklabels()] == ["cond", "uncond"]
 

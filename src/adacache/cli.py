@@ -508,8 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="run a small model on CPU uncached and cached; print steps and speed-up",
                                parents=[shared["steps"], shared["progress"]])
-    demo.add_argument("--cache", default="opensora-30-fast",
-                      help=f"preset ({', '.join(sorted(PRESETS))}) or a JSON config file (default opensora-30-fast)")
+    demo.add_argument("--cache", default="balanced",
+                      help=f"preset ({', '.join(sorted(PRESETS))}) or a JSON config file (default balanced: no "
+                           "calibration, 2x fewer computed steps)")
     demo.add_argument("--moreg", action="store_true", help="enable motion regularization")
     demo.add_argument("--seed", type=_SEED, default=0, help="random seed (weights and noise), 0 to 2**64-1")
     demo.set_defaults(run=_demo)
@@ -523,8 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default out.mp4)")
     gen.add_argument("--cache", default="auto",
                      help=f"none, auto, a preset ({', '.join(sorted(PRESETS))}) or a JSON config file (default auto: "
-                          "the embedded model's calibrated codebook for the step count, or opensora-30-fast for --model "
-                          "pipelines)")
+                          "the embedded model's calibrated codebook for the step count, or the calibration-free "
+                          "default, balanced, for --model pipelines)")
     gen.add_argument("--moreg", action="store_true", help="enable motion regularization")
     gen.add_argument("--seed", type=_SEED, default=0, help="random seed, 0 to 2**64-1 (default 0)")
     gen.add_argument("--compare", action="store_true",

@@ -32,8 +32,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "codebook": {0.08: 3, 0.16: 2, 0.24: 1, 0.32: 1, 0.40: 1, 1.00: 1},
         "moreg_window": (4, 26),
     },
+    # The calibration-free default's named settings (no codebook: distances relative to the generation's own first
+    # one, a compute budget of steps / speedup; see core/decision.py). "balanced" is AdaCacheConfig()'s.
+    "quality": {"codebook": None, "speedup": 1.5},
+    "balanced": {"codebook": None, "speedup": 2.0},
+    "fast": {"codebook": None, "speedup": 3.0},
 }
-DEFAULT_PRESET = "opensora-30-fast"
+DEFAULT_PRESET = "opensora-30-fast"  # the authors' codebook: what paper_mode decides with when given none
+DEFAULT_SPEEDUP = 2.0
+MAX_SPEEDUP = 20.0
 
 PROBE_POINTS = ("auto", "block", "attention")
 STORES = ("reuse", "forecast")
@@ -53,17 +60,28 @@ class AdaCacheConfig:
     since the last computed step, per step of gap), optionally raised by motion regularization (MoReg).
     """
 
-    # threshold -> rate, thresholds strictly ascending. The first threshold above the distance gives the rate;
+    # threshold -> rate, thresholds strictly ascending, in the model's own distance units (calibrated: `adacache
+    # calibrate`, or the authors' presets for Open-Sora). The first threshold above the distance gives the rate;
     # distances beyond the last threshold take the last rate. Higher rates = faster, but more reuse error.
-    codebook: Mapping[float, int] = field(default_factory=lambda: dict(PRESETS[DEFAULT_PRESET]["codebook"]))
+    # None (the default): no calibration; each video's distances are read relative to its own first one, and the
+    # rates spend a compute budget of `speedup` (core/decision.py). paper_mode with None: the authors' 30-step fast
+    # codebook.
+    codebook: Mapping[float, int] | None = None
+    # Without a codebook: the compute speed-up to aim at (steps / computed steps, on average over videos; a video
+    # that changes or moves more gets more of the budget). Higher = faster, but more reuse error. Named settings:
+    # the presets "quality" (1.5), "balanced" (2, the default), "fast" (3). Ignored with a codebook.
+    speedup: float = DEFAULT_SPEEDUP
     # Motion regularization: multiply the distance by a motion score of the probe (frame-to-frame change) and its
     # gradient, so videos with more motion get more compute. Costs nothing measurable; slightly slower overall.
     moreg: bool = False
-    # 1-based steps (first, last) inclusive where MoReg applies; None = (max(2, round(N/10)), N - round(N/10)).
+    # 1-based steps (first, last) inclusive where MoReg applies; None = from step 2 to N - round(N/10) (to N without
+    # a codebook; paper mode: from max(2, round(N/10)), as the authors). See resolve_moreg_window.
     moreg_window: tuple[int, int] | None = None
     # Frame strides over which motion is measured; their scores are averaged. (1,) is the authors' default.
     moreg_strides: tuple[int, ...] = (1,)
-    # MoReg score m = (raw / moreg_norm) ** moreg_power / moreg_divisor; authors' values (0.385, 8, 1).
+    # With a codebook, MoReg score m = (raw / moreg_norm) ** moreg_power / moreg_divisor; authors' values
+    # (0.385, 8, 1), fitted to Open-Sora (`adacache calibrate --moreg` measures a model's own moreg_norm). Without a
+    # codebook MoReg needs none of these: it reads motion scale-free (core/decision.py, `scale_free_motion`).
     moreg_norm: float = 0.385
     moreg_power: float = 8.0
     moreg_divisor: float = 1.0
@@ -117,10 +135,17 @@ class AdaCacheConfig:
     def __reduce__(self) -> tuple:
         # copies and pickles are made through __init__, so they are checked and read-only too
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return _rebuild, (type(self), {**fields, "codebook": dict(self.codebook)})
+        codebook = dict(self.codebook) if self.codebook is not None else None
+        return _rebuild, (type(self), {**fields, "codebook": codebook})
 
     def __post_init__(self) -> None:
-        self.codebook = Codebook(validate_codebook(self.codebook))  # read-only: see __setattr__
+        if self.codebook is None and self.paper_mode:  # the authors decide with a codebook
+            self.codebook = PRESETS[DEFAULT_PRESET]["codebook"]
+        if self.codebook is not None:
+            self.codebook = Codebook(validate_codebook(self.codebook))  # read-only: see __setattr__
+        if not _is_number(self.speedup) or not math.isfinite(self.speedup) or not 1 <= self.speedup <= MAX_SPEEDUP:
+            raise ConfigError(f"speedup must be a number from 1 to {MAX_SPEEDUP:g} (the compute speed-up aimed at "
+                              f"without a codebook; 2 is the default), got {self.speedup!r}")
         for name in ("moreg", "paper_mode"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -226,7 +251,8 @@ class AdaCacheConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        data["codebook"] = {repr(float(k)): int(v) for k, v in self.codebook.items()}
+        data["codebook"] = ({repr(float(k)): int(v) for k, v in self.codebook.items()} if self.codebook is not None
+                            else None)
         return data
 
     def save(self, path: str | os.PathLike, about: Mapping[str, Any] | None = None) -> None:
@@ -242,6 +268,11 @@ class AdaCacheConfig:
             tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves the old file and no debris
 
     @property
+    def calibration_free(self) -> bool:
+        """No codebook: relative distances and a compute budget (the default), rather than calibrated thresholds."""
+        return self.codebook is None
+
+    @property
     def resolved_batch_schedule(self) -> str:
         """How a batch of several videos is scheduled: `batch_schedule`, or its default."""
         if self.batch_schedule is not None:
@@ -249,10 +280,16 @@ class AdaCacheConfig:
         return "shared" if self.paper_mode else "video"
 
     def resolve_moreg_window(self, num_steps: int) -> tuple[int, int]:
+        """The 1-based steps (first, last) where MoReg applies: `moreg_window`, else from step 2 (the first with
+        a distance) to N - round(N/10), or to N without a codebook. Paper mode starts at max(2, round(N/10)) as
+        the authors' presets do; outside the window their m is 1, so a distance read before it (step 2 at 30
+        steps) met thresholds made for regularised ones."""
         if self.moreg_window is not None:
             return self.moreg_window
         margin = round(num_steps / 10)
-        return max(2, margin), num_steps - margin
+        if self.paper_mode:
+            return max(2, margin), num_steps - margin
+        return 2, num_steps if self.calibration_free else num_steps - margin
 
 
 class Codebook(dict):

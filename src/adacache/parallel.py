@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import torch
 
 from . import compat
-from .core.decision import ProbeSums, l1
+from .core.decision import ProbeSums, count_of, l1
 
 logger = logging.getLogger(__name__)
 
@@ -89,15 +89,17 @@ class ShardedProbe:
                 continue
             change, base = next(total), next(total)
             pairs = [(next(total), next(total)) for _ in s.motion or []]
-            reduced.append(ProbeSums(change, base, pairs if s.motion is not None else None, moreg=s.moreg))
+            reduced.append(ProbeSums(change, base, pairs if s.motion is not None else None, moreg=s.moreg,
+                                     scale_free=s.scale_free))
         return reduced, list(total)
 
-    def motion_sums(self, probe: torch.Tensor, frames: int,
-               strides: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def motion_sums(self, probe: torch.Tensor, frames: int, strides: tuple[int, ...],
+                    scale_free: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """MoReg's per-stride (numerator, denominator) of this rank's slice of a (B, N, C) probe whose N tokens are
         `frames` frames of N / frames tokens, frame pairs across slice boundaries included (their earlier frame's
         tokens come from the ranks before). Summed over the ranks (`reduce_all`), they are `motion_sums` of the
-        whole."""
+        whole; with `scale_free`, `scale_free_motion_sums` of the whole (counts for denominators, and the change
+        between neighbouring tokens of a frame last, the pair across a slice boundary included)."""
         if probe.dim() != 3:
             raise ValueError(
                 f"AdaCache under context parallelism reads MoReg's frames from a (batch, tokens, channels) probe, got "
@@ -116,6 +118,7 @@ class ShardedProbe:
         halo = self._halo(probe, start, reach)  # tokens [start - len(halo), start), from the ranks before
         extended = torch.cat([halo, probe], dim=1) if halo.shape[1] else probe
         offset = start - halo.shape[1]  # the global index of extended[:, 0]
+        values = probe.shape[0] * probe.shape[2]  # values per token (batch x channels), for the counts
         sums = []
         for stride in strides:
             shift = stride * per_frame
@@ -126,11 +129,34 @@ class ShardedProbe:
                 change = l1(later - earlier)
             else:  # the whole slice lies within the first `stride` frames: no pair ends here
                 change = l1(probe[:, :0])
+            if scale_free:  # the values the change sums
+                sums.append((change, count_of(max(0, end - first_later) * values, probe)))
+                continue
             # L1(x[stride:]) + L1(x[:-stride]), each token counted where it lies in the whole sequence
             last_earlier = min(end, total - shift)
             base = l1(probe[:, first_later - start:]) + l1(probe[:, :max(0, last_earlier - start)])
             sums.append((change, base))
+        if scale_free:
+            if not sums or per_frame < 2:
+                return []
+            sums.append(self._neighbour_sums(extended, offset, start, end, per_frame, values))
         return sums
+
+    @staticmethod
+    def _neighbour_sums(extended: torch.Tensor, offset: int, start: int, end: int, per_frame: int,
+                        values: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L1 of the change between neighbouring tokens of a frame, the values it sums) for the pairs (j - 1, j)
+        whose later token j lies in this slice [start, end): j - 1 may be the halo's last token; pairs across a
+        frame boundary (j a frame's first token) are left out, by a mask (no host sync)."""
+        first = max(start, 1)
+        if first >= end:
+            return l1(extended[:, :0]), count_of(0, extended)
+        later = extended[:, first - offset:end - offset]
+        earlier = extended[:, first - 1 - offset:end - 1 - offset]
+        index = torch.arange(first, end, device=extended.device)
+        inside = (index % per_frame != 0).to(later.dtype).view(1, -1, 1)
+        pairs = (end - first) - ((end - 1) // per_frame - (first - 1) // per_frame)  # j in [first, end), j % P != 0
+        return l1((later - earlier) * inside), count_of(pairs * values, extended)
 
     def _bounds(self, local: int, device: torch.device) -> list[tuple[int, int]]:
         """Every rank's slice of the token dimension: computed from the split rule (equal chunks need nothing

@@ -50,7 +50,8 @@ MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
 MAX_TRAIN_SEED = 2**32 - 1  # training derives its stream seeds as seed * 1,000,003 + step, which must stay in 64 bits
 
 # What `auto` means where the model ships no calibrated codebook (any --model pipeline): the paper's 30-step preset
-AUTO_FALLBACK = "opensora-30-fast"
+AUTO_FALLBACK = "balanced"  # the calibration-free default (a preset of AdaCacheConfig)
+AUTO_FALLBACK_LABEL = f"{AUTO_FALLBACK}, the calibration-free default"
 
 # A hub id as huggingface_hub spells one: "name" or "owner/name"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
@@ -231,7 +232,7 @@ def auto_config(model: str | None, steps: int, moreg: bool = False) -> tuple[str
     adacache-30.json", or the fallback preset's name for a --model pipeline). MoReg itself is switched on by the
     caller; `moreg` only picks the codebook."""
     source = auto_choice(calibrated_codebooks(model, steps), moreg)
-    label = source if source == AUTO_FALLBACK else f"the embedded model's {Path(source).name}"
+    label = AUTO_FALLBACK_LABEL if source == AUTO_FALLBACK else f"the embedded model's {Path(source).name}"
     logger.info("auto at %d steps%s: %s", steps, " with MoReg" if moreg else "", label)
     return source, label
 

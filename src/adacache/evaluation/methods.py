@@ -1,9 +1,11 @@
 """The methods a benchmark compares, by name, each as an object the bench drives through one interface.
 
     none                        the uncached baseline
-    <preset>[+moreg]            an AdaCache preset (opensora-30-fast, opensora-30-slow, opensora-100-fast)
+    default[+moreg]             what apply_adacache does with no config: no calibration, 2x fewer computed steps
+    speedup:<x>[+moreg]         the calibration-free default aiming at x (the presets quality, balanced, fast: 1.5, 2, 3)
+    <preset>[+moreg]            an AdaCache preset (opensora-30-fast, opensora-30-slow, opensora-100-fast, quality, ...)
     <file.json>[+moreg]         an AdaCache config file (as `adacache calibrate` writes)
-    auto[+moreg]                the model's own codebook: the embedded model's calibrated one, else opensora-30-fast
+    auto[+moreg]                the model's own codebook: the embedded model's calibrated one, else the default
                                 (pipelines.auto_choice, the rule `adacache generate --cache auto` follows too)
     static:<k>                  reuse the stack residual for k-1 steps after each computed one, whatever the content
                                 (AdaCache's machinery with a constant rate: what adaptivity buys, at matched compute)
@@ -82,7 +84,7 @@ def default_methods(steps: int) -> list[str]:
     """The comparison `adacache bench` runs when no --methods are given, for a step count. The cache-dit methods
     are skipped, with the reason, where cache-dit is not installed."""
     presets = ["opensora-100-fast"] if steps >= 60 else ["opensora-30-fast", "opensora-30-slow"]
-    return ["none", "auto", "auto+moreg", *presets, "static:2", "static:3", "fbc:0.05", "fbc:0.1", "pab:2", "pab:3",
+    return ["none", "default", "default+moreg", "speedup:3", "auto", "auto+moreg", *presets, "static:2", "static:3", "fbc:0.05", "fbc:0.1", "pab:2", "pab:3",
             "magcache:0.06", "magcache:0.12", "taylorseer:3", "taylorseer:4", "fastercache:2", *DEFAULT_CACHEDIT]
 
 
@@ -392,6 +394,10 @@ PARAMETERS: dict[str, _Parameter] = {
     "dbcache": _Parameter("residual difference threshold", float, 1e-4, 10, "dbcache:0.08"),
     "dbcache-taylorseer": _Parameter("residual difference threshold", float, 1e-4, 10, "dbcache-taylorseer:0.08"),
 }
+# AdaCache's own parameter, which +moreg may follow (the peers' may not)
+ADACACHE_PARAMETERS: dict[str, _Parameter] = {
+    "speedup": _Parameter("compute speed-up aimed at, without calibration", float, 1, 20, "speedup:2.5"),
+}
 _INTEGER = re.compile(r"[0-9]+")
 _DECIMAL = re.compile(r"[0-9]+\.?[0-9]*([eE][+-]?[0-9]+)?|\.[0-9]+([eE][+-]?[0-9]+)?")
 MOREG = "+moreg"
@@ -401,7 +407,7 @@ _PEER_BASES = (*PARAMETERS, *CACHEDIT_PEERS)  # names that take a parameter afte
 def _number(token: str, base: str, param: str) -> float | int:
     """The method's parameter, in ASCII digits only (Python would also read '３', '1_0' and ' 3', making names
     that differ but run the same), within its range; ConfigError naming the method and the range otherwise."""
-    spec = PARAMETERS[base]
+    spec = {**PARAMETERS, **ADACACHE_PARAMETERS}[base]
     if not param:
         defaults = {**PEER_DEFAULTS, **CACHEDIT_DEFAULTS}
         default = f"{base} (its default, {defaults[base]}) or " if base in defaults else ""
@@ -460,16 +466,24 @@ def parse_method(name: str, tuned: str | os.PathLike | Mapping[str, Any] | None 
         raise ConfigError(f"method {token!r}: {MOREG} is given more than once; write {source.split(MOREG)[0]}{MOREG}")
     if source == "auto":
         source = auto_choice(tuned, moreg)
-    if source in PRESETS or source.endswith(".json") or Path(source).is_file():
+    config = None
+    if source == "default":  # what apply_adacache does with no config: no calibration, a budget of 2x
+        config = AdaCacheConfig()
+    elif source.startswith("speedup:"):  # the calibration-free default at another speed-up
+        config = AdaCacheConfig(speedup=_number(token, "speedup", source.partition(":")[2]))
+    elif source in PRESETS or source.endswith(".json") or Path(source).is_file():
         try:
             config = AdaCacheConfig.load(source)
         except ConfigError as error:
             raise ConfigError(f"method {token!r}: {error}") from None
+    if config is not None:
         config = dataclasses.replace(config, moreg=config.moreg or moreg)
-        family = "AdaCache" + (" forecast" if config.store == "forecast" else "") + (" + MoReg" if config.moreg else "")
+        family = ("AdaCache" + (" default" if config.calibration_free else "")
+                  + (" forecast" if config.store == "forecast" else "") + (" + MoReg" if config.moreg else ""))
         return AdaCacheMethod(token, family, config)
     raise ConfigError(
-        f"unknown method {token!r}; methods are: none, auto[+moreg], a preset[+moreg] ({', '.join(sorted(PRESETS))}), "
+        f"unknown method {token!r}; methods are: none, default[+moreg], speedup:<x>[+moreg], auto[+moreg], a "
+        f"preset[+moreg] ({', '.join(sorted(PRESETS))}), "
         f"a config .json[+moreg], static:<k>, {', '.join(f'{p}[:value]' for p in PEERS)}, "
         f"{', '.join(f'{p}[:threshold]' for p in CACHEDIT_PEERS[:2])}, cachedit-mask[:{'|'.join(MASK_POLICIES)}]"
     )
