@@ -215,9 +215,11 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     """--prompts FILE, else (embedded model only) the domain's prompt set, thinned to --num-prompts."""
     from .evaluation.bench import read_prompts
 
+    from .pipelines import embedded_name
+
     if args.prompts:
         prompts = read_prompts(args.prompts)
-    elif args.model is None:
+    elif embedded_name(args.model) is not None:
         from .embedded.domain import prompt_set
 
         prompts = prompt_set()
@@ -371,7 +373,9 @@ def _calibrate(args: argparse.Namespace) -> int:
     prompts = _prompts(args)
     held_out: list[str] = []
     if args.check:
-        if args.model is None and not args.prompts:
+        from .pipelines import embedded_name
+
+        if embedded_name(args.model) is not None and not args.prompts:
             from .embedded.domain import prompt_set
 
             held_out = [p for p in prompt_set() if p not in prompts]

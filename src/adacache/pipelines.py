@@ -58,10 +58,20 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 # --- which model, loading, placing ------------------------------------------------------------------------------------
-def model_kind(model: str | None) -> str:
-    """"embedded" (None, or a folder `adacache train --export` wrote) or "diffusers"; a --model that cannot be a
-    pipeline is refused (ConfigError), before any work."""
+def embedded_name(model: str | None) -> str | None:
+    """The shipped embedded model a --model names: None (the default, "small"), "small" or "deep"; None for any
+    other --model (a folder, a hub id)."""
+    from .embedded.pipeline import DEFAULT_EMBEDDED, EMBEDDED_MODELS
+
     if model is None:
+        return DEFAULT_EMBEDDED
+    return model if model in EMBEDDED_MODELS and not Path(model).exists() else None
+
+
+def model_kind(model: str | None) -> str:
+    """"embedded" (None, a shipped embedded model's name, or a folder `adacache train --export` wrote) or
+    "diffusers"; a --model that cannot be a pipeline is refused (ConfigError), before any work."""
+    if embedded_name(model) is not None:
         return "embedded"
     if not model.strip():
         raise ConfigError("--model is empty; give a pipeline folder or hub id, or leave it out for the embedded model")
@@ -96,10 +106,10 @@ def load_pipeline(model: str | None, progress: bool = True):
     from .embedded.pipeline import EmbeddedVideoPipeline
 
     kind = model_kind(model)
-    logger.info("loading %s (%s)", "the embedded model" if model is None else repr(model), kind)
+    logger.info("loading %s (%s)", repr(model or "small"), kind)
     with _loading_bars(progress):
-        if model is None:
-            return EmbeddedVideoPipeline.from_embedded()
+        if embedded_name(model) is not None:
+            return EmbeddedVideoPipeline.from_embedded(embedded_name(model))
         folder = Path(model).expanduser()
         source = str(folder) if folder.is_dir() else model  # a quoted "~/..." too
         try:
@@ -208,11 +218,12 @@ def first_video(output) -> "np.ndarray":
 def calibrated_codebooks(model: str | None, steps: int) -> dict[str, Path | None] | None:
     """The codebooks a model ships, calibrated for `steps`: {"plain": file or None, "moreg": file or None} for the
     embedded model (None: the shipped one, see `embedded.pipeline.tuned_config`), None for a --model pipeline."""
-    if model is not None:
+    name = embedded_name(model)
+    if name is None:
         return None
     from .embedded.pipeline import tuned_config
 
-    return {"plain": tuned_config(steps), "moreg": tuned_config(steps, moreg=True)}
+    return {"plain": tuned_config(steps, name=name), "moreg": tuned_config(steps, moreg=True, name=name)}
 
 
 def auto_choice(tuned: str | Path | Mapping[str, Any] | None, moreg: bool = False) -> str:

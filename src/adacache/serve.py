@@ -230,7 +230,7 @@ class WebPage:
         self.folder = Path(folder)
         self.model = model  # None: the embedded model, whose own calibrated codebooks `auto` takes
         self.kind = pipelines.model_kind(model)  # "embedded" (the embedded model, or a folder of it) or "diffusers"
-        self.model_label = "the embedded model" if model is None else model
+        self.model_label = "the embedded model" if model is None else model  # (or its name: "deep")
         self.codebooks = dict(codebooks or {})  # label -> config, from --codebook files
         self.call = dict(call or {})  # height / width / num_frames for --model pipelines
         self._lock = threading.Lock()  # one generation at a time, whatever the queue does

@@ -144,7 +144,9 @@ MOREG_MISFIT = 2.5  # a codebook's moreg_norm "does not fit" a model whose media
 BUDGET_SHAPE = 0.5  # c: the mean of sqrt(relative distance) over a trajectory
 BUDGET_FEEDBACK = 0.5  # how strongly the stride is nudged toward what the remaining budget needs
 SCALE_FREE_MOTION_REFERENCE = 0.5  # tokens per frame: motion above it gets more compute, below it less
-SCALE_FREE_MOTION_POWER = 1.0
+# 0.75: on the shipped model (36 prompts, 30 steps, speedup 2), power 0.5 gave fast prompts 1.34x the computed steps
+# of still ones at -0.06 dB against the plain default at the same compute, 0.75 gave 1.51x at +0.01 dB
+SCALE_FREE_MOTION_POWER = 0.75
 MOTION_FACTOR_BOUNDS = (0.25, 4.0)
 
 
@@ -172,7 +174,7 @@ def budget_rate(relative_distance: float, step: int, computed: int, num_steps: i
 
 def motion_factor(motion: float) -> float:
     """The calibration-free MoReg's factor on the compute budget for a scale-free motion reading: (motion / 0.5
-    tokens per frame) ** 1, within [1/4, 4]. The budget of computed steps is multiplied by it."""
+    tokens per frame) ** 0.75, within [1/4, 4]. The budget of computed steps is multiplied by it."""
     low, high = MOTION_FACTOR_BOUNDS
     if not math.isfinite(motion):
         return high

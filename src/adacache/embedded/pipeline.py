@@ -24,18 +24,24 @@ from .text_encoder import VocabTextEncoder
 logger = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+# The shipped embedded models by name (`from_embedded(name)`, and `--model NAME` on the command line, the page and
+# the bench): "small", the first (Wan, 6 blocks; the default everywhere), and "deep" (CogVideoX, 24 blocks, blocks
+# that update the text tokens too; never used to tune AdaCache's defaults, so the check that they carry over).
+EMBEDDED_MODELS = {"small": WEIGHTS_DIR, "deep": Path(__file__).parent / "weights-deep"}
+DEFAULT_EMBEDDED = "small"
 
 
-def tuned_config(steps: int = 30, moreg: bool = False) -> Path | None:
-    """The embedded model's own AdaCache config (calibrated by `adacache calibrate`) for a step count:
-    weights/adacache-<steps>.json if there is one, else weights/adacache.json (calibrated at 30 steps); None
-    when neither ships. With `moreg`, the MoReg one (its motion normalisation measured on this model):
-    adacache-<steps>-moreg.json, else adacache-moreg.json, else None. What `auto` picks from them is
-    `adacache.pipelines.auto_config`."""
+def tuned_config(steps: int = 30, moreg: bool = False, name: str = DEFAULT_EMBEDDED) -> Path | None:
+    """An embedded model's own AdaCache config (calibrated by `adacache calibrate`) for a step count:
+    adacache-<steps>.json beside its weights if there is one, else adacache.json (calibrated at 30 steps); None
+    when neither ships (the deep model ships none). With `moreg`, the MoReg one (its motion normalisation measured
+    on this model): adacache-<steps>-moreg.json, else adacache-moreg.json, else None. What `auto` picks from them
+    is `adacache.pipelines.auto_config`."""
+    folder = EMBEDDED_MODELS[name]
     suffix = "-moreg" if moreg else ""
-    for name in (f"adacache-{steps}{suffix}.json", f"adacache{suffix}.json"):
-        if (WEIGHTS_DIR / name).is_file():
-            return WEIGHTS_DIR / name
+    for file in (f"adacache-{steps}{suffix}.json", f"adacache{suffix}.json"):
+        if (folder / file).is_file():
+            return folder / file
     return None
 
 
@@ -96,13 +102,16 @@ class EmbeddedVideoPipeline(DiffusionPipeline):
         self.register_modules(transformer=transformer, text_encoder=text_encoder, scheduler=scheduler)
 
     @classmethod
-    def from_embedded(cls, **kwargs) -> "EmbeddedVideoPipeline":
-        """The trained weights shipped inside the package."""
-        if not (WEIGHTS_DIR / "model_index.json").is_file():
+    def from_embedded(cls, name: str = DEFAULT_EMBEDDED, **kwargs) -> "EmbeddedVideoPipeline":
+        """The trained weights shipped inside the package: "small" (the default) or "deep" (`EMBEDDED_MODELS`)."""
+        if name not in EMBEDDED_MODELS:
+            raise ValueError(f"no embedded model is named {name!r}; the shipped ones are {', '.join(EMBEDDED_MODELS)}")
+        folder = EMBEDDED_MODELS[name]
+        if not (folder / "model_index.json").is_file():
             raise FileNotFoundError(
-                f"no embedded weights in {WEIGHTS_DIR}; train them with `adacache train` (see README)"
+                f"no embedded weights in {folder}; train them with `adacache train` (see README)"
             )
-        return cls.from_pretrained(WEIGHTS_DIR, local_files_only=True, **kwargs)
+        return cls.from_pretrained(folder, local_files_only=True, **kwargs)
 
     @property
     def current_timestep(self):
