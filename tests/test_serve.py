@@ -66,6 +66,15 @@ def test_generate_returns_both_videos_the_plot_and_the_numbers(page):
     assert list(distance_line.get_xdata())[0] == 2  # step 1 has no previous probe, so no distance
 
 
+def test_the_calibration_free_settings_are_on_the_page(page):
+    pytest.importorskip("gradio")
+    assert {"quality", "balanced", "fast"} <= set(page.cache_choices)
+    _, _, figure, numbers = page.generate(DEFAULT_PROMPT, "fast", True, 12, 0, 4.0)
+    assert "Cache: fast + MoReg" in numbers
+    assert figure.axes[0].get_ylabel() == "probe distance, relative to the first"  # no codebook: no thresholds
+    assert not [line for line in figure.axes[0].lines if line.get_label() == "codebook threshold"]
+
+
 def test_generate_with_a_codebook_file_and_moreg(embedded, tmp_path):
     pytest.importorskip("gradio")
     path = tmp_path / "fast.json"

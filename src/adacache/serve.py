@@ -114,7 +114,8 @@ def _runs(steps: Sequence[int]) -> list[tuple[int, int]]:
 def distance_plot(stats: Sequence["GenerationStats"], num_steps: int,
                   codebook: dict[float, int] | None = None) -> "Figure":
     """The probe distance at each computed step (markers and line, with the rate chosen there), the skipped steps
-    shaded, the codebook's thresholds as dashed lines; below, one row per branch: which steps were computed.
+    shaded, the codebook's thresholds as dashed lines (None: AdaCache without a codebook, whose distances are
+    relative to the generation's first); below, one row per branch: which steps were computed.
     A matplotlib Figure made without pyplot (no global state; safe in a server's worker threads)."""
     from .extras import need
 
@@ -165,7 +166,7 @@ def distance_plot(stats: Sequence["GenerationStats"], num_steps: int,
                 labelled.append((threshold, rate))
         rates.set_yticks([t for t, _ in labelled], [f"< {t:.2g}: rate {rate}" for t, rate in labelled], fontsize=7)
         rates.tick_params(length=0, colors="0.35")
-    axes.set_ylabel("probe distance (relative L1)")
+    axes.set_ylabel("probe distance (relative L1)" if codebook else "probe distance, relative to the first")
     computed = len(stats[0].computed_steps) if stats else 0
     axes.set_title(f"AdaCache computed {computed} of {num_steps} steps; grey: skipped (cached residual reused); "
                    "numbers: rate chosen", fontsize=9)
@@ -327,7 +328,7 @@ class WebPage:
                                  guidance=guidance, call=call)
                 if progress is not None:
                     progress(0.95, desc="drawing")
-                figure = distance_plot(result.stats, steps, dict(config.codebook))
+                figure = distance_plot(result.stats, steps, dict(config.codebook) if config.codebook else None)
         except (ValueError, FloatingPointError) as error:  # bad values met during generation: say what to change
             raise gr.Error(str(error), print_exception=False) from None
         except Exception as error:  # anything else: one line on the page, the traceback in the server's log
