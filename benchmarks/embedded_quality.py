@@ -19,13 +19,14 @@ import torch
 
 from adacache import AdaCacheConfig, apply_adacache
 from adacache.embedded.domain import prompt_set
-from adacache.embedded.pipeline import EmbeddedVideoPipeline
+from adacache.embedded.pipeline import EMBEDDED_MODELS, EmbeddedVideoPipeline
 from adacache.embedded.verifier import verify
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="pipeline folder (default: the shipped embedded weights)")
+    parser.add_argument("--model", default=None, help="a shipped embedded model's name (small, deep) or a pipeline "
+                                                      "folder (default: the shipped small model)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--guidance", type=float, default=4.0)
@@ -35,10 +36,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    if args.model:
-        pipe = EmbeddedVideoPipeline.from_pretrained(args.model, local_files_only=True)
+    if args.model is None or args.model in EMBEDDED_MODELS:
+        pipe = EmbeddedVideoPipeline.from_embedded(args.model or "small")
     else:
-        pipe = EmbeddedVideoPipeline.from_embedded()
+        pipe = EmbeddedVideoPipeline.from_pretrained(args.model, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     if args.cache != "none":
         apply_adacache(pipe, AdaCacheConfig.load(args.cache))
@@ -56,6 +57,11 @@ def main() -> None:
     def share(rows, key):
         return sum(r[key] for r in rows) / len(rows)
 
+    for seed in args.seeds:  # each seed set on its own
+        rows = [r for r in results if r["seed"] == seed]
+        moving_rows = [r for r in rows if "still" not in r["prompt"]]
+        print(f"seed {seed}: colour {share(rows, 'colour'):.1%} | shape {share(rows, 'shape'):.1%} | direction "
+              f"(moving) {share(moving_rows, 'direction'):.1%} | speed class {share(rows, 'speed'):.1%}")
     print(f"{len(results)} videos ({len(prompts)} prompts x seeds {args.seeds}), {args.steps} steps, guidance "
           f"{args.guidance}, cache {args.cache}, {time.time() - start:.0f} s")
     print(f"colour {share(results, 'colour'):.1%} | shape {share(results, 'shape'):.1%} | "
