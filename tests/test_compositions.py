@@ -171,9 +171,9 @@ def _cached_twice(kind, pipe, compute_dtype):
     """Two generations in a row with a permissive codebook: each skips, and the residual keeps the compute dtype."""
     reconfigure(pipe, PERMISSIVE)
     for generation in range(2):
-        dtypes, before = set(), len(get_stats(pipe))
+        dtypes, before = set(), {(s.branch, s.generation) for s in get_stats(pipe)}
         _generate(kind, pipe, _residual_dtypes(pipe, dtypes))
-        new = get_stats(pipe)[before:]  # this generation's, one per CFG branch
+        new = [s for s in get_stats(pipe) if (s.branch, s.generation) not in before]  # one per CFG branch
         assert new and all(s.steps_seen == STEPS and len(s.computed_steps) < STEPS for s in new), (generation, new)
         assert dtypes == {compute_dtype}, dtypes
 

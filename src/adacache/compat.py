@@ -328,6 +328,50 @@ def registry_slots(module: torch.nn.Module) -> list[ForwardSlot]:
     return slots
 
 
+def group_offloading_slot(module: torch.nn.Module) -> ForwardSlot | None:
+    """Where the module's own forward sits beneath diffusers' group offloading hooks on it (`enable_group_offload`,
+    `apply_group_offloading`, block or leaf level), or None where the module has none. A wrapper put there stays
+    when group offloading is removed and re-applied (diffusers does that when a LoRA is loaded, unloaded or deleted,
+    and its lazy prefetching removes its layer trackers after the first call): removing the last hook of a registry
+    puts back the forward its first hook wraps.
+
+    Relies on: the hook name `diffusers.hooks.group_offloading._GROUP_OFFLOADING`; `HookRegistry._fn_refs[0]`, the
+    first hook's reference, holding the module's forward beneath every hook of the registry (its `forward`, or its
+    `original_forward` for a hook with `new_forward`), read at each call (see `registry_slots`)."""
+    from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
+
+    registry = module.__dict__.get("_diffusers_hook")
+    if registry is None or registry.get_hook(_GROUP_OFFLOADING) is None:
+        return None
+    reference = registry._fn_refs[0]
+    attribute = "forward" if reference.original_forward is None else "original_forward"
+    return ForwardSlot("diffusers' group offloading", functools.partial(getattr, reference, attribute),
+                       functools.partial(setattr, reference, attribute))
+
+
+def keep_new_forward_when_relinked(hook: Any) -> None:
+    """Keep `hook` (registered, with `new_forward`) in the chain when a hook registered before it is removed.
+
+    diffusers 0.42.1's `HookRegistry.remove_hook` relinks the chain by writing the removed hook's forward into the
+    next hook's `fn_ref.forward`; for a hook with `new_forward` that attribute holds the new_forward itself, so the
+    hook is silently bypassed from then on (group offloading applied before AdaCache, then removed and re-applied by
+    a LoRA load, would leave AdaCache off). Here that write goes to `fn_ref.original_forward`, the forward the hook
+    wraps, as it does for a hook without new_forward; reads of `fn_ref.forward` still give the new_forward.
+
+    Relies on: `ModelHook.fn_ref`, a `HookFunctionReference` whose `forward` the registry's wrapper calls at each call
+    and whose `original_forward` `remove_hook` reads for a hook with new_forward; done on this one reference (its
+    class is swapped for a subclass), never on diffusers' class."""
+    reference = hook.fn_ref
+    new_forward = reference.forward
+
+    class RelinkedToOriginal(type(reference)):
+        forward = property(lambda self: new_forward,
+                           lambda self, value: setattr(self, "original_forward", value))
+
+    reference.__dict__.pop("forward", None)
+    reference.__class__ = RelinkedToOriginal
+
+
 # --- torch.compile'd modules ----------------------------------------------------------------------------------------
 def compiled_module_inner(module: Any) -> torch.nn.Module | None:
     """The module a `torch.compile(model)` wraps, or None for anything else (a module compiled in place with

@@ -122,11 +122,14 @@ def install(model: torch.nn.Module, config: AdaCacheConfig, spec: ModelSpec | No
         had_registry = compat.has_hook_registry(model)
         registry = compat.hook_registry(model)
         installation.hook = transformer_hook_class()(installation)
-        slot, original, original_was_attribute = _beneath_offloading(model)
+        # Beneath accelerate's hook; above group offloading's hook on the model (for unmatched modules), in the same
+        # registry, where keep_new_forward_when_relinked keeps ours when that hook is removed and re-applied.
+        slot, original, original_was_attribute = _beneath_offloading(model, group_offloading=False)
         outer = model.__dict__.get("forward")
         if slot is not None:  # beneath accelerate's hook: the registry wraps what that hook calls...
             model.forward = original
         registry.register_hook(installation.hook, HOOK_NAME)
+        compat.keep_new_forward_when_relinked(installation.hook)  # a hook registered before ours may be removed
         installed = model.__dict__.get("forward")
         if slot is not None:  # ...and accelerate's hook, back in place, calls ours
             model.forward = outer
@@ -237,7 +240,7 @@ def wrap_block(runtime: Runtime, index: int, eager: bool = False) -> tuple[Check
     setattr(block, BLOCK_ATTRIBUTE, BlockMarker(None if eager else inner))  # before `forward`: copies meet it first
     if slot is None:
         block.forward = wrapped
-    else:  # beneath accelerate's hook (sequential CPU offload)
+    else:  # beneath accelerate's hook (sequential CPU offload) or diffusers' group offloading hooks
         slot.put(wrapped)
 
     def replaced() -> str | None:
@@ -254,19 +257,25 @@ def wrap_block(runtime: Runtime, index: int, eager: bool = False) -> tuple[Check
 
 # --- where a wrapper of ours sits -------------------------------------------------------------------------------
 # AdaCache's wrappers (the transformer hook's forward, each block's) go in place of the module's forward, or beneath
-# accelerate's hook where one wraps it at apply time: under model CPU offload, diffusers removes and re-adds that
-# hook at the end of every pipeline call, and a hook removed leaves behind what it wrapped, so ours survives. A
-# wrapper added after ours (accelerate's offload hooks, diffusers' group offloading or layerwise casting) wraps it;
-# removal then takes ours out from beneath that wrapper, which stays and calls what ours wrapped.
+# an offloader's wrapper where one wraps it at apply time, since offloaders come and go and a wrapper removed leaves
+# behind what it wrapped: accelerate's hook (diffusers removes and re-adds model CPU offload's at the end of every
+# pipeline call; `pipe.remove_all_hooks()`), and, for blocks, diffusers' group offloading hooks (removed and
+# re-applied when a LoRA is loaded or unloaded). The cost, under group offloading at block level: a skipped block is
+# still onloaded and offloaded by the hook above it, though not run. A wrapper added after ours (an offloader,
+# diffusers' layerwise casting) wraps it; removal then takes ours out from beneath that wrapper, which stays and
+# calls what ours wrapped.
 OWN_FORWARD = "the forward"
 
 
-def _beneath_offloading(module: torch.nn.Module) -> tuple[compat.ForwardSlot | None, Callable, bool]:
-    """(where ours goes: beneath accelerate's hook, or None for the forward itself; the forward ours wraps; whether
-    that forward was an attribute of the instance rather than the class's method)."""
-    if compat.accelerate_wraps(module):
-        slot = compat.accelerate_slot(module)
-        return slot, slot.get(), True
+def _beneath_offloading(module: torch.nn.Module, group_offloading: bool = True
+                        ) -> tuple[compat.ForwardSlot | None, Callable, bool]:
+    """(where ours goes: beneath accelerate's hook or, with `group_offloading`, beneath diffusers' group offloading
+    hooks; None for the forward itself; the forward ours wraps; whether that forward was an attribute of the instance
+    rather than the class's method)."""
+    slot = compat.accelerate_slot(module) if compat.accelerate_wraps(module) else \
+        compat.group_offloading_slot(module) if group_offloading else None
+    if slot is not None:
+        return slot, slot.get(), True  # removing that wrapper leaves its forward as an attribute of the instance
     return None, module.forward, "forward" in module.__dict__
 
 
