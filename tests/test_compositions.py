@@ -202,3 +202,43 @@ def test_combined_after_apply(kind, name, folders, plain_outputs):
     _cached_twice(kind, pipe, COMBINATIONS[name].compute_dtype)
     remove_adacache(pipe)
     assert torch.equal(_generate(kind, pipe), plain)
+
+
+def _lora_state_dict(model):
+    """A LoRA for a copy of `model` in diffusers' format, as `load_lora_adapter` takes it."""
+    import copy
+
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    model = copy.deepcopy(model)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    return {f"transformer.{key}": value for key, value in get_peft_model_state_dict(model).items()}
+
+
+def test_lora_loaded_fused_unfused_and_unloaded_under_group_offloading_applied_before(folders):
+    """diffusers removes and re-applies group offloading when a LoRA is loaded or unloaded: AdaCache, applied after
+    group offloading, stays on through each, matching the same steps without AdaCache at rate 1."""
+    plain, cached = (load_tiny_pipeline(folders("wan")) for _ in range(2))
+    state_dict = _lora_state_dict(plain.transformer)
+    for pipe in (plain, cached):
+        _group_offload("block_level")(pipe)
+    apply_adacache(cached, RATE_ONE)
+    steps = [("load_lora_adapter", lambda t: t.load_lora_adapter(dict(state_dict), adapter_name="a",
+                                                                  prefix="transformer")),
+             ("fuse_lora", lambda t: t.fuse_lora()), ("unfuse_lora", lambda t: t.unfuse_lora()),
+             ("unload_lora", lambda t: t.unload_lora())]
+    for name, step in steps:
+        seen = {(s.branch, s.generation) for s in get_stats(cached)}
+        outputs = []
+        for pipe in (plain, cached):
+            step(pipe.transformer)
+            outputs.append(_generate("wan", pipe))
+        assert torch.equal(*outputs), name
+        assert [s for s in get_stats(cached) if (s.branch, s.generation) not in seen], name  # AdaCache ran
+    _cached_twice("wan", cached, torch.float32)
+    remove_adacache(cached)
+    assert torch.equal(_generate("wan", cached), _generate("wan", plain))
