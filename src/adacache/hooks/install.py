@@ -7,9 +7,9 @@ What goes on the model:
 - a wrapper on each block of the cached span (`wrap_block`), which asks the runtime before and after the block;
 - a forward hook on the probe block's attention module, where the probe is an attention output (`ProbeRecorder`).
 
-Each wrapper goes in place of the module's forward, or beneath accelerate's hook where one wraps it (model and
-sequential CPU offload: see "where a wrapper of ours sits" below), so offloading applied in either order keeps
-AdaCache on every generation. Removal (`uninstall`) checks everything before undoing anything: every undo comes
+Each wrapper goes in place of the module's forward, or beneath an offloader's hook where one wraps it (accelerate's
+for model and sequential CPU offload; diffusers' group offloading, on blocks: see "where a wrapper of ours sits"
+below), so offloading applied in either order keeps AdaCache on every generation. Removal (`uninstall`) checks everything before undoing anything: every undo comes
 with a check that says why it cannot be done (a wrapper we do not know replaced a forward after us), so a refusal
 leaves AdaCache whole. A wrapper we know (accelerate's hooks, diffusers' hooks such as group offloading) added
 after us stays, and ours is taken out from beneath it.
