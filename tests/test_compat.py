@@ -210,13 +210,13 @@ def test_magcache_calibration_ratios_are_recorded_once_per_call():
 PRIVATE_DIFFUSERS = re.compile(
     r"diffusers\.hooks|_diffusers_hook|_hook_order|\._cache_config\b|\._context\b|_set_cache_context|"
     r"_ALL_TRANSFORMER_BLOCK_IDENTIFIERS|_perform_calibration_step|_is_stateful|\.fn_ref\b|_get_child_registries|"
-    r"_reset_stateful_cache"
+    r"_reset_stateful_cache|_old_forward|_hf_hook|_fn_refs|_orig_mod|_GROUP_OFFLOADING|original_forward"
 )
 
 
 def test_private_diffusers_names_appear_only_in_the_compat_module():
-    """A private diffusers name read outside adacache.compat has no test above: a diffusers release that changed it
-    would break at a user's call, far from any test."""
+    """A private diffusers (or accelerate, or torch.compile) name read outside adacache.compat has no test above: a
+    release that changed it would break at a user's call, far from any test."""
     package = Path(adacache.__file__).parent
     assert (package / "compat.py").is_file()
     offenders = []
@@ -227,3 +227,96 @@ def test_private_diffusers_names_appear_only_in_the_compat_module():
             if PRIVATE_DIFFUSERS.search(line.split("#")[0]):
                 offenders.append(f"{path.relative_to(package)}:{number}: {line.strip()}")
     assert not offenders, "private diffusers names outside adacache/compat.py:\n" + "\n".join(offenders)
+
+
+# --- the wrappers adacache meets on a model: accelerate's hooks, diffusers' group offloading, torch.compile --------
+class Blocks(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(2)])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_accelerate_keeps_the_forward_it_wraps_in_old_forward_and_calls_it_at_each_call():
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    module = Doubler()
+    assert not compat.accelerate_wraps(module) and compat.accelerate_slot(module) is None
+    with relying_on("accelerate add_hook_to_module / _hf_hook / _old_forward / remove_hook_from_module"):
+        add_hook_to_module(module, ModelHook())
+        assert compat.accelerate_wraps(module)
+        slot = compat.accelerate_slot(module)
+        wrapped = slot.get()
+        slot.put(lambda x: wrapped(x) + 1)  # what sits there is what accelerate's wrapper calls
+        assert module(torch.ones(1)).item() == 3
+        inner = slot.get()
+        remove_hook_from_module(module)  # leaves behind what it wrapped...
+        assert module.forward is inner and not compat.accelerate_wraps(module)
+        add_hook_to_module(module, ModelHook())  # ...which the next hook wraps
+        assert compat.accelerate_slot(module).get() is inner and module(torch.ones(1)).item() == 3
+
+
+def test_a_diffusers_registry_keeps_each_hooks_inner_forward_where_it_reads_it_at_each_call():
+    from diffusers.hooks import ModelHook
+
+    module = Doubler()
+    bound = module.forward
+    compat.hook_registry(module).register_hook(ModelHook(), "plain")  # no new_forward: `forward` is what it wraps
+    with relying_on("HookRegistry._fn_refs / HookFunctionReference.forward, original_forward"):
+        slots = compat.registry_slots(module)
+        assert [s.where for s in slots] == ["diffusers' 'plain' hook"] * 2
+        assert slots[0].get() == bound and slots[1].get() is None
+        slots[0].put(lambda x: bound(x) + 1)
+        assert module(torch.ones(1)).item() == 3
+
+
+def test_group_offloading_keeps_the_module_forward_beneath_its_hooks_through_removal_and_reapplying():
+    from diffusers.hooks import apply_group_offloading
+
+    model = Blocks()
+    cpu = torch.device("cpu")
+    apply_group_offloading(model, onload_device=cpu, offload_type="block_level", num_blocks_per_group=1)
+    block = model.blocks[0]
+    with relying_on("_GROUP_OFFLOADING / HookRegistry._fn_refs[0] / _maybe_remove_and_reapply_group_offloading"):
+        from diffusers.hooks.group_offloading import _maybe_remove_and_reapply_group_offloading
+
+        assert compat.group_offloading_slot(Doubler()) is None
+        slot = compat.group_offloading_slot(block)
+        wrapped = slot.get()
+        marker = lambda x: wrapped(x) * 0  # noqa: E731
+        slot.put(marker)
+        assert torch.equal(model(torch.ones(1, 2)), model.blocks[1](torch.zeros(1, 2)))
+        _maybe_remove_and_reapply_group_offloading(model)  # what a LoRA load does
+        assert compat.group_offloading_slot(block).get() is marker  # still beneath the new hooks
+
+
+def test_a_hook_with_new_forward_stays_in_the_chain_when_a_hook_registered_before_it_is_removed():
+    from diffusers.hooks import ModelHook
+
+    module = Doubler()
+    registry = compat.hook_registry(module)
+    registry.register_hook(ModelHook(), "below")
+    ours = context_hook()
+    registry.register_hook(ours, "ours")
+    assert module(torch.ones(1)).item() == 102
+    with relying_on("HookRegistry.remove_hook's relinking into the next fn_ref.forward / ModelHook.fn_ref"):
+        compat.keep_new_forward_when_relinked(ours)
+        registry.remove_hook("below", recurse=False)
+        assert module(torch.ones(1)).item() == 102  # without it, diffusers 0.42.1 gives 2: ours bypassed
+        registry.register_hook(ModelHook(), "above")
+        assert module(torch.ones(1)).item() == 102
+        registry.remove_hook("above", recurse=False)
+        registry.remove_hook("ours", recurse=False)
+        assert module(torch.ones(1)).item() == 2
+
+
+def test_an_optimized_module_keeps_the_module_it_compiles_in_orig_mod():
+    module = Doubler()
+    with relying_on("torch.compile's OptimizedModule._orig_mod"):
+        compiled = torch.compile(module, backend="eager")
+        assert compat.compiled_module_inner(compiled) is module
+    assert compat.compiled_module_inner(module) is None and compat.compiled_module_inner(object()) is None

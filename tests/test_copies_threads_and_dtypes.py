@@ -324,7 +324,7 @@ def test_removal_refuses_when_a_wrapper_was_set_on_the_model_afterwards_and_chan
     patched_forward = model.forward
     calls = []
 
-    def wrapper(*args, **kwargs):  # as accelerate's add_hook_to_module does
+    def wrapper(*args, **kwargs):  # a user's own (accelerate's and diffusers' hooks: tests/test_compositions.py)
         calls.append(1)
         return patched_forward(*args, **kwargs)
 

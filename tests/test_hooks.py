@@ -342,8 +342,11 @@ def test_config_as_dict_compiled_model_and_nested_context():
             model(toy_input(), torch.full((1,), 1000.0))
         model(toy_input(), torch.full((1,), 1000.0))  # back in "outer" after the inner context ends
     assert {s.branch for s in get_stats(model)} == {"outer", "inner"}
-    with pytest.raises(TypeError, match="apply AdaCache before compiling"):
-        apply_adacache(torch.compile(ToyDiT()), spec=TOY_SPEC)
+    compiled = torch.compile(ToyDiT(), backend="eager")  # goes on the model it compiles (tests/test_compile.py)
+    apply_adacache(compiled, spec=TOY_SPEC)
+    assert is_applied(compiled) and is_applied(compiled._orig_mod)
+    remove_adacache(compiled)
+    assert not is_applied(compiled._orig_mod)
 
 
 def test_reset_state_starts_a_new_generation():

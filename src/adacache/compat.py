@@ -1,11 +1,13 @@
-"""Every private part of diffusers that adacache relies on, in one place.
+"""Every private part of diffusers (and of accelerate and torch) that adacache relies on, in one place.
 
 diffusers' hook machinery (`diffusers.hooks`) is public in name but not in contract: the cache context reaches a
 hook through private attributes, the registry keeps its order in a private list, and `enable_cache` decides that a
 cache is on from a private field. No other module of adacache imports `diffusers.hooks` or reads an underscore
 name of a diffusers object; each such use is a small function here whose docstring says what it relies on.
 `tests/test_compat.py` checks each of them against the installed diffusers, so a release that renames or changes
-one fails there, naming it, rather than in a user's generation.
+one fails there, naming it, rather than in a user's generation. The same holds for what adacache reads of the
+wrappers it meets on a model: accelerate's offload hooks (`_old_forward`), and torch.compile's `OptimizedModule`
+(`_orig_mod`); checked with accelerate 1.16 and torch 2.13.
 
 Checked with diffusers 0.41.0, 0.42.0 and 0.42.1; 0.40 lacks what `cache_context` must carry (`step_index`,
 `num_inference_steps`). diffusers is imported on first use, so `import adacache` stays light.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
@@ -267,3 +270,114 @@ def cpu_ranks_on_one_device() -> Iterator[None]:
         yield
     finally:
         torch.accelerator.device_count = count
+
+
+# --- where other wrappers keep the forward they call: accelerate's hooks, diffusers' registries --------------------
+@dataclass(frozen=True)
+class ForwardSlot:
+    """A place where a wrapper of a module's forward keeps the forward it calls, read again at every call: what is
+    put there is what the wrapper calls next. `where` names it for messages."""
+
+    where: str
+    get: Callable[[], Any]
+    put: Callable[[Any], None]
+
+
+def accelerate_wraps(module: torch.nn.Module) -> bool:
+    """Whether accelerate's hook is the outermost wrapper of `module.forward`: model CPU offload
+    (`cpu_offload_with_hook`, which diffusers' `enable_model_cpu_offload` uses), sequential offload (`cpu_offload`),
+    `dispatch_model`. Such a wrapper comes and goes: diffusers removes and re-adds model offload's at the end of every
+    pipeline call (`maybe_free_model_hooks`), `pipe.remove_all_hooks()` removes it.
+
+    Relies on: accelerate's `add_hook_to_module` keeping the hook in `module._hf_hook` and the forward it wraps in
+    `module._old_forward`, and setting `module.forward` to a `functools.partial` of its `new_forward` (a function of
+    `accelerate.hooks`) that reads `module._old_forward` at each call; `remove_hook_from_module` putting
+    `module._old_forward` back as `module.forward`, and `add_hook_to_module` keeping `module.forward` as the new
+    `_old_forward`. So a wrapper placed in `_old_forward` survives any number of removals and re-adds."""
+    forward = module.__dict__.get("forward")
+    function = getattr(forward, "func", None)
+    return ("_hf_hook" in module.__dict__ and "_old_forward" in module.__dict__
+            and getattr(function, "__module__", None) == "accelerate.hooks")
+
+
+def accelerate_slot(module: torch.nn.Module) -> ForwardSlot | None:
+    """The forward accelerate's hook calls (`module._old_forward`, see `accelerate_wraps`), or None without one."""
+    if "_old_forward" not in module.__dict__:
+        return None
+    return ForwardSlot("accelerate's hook (model or sequential CPU offload)",
+                       lambda: module.__dict__.get("_old_forward"),
+                       lambda forward: setattr(module, "_old_forward", forward))
+
+
+def registry_slots(module: torch.nn.Module) -> list[ForwardSlot]:
+    """The forwards the hooks of the module's diffusers registry call (group offloading, layerwise casting, ...):
+    for each hook, the one it wraps.
+
+    Relies on: `HookRegistry._fn_refs` (one `HookFunctionReference` per hook, in `_hook_order`), whose `forward`
+    (a hook without `new_forward`) or `original_forward` (a hook with one) holds the forward the hook wraps and is
+    read at each call (`HookRegistry.remove_hook` relinks the chain by writing them)."""
+    registry = module.__dict__.get("_diffusers_hook")
+    if registry is None:
+        return []
+    slots = []
+    for name, reference in zip(registry._hook_order, registry._fn_refs):
+        for attribute in ("forward", "original_forward"):
+            slots.append(ForwardSlot(
+                f"diffusers' {name!r} hook", functools.partial(getattr, reference, attribute),
+                functools.partial(setattr, reference, attribute)))
+    return slots
+
+
+def group_offloading_slot(module: torch.nn.Module) -> ForwardSlot | None:
+    """Where the module's own forward sits beneath diffusers' group offloading hooks on it (`enable_group_offload`,
+    `apply_group_offloading`, block or leaf level), or None where the module has none. A wrapper put there stays
+    when group offloading is removed and re-applied (diffusers does that when a LoRA is loaded, unloaded or deleted,
+    and its lazy prefetching removes its layer trackers after the first call): removing the last hook of a registry
+    puts back the forward its first hook wraps.
+
+    Relies on: the hook name `diffusers.hooks.group_offloading._GROUP_OFFLOADING`; `HookRegistry._fn_refs[0]`, the
+    first hook's reference, holding the module's forward beneath every hook of the registry (its `forward`, or its
+    `original_forward` for a hook with `new_forward`), read at each call (see `registry_slots`)."""
+    from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
+
+    registry = module.__dict__.get("_diffusers_hook")
+    if registry is None or registry.get_hook(_GROUP_OFFLOADING) is None:
+        return None
+    reference = registry._fn_refs[0]
+    attribute = "forward" if reference.original_forward is None else "original_forward"
+    return ForwardSlot("diffusers' group offloading", functools.partial(getattr, reference, attribute),
+                       functools.partial(setattr, reference, attribute))
+
+
+def keep_new_forward_when_relinked(hook: Any) -> None:
+    """Keep `hook` (registered, with `new_forward`) in the chain when a hook registered before it is removed.
+
+    diffusers 0.42.1's `HookRegistry.remove_hook` relinks the chain by writing the removed hook's forward into the
+    next hook's `fn_ref.forward`; for a hook with `new_forward` that attribute holds the new_forward itself, so the
+    hook is silently bypassed from then on (group offloading applied before AdaCache, then removed and re-applied by
+    a LoRA load, would leave AdaCache off). Here that write goes to `fn_ref.original_forward`, the forward the hook
+    wraps, as it does for a hook without new_forward; reads of `fn_ref.forward` still give the new_forward.
+
+    Relies on: `ModelHook.fn_ref`, a `HookFunctionReference` whose `forward` the registry's wrapper calls at each call
+    and whose `original_forward` `remove_hook` reads for a hook with new_forward; done on this one reference (its
+    class is swapped for a subclass), never on diffusers' class."""
+    reference = hook.fn_ref
+    new_forward = reference.forward
+
+    class RelinkedToOriginal(type(reference)):
+        forward = property(lambda self: new_forward,
+                           lambda self, value: setattr(self, "original_forward", value))
+
+    reference.__dict__.pop("forward", None)
+    reference.__class__ = RelinkedToOriginal
+
+
+# --- torch.compile'd modules ----------------------------------------------------------------------------------------
+def compiled_module_inner(module: Any) -> torch.nn.Module | None:
+    """The module a `torch.compile(model)` wraps, or None for anything else (a module compiled in place with
+    `model.compile()` is not wrapped). Relies on: torch's `OptimizedModule` keeping the compiled module in
+    `_orig_mod` and calling it (its forward) at each call, so what is put on that module is what runs."""
+    if type(module).__name__ != "OptimizedModule":
+        return None
+    inner = getattr(module, "_modules", {}).get("_orig_mod")
+    return inner if isinstance(inner, torch.nn.Module) else None

@@ -20,8 +20,10 @@ after the last block the stack residual (output - input, per stream) goes to the
 step every block passes its input through untouched and the last block returns the first block's input plus the
 residual the store produces for this step (the last one, or a forecast).
 
-The decision is plain Python between block calls; each block's own forward is called unchanged, so blocks can be
-compiled (`block.compile()`, or `compile_blocks` for fullgraph). State lives on the model (`model._adacache`),
+The decision is plain Python between block calls, which torch.compile does not trace; each block's own forward is
+called unchanged, so blocks can be compiled (`block.compile()`, `compile_blocks` for fullgraph), and so can the model
+whole (`model.compile()`, `torch.compile(model)`), before or after apply_adacache. AdaCache's wrappers sit beneath
+offloaders' hooks (accelerate's, diffusers' group offloading), which come and go (see `install`). State lives on the model (`model._adacache`),
 keyed by CFG branch and reset per generation; nothing is global, no class is patched.
 
 Several videos in one call each get their own schedule and store (the two CFG halves of a video batched in one call

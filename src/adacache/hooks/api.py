@@ -127,21 +127,25 @@ def reconfigure(target: Any, config: AdaCacheConfig | Mapping[str, Any] | str | 
 
 def transformers_of(target: Any) -> list[torch.nn.Module]:
     """The transformers AdaCache works on: the model itself, or a pipeline's `.transformer` (and `.transformer_2`,
-    Wan 2.2's second expert). A torch.compile'd model or an object with neither is a TypeError saying what to pass."""
+    Wan 2.2's second expert). A torch.compile'd model (`torch.compile(model)`, given or assigned to the pipeline)
+    stands for the model it compiles: AdaCache goes on that model, and the compiled one calls it. An object with
+    neither is a TypeError saying what to pass."""
     if isinstance(target, torch.nn.Module):
-        if type(target).__name__ == "OptimizedModule":
-            raise TypeError(
-                "this is a torch.compile'd model: apply AdaCache before compiling, or to model._orig_mod; to compile "
-                "with AdaCache, use adacache.compile_blocks(model) (or block.compile()) after apply_adacache"
-            )
-        return [target]
-    models = [m for m in (getattr(target, "transformer", None), getattr(target, "transformer_2", None)) if m is not None]
+        return [_uncompiled(target)]
+    models = [_uncompiled(m) for m in (getattr(target, "transformer", None), getattr(target, "transformer_2", None))
+              if m is not None]
     if not models:
         raise TypeError(
             f"AdaCache takes a torch.nn.Module (the transformer) or a pipeline with a .transformer, "
             f"got {type(target).__name__}"
         )
     return models
+
+
+def _uncompiled(model: Any) -> Any:
+    """The module a torch.compile'd one wraps (its `forward` is where AdaCache goes); any other, itself."""
+    inner = compat.compiled_module_inner(model)
+    return model if inner is None else inner
 
 
 def describe(target: Any, *args: Any, print_source: bool = True, **kwargs: Any) -> ModelSpec:
@@ -218,6 +222,7 @@ def compile_blocks(model: torch.nn.Module, **compile_kwargs: Any) -> None:
 
     Works with or without AdaCache applied; pass torch.compile's arguments (backend, mode, fullgraph, dynamic).
     With an attention probe, the probe block stays eager (one block of the stack), so its probe is never lost."""
+    model = _uncompiled(model)
     runtime = runtime_of(model) if ATTRIBUTE in model.__dict__ else None
     if runtime is not None and runtime.layout is None:
         raise RuntimeError(

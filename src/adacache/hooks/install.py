@@ -7,8 +7,15 @@ What goes on the model:
 - a wrapper on each block of the cached span (`wrap_block`), which asks the runtime before and after the block;
 - a forward hook on the probe block's attention module, where the probe is an attention output (`ProbeRecorder`).
 
-Removal (`uninstall`) checks everything before undoing anything: every undo comes with a check that says why it
-cannot be done (something wrapped a forward after us), so a refusal leaves AdaCache whole.
+Each wrapper goes in place of the module's forward, or beneath an offloader's hook where one wraps it (accelerate's
+for model and sequential CPU offload; diffusers' group offloading, on blocks: see "where a wrapper of ours sits"
+below), so offloading applied in either order keeps AdaCache on every generation. Removal (`uninstall`) checks everything before undoing anything: every undo comes
+with a check that says why it cannot be done (a wrapper we do not know replaced a forward after us), so a refusal
+leaves AdaCache whole. A wrapper we know (accelerate's hooks, diffusers' hooks such as group offloading) added
+after us stays, and ours is taken out from beneath it.
+
+The decisions are plain Python that torch.compile does not trace (`torch.compiler.disable`), so a model compiled
+whole after apply_adacache still compiles its own forward and blocks, and AdaCache's Python runs eagerly between.
 
 A model without a registered spec has its structure inferred from its first call (`infer_and_install`).
 Private diffusers names are used only through `compat`.
@@ -52,6 +59,7 @@ class Installation(NotCopyable):
 def installation_of(model: torch.nn.Module) -> Installation:
     """The model's Installation; a RuntimeError where AdaCache is not applied, or where `model` is a shallow copy
     (copy.copy) of a model it is applied to."""
+    model = compat.compiled_module_inner(model) or model  # torch.compile(model): the model it compiles
     installation = model.__dict__.get(ATTRIBUTE)
     if installation is None:
         raise RuntimeError("AdaCache is not applied to this model; call apply_adacache first")
@@ -82,6 +90,10 @@ def transformer_hook_class() -> type:
             self.installation = installation
             self.runtime = installation.runtime
 
+        # Not traced by torch.compile (the model compiled whole, `model.compile()` or `torch.compile(model)`, after
+        # apply_adacache): the decisions run eagerly, and the model's own forward (`call_original`), called from
+        # here, is still compiled as a frame of its own (see Runtime.run).
+        @torch.compiler.disable(recursive=False)
         def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
             runtime = self.runtime
             if runtime.paused:
@@ -108,25 +120,44 @@ def install(model: torch.nn.Module, config: AdaCacheConfig, spec: ModelSpec | No
         if runtime.layout is not None:
             install_blocks(installation)
         had_registry = compat.has_hook_registry(model)
-        had_own_forward = "forward" in model.__dict__
         registry = compat.hook_registry(model)
         installation.hook = transformer_hook_class()(installation)
+        # Beneath accelerate's hook; above group offloading's hook on the model (for unmatched modules), in the same
+        # registry, where keep_new_forward_when_relinked keeps ours when that hook is removed and re-applied.
+        slot, original, original_was_attribute = _beneath_offloading(model, group_offloading=False)
+        outer = model.__dict__.get("forward")
+        if slot is not None:  # beneath accelerate's hook: the registry wraps what that hook calls...
+            model.forward = original
         registry.register_hook(installation.hook, HOOK_NAME)
+        compat.keep_new_forward_when_relinked(installation.hook)  # a hook registered before ours may be removed
         installed = model.__dict__.get("forward")
+        if slot is not None:  # ...and accelerate's hook, back in place, calls ours
+            model.forward = outer
+            slot.put(installed)
 
         def replaced() -> str | None:
-            # While ours is the registry's last hook, the model's forward must still be the one it installed: a
-            # wrapper set on the model afterwards (accelerate's hooks, a user's) would be dropped by the removal.
-            if compat.last_hook_name(registry) == HOOK_NAME and model.__dict__.get("forward") is not installed:
+            # While ours is the registry's last hook, its forward must still sit where a wrapper calls it: the
+            # model's forward, or beneath a wrapper we know (accelerate's hook). One set on the model afterwards
+            # by other means (a user's) would be dropped by the removal.
+            if compat.last_hook_name(registry) == HOOK_NAME and _slot_holding(model, installed) is None:
                 return f"the forward of the {type(model).__name__}"
             return None
 
         def remove_transformer_hook() -> None:
-            registry.remove_hook(HOOK_NAME, recurse=False)
+            if compat.last_hook_name(registry) != HOOK_NAME:
+                registry.remove_hook(HOOK_NAME, recurse=False)  # diffusers relinks the hooks registered after ours
+            else:
+                where = _slot_holding(model, installed)
+                outer = model.__dict__.get("forward")
+                registry.remove_hook(HOOK_NAME, recurse=False)  # sets model.forward = original
+                if where is not None and where.where != OWN_FORWARD:
+                    model.forward = outer  # the wrapper above ours stays, and calls what ours wrapped
+                    where.put(original)
+                    _forget(outer, installed, original)
+                elif not original_was_attribute:
+                    del model.forward  # diffusers leaves the bound method as an instance attribute
             if not had_registry and not compat.hooks_of(registry):
                 compat.drop_hook_registry(model)
-                if not had_own_forward:
-                    del model.forward  # diffusers leaves the bound method as an instance attribute
 
         installation.undos.append((replaced, remove_transformer_hook))
         # Counted by diffusers as its enabled cache, so model.enable_cache(...) refuses to stack one on AdaCache
@@ -191,39 +222,115 @@ def wrap_block(runtime: Runtime, index: int, eager: bool = False) -> tuple[Check
     `eager` keeps the block out of torch.compile: dynamo does not guard on module hooks, so a compiled probe block
     could silently skip the attention probe's hook."""
     block = runtime.layout.blocks[index][1]
+    slot, original, original_was_attribute = _beneath_offloading(block)
     # A list so compile_blocks can swap in a compiled forward.
-    inner = [torch.compiler.disable(block.forward) if eager else block.forward]
+    inner = [torch.compiler.disable(original) if eager else original]
     before = torch.compiler.disable(runtime.before_block)
     after = torch.compiler.disable(runtime.after_block)
 
-    @functools.wraps(block.forward)
+    @functools.wraps(original)
     def forward(*args: Any, **kwargs: Any) -> Any:
         replacement = before(index, args, kwargs)
         if replacement is not None:
             return replacement
         return after(index, args, kwargs, inner[0](*args, **kwargs))
 
-    had_own_forward = "forward" in block.__dict__
-    previous = block.__dict__.get("forward")
     # Not traced by dynamo (its callee, the block's own forward, is): `block.compile()` compiles the block alone.
     wrapped = torch.compiler.disable(forward, recursive=False)
     setattr(block, BLOCK_ATTRIBUTE, BlockMarker(None if eager else inner))  # before `forward`: copies meet it first
-    block.forward = wrapped
+    if slot is None:
+        block.forward = wrapped
+    else:  # beneath accelerate's hook (sequential CPU offload) or diffusers' group offloading hooks
+        slot.put(wrapped)
 
     def replaced() -> str | None:
-        if block.__dict__.get("forward") is not wrapped:
+        if _slot_holding(block, wrapped) is None:
             return f"the forward of {runtime.layout.blocks[index][0]} ({type(block).__name__})"
         return None
 
     def restore() -> None:
-        del block.forward
+        _take_out(block, wrapped, original, original_was_attribute)
         delattr(block, BLOCK_ATTRIBUTE)
-        if had_own_forward:
-            block.forward = previous
 
     return replaced, restore
 
 
+# --- where a wrapper of ours sits -------------------------------------------------------------------------------
+# AdaCache's wrappers (the transformer hook's forward, each block's) go in place of the module's forward, or beneath
+# an offloader's wrapper where one wraps it at apply time, since offloaders come and go and a wrapper removed leaves
+# behind what it wrapped: accelerate's hook (diffusers removes and re-adds model CPU offload's at the end of every
+# pipeline call; `pipe.remove_all_hooks()`), and, for blocks, diffusers' group offloading hooks (removed and
+# re-applied when a LoRA is loaded or unloaded). The cost, under group offloading at block level: a skipped block is
+# still onloaded and offloaded by the hook above it, though not run. A wrapper added after ours (an offloader,
+# diffusers' layerwise casting) wraps it; removal then takes ours out from beneath that wrapper, which stays and
+# calls what ours wrapped.
+OWN_FORWARD = "the forward"
+
+
+def _beneath_offloading(module: torch.nn.Module, group_offloading: bool = True
+                        ) -> tuple[compat.ForwardSlot | None, Callable, bool]:
+    """(where ours goes: beneath accelerate's hook or, with `group_offloading`, beneath diffusers' group offloading
+    hooks; None for the forward itself; the forward ours wraps; whether that forward was an attribute of the instance
+    rather than the class's method)."""
+    slot = compat.accelerate_slot(module) if compat.accelerate_wraps(module) else \
+        compat.group_offloading_slot(module) if group_offloading else None
+    if slot is not None:
+        return slot, slot.get(), True  # removing that wrapper leaves its forward as an attribute of the instance
+    return None, module.forward, "forward" in module.__dict__
+
+
+def _slots(module: torch.nn.Module) -> list[compat.ForwardSlot]:
+    """Every place a forward of `module` can sit: the forward itself, beneath accelerate's hook, beneath each hook of
+    its diffusers registry."""
+    own = compat.ForwardSlot(OWN_FORWARD, lambda: module.__dict__.get("forward"),
+                             lambda forward: setattr(module, "forward", forward))
+    accelerate = compat.accelerate_slot(module)
+    return [own, *([accelerate] if accelerate is not None else []), *compat.registry_slots(module)]
+
+
+def _slot_holding(module: torch.nn.Module, forward: Callable) -> compat.ForwardSlot | None:
+    return next((slot for slot in _slots(module) if slot.get() is forward), None)
+
+
+def _take_out(module: torch.nn.Module, ours: Callable, original: Callable, original_was_attribute: bool) -> None:
+    """Put `original` where `ours` sits (checked to be somewhere by the removal's check)."""
+    slot = _slot_holding(module, ours)
+    if slot.where != OWN_FORWARD:
+        slot.put(original)
+        _forget(module.__dict__.get("forward"), ours, original)
+    elif original_was_attribute:
+        module.forward = original
+    else:
+        del module.forward
+
+
+_MISSING = object()
+
+
+def _forget(outer: Any, ours: Callable, original: Callable) -> None:
+    """`functools.update_wrapper` copied `ours`' attributes (`__wrapped__`, torch.compiler.disable's marks) into the
+    wrappers made around it; point them at `original` instead, so nothing above keeps ours (and its runtime)."""
+    ours_attributes = getattr(ours, "__dict__", {})
+    original_attributes = getattr(original, "__dict__", {})
+    for _ in range(32):  # a chain of wrappers, each `__wrapped__` pointing at the next
+        attributes = getattr(outer, "__dict__", None)
+        if outer is None or outer is ours or attributes is None:
+            return
+        for key, value in ours_attributes.items():
+            if attributes.get(key, _MISSING) is value:
+                replacement = original_attributes.get(key, _MISSING)
+                if replacement is _MISSING:
+                    del attributes[key]
+                else:
+                    attributes[key] = replacement
+        below = attributes.get("__wrapped__")
+        if below is ours:
+            attributes["__wrapped__"] = original
+            return
+        outer = below
+
+
+@torch.compiler.disable  # the watched call runs eagerly, under a model compiled whole too
 def infer_and_install(installation: Installation, model: torch.nn.Module, args: tuple, kwargs: dict,
                       call_original: Callable[..., Any]) -> None:
     """First call of a model without a spec: watch one uncached forward, infer the spec, install the blocks.
@@ -259,9 +366,9 @@ def uninstall(models: list[torch.nn.Module]) -> None:
     replaced = [problem for _, installation in installations for check, _ in installation.undos if (problem := check())]
     if replaced:
         raise RuntimeError(
-            f"cannot remove AdaCache: something replaced {', '.join(replaced)} after apply_adacache (another "
-            "hook or wrapper, such as accelerate's); remove that first, then call remove_adacache again. Nothing "
-            "was changed."
+            f"cannot remove AdaCache: something replaced {', '.join(replaced)} after apply_adacache (a wrapper "
+            "that is neither accelerate's hook nor a diffusers hook, which AdaCache knows how to leave in place); "
+            "remove that first, then call remove_adacache again. Nothing was changed."
         )
     for model, installation in installations:
         for _, undo in reversed(installation.undos):

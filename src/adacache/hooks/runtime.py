@@ -128,6 +128,9 @@ class Runtime(NotCopyable):
             self._busy.release()
 
     # -- a transformer call --
+    # Under a model compiled whole (torch.compile after apply_adacache), `run` and the decisions it calls run eagerly
+    # (torch.compiler.disable); `call_original`, the model's own forward, is a frame of its own that is compiled.
+    @torch.compiler.disable(recursive=False)
     def run(self, context: Any, call_original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         """One transformer call with AdaCache: `context` is diffusers' cache context (or None), `call_original` the
         model's own forward. Holds the model (`holding`) around it."""
@@ -156,7 +159,7 @@ class Runtime(NotCopyable):
                         "ModelSpec.unbatched_arguments; or set AdaCacheConfig(batch_schedule='shared')")
                     raise
                 self.end_call()
-            output = merge_outputs(outputs, state.batch)
+            output = torch.compiler.disable(merge_outputs)(outputs, state.batch)
             if state.output_shapes is not None and tensor_shapes(output) != state.output_shapes:
                 raise not_batch_first([tensor_shapes(o) for _, o in outputs], [len(c.rows) for c in calls])
             return output
@@ -166,11 +169,13 @@ class Runtime(NotCopyable):
             self.reset()
             raise
 
+    @torch.compiler.disable
     def cut_arguments(self, args: tuple, kwargs: dict, rows: tuple[int, ...], batch: int) -> tuple[tuple, dict]:
         """The call's arguments for `rows` of its batch (`batch.cut_arguments`, with this model's parameters and the
         spec's unbatched arguments)."""
         return cut_arguments(args, kwargs, rows, batch, self.forward_parameters, self.layout.spec.unbatched_arguments)
 
+    @torch.compiler.disable
     def begin_call(self, context: Any, args: tuple, kwargs: dict) -> list[Call]:
         """Which CFG branch and step this call is, and whether its blocks run: the call's parts, one (every row
         computes, or every row skips) or two (the rows of the videos that compute, then the rest's)."""
