@@ -91,6 +91,9 @@ def _is_model(candidate: Any, model: torch.nn.Module) -> bool:
 def scheduler_of(pipeline: Any) -> Any:
     """The pipeline's scheduler as it is now, or None. Read without `getattr`'s fallbacks: on a diffusers pipeline
     whose scheduler was deleted, ConfigMixin.__getattr__ would warn and return its config entry instead."""
+    held = getattr(pipeline, "__dict__", None)
+    if held is not None and "scheduler" in held:  # where diffusers keeps it (register_modules): the quick way
+        return held["scheduler"]
     scheduler = inspect.getattr_static(pipeline, "scheduler", None)
     if hasattr(type(scheduler), "__get__"):  # a property or other descriptor: let it compute the value
         scheduler = getattr(pipeline, "scheduler", None)

@@ -36,6 +36,8 @@ from .layout import Layout
 from .running import BATCHED_CFG_CONTEXT, Running, find_running, scheduler_of
 from .span import Call, conclude, skip, stamp, unchanged
 
+SMALL_TIMESTEP = 64  # timestep tensors up to this many values are read whole (one copy), larger ones reduced first
+
 NOT_COPYABLE = (
     "a model with AdaCache applied cannot be copied or pickled (copy.deepcopy, pickle, torch.save of the module): "
     "its hooks are bound to this instance, so a copy would run the original's blocks and state. Call "
@@ -324,10 +326,12 @@ class Runtime(NotCopyable):
                 return (float(value),) * 2
             except TypeError:  # a list or array of timesteps (per sample or per frame), read as a tensor
                 value = torch.as_tensor(value, dtype=torch.float64)
-        value = value.detach().float()
-        if value.numel() == 1:
-            return (float(value),) * 2
-        largest, mean = torch.stack([value.max(), value.mean()]).tolist()
+        value = value.detach()
+        if value.numel() <= SMALL_TIMESTEP:  # one per sample or per frame: one copy to the host, summed there
+            values = value.flatten().tolist()
+            return (float(max(values)), sum(values) / len(values)) if values else None
+        value = value.float()
+        largest, mean = torch.stack([value.max(), value.mean()]).tolist()  # per token: reduced on the device
         return largest, mean
 
     def running(self) -> Running | None:
