@@ -13,9 +13,9 @@ source first:
    scheduler does not step (diffusion forcing steps copies of it) or has no step index, one more than the
    branch's last call. A scheduler set anew, a finished loop, a step index that does not advance, or a timestep
    that turns back starts a new generation.
-3. the scheduler's timesteps (a pipeline AdaCache was applied to, calling from a loop of its own): the step is where
-   the call's timestep sits in `scheduler.timesteps`, the count its length. A scheduler set anew (`set_timesteps`)
-   starts a new generation.
+3. the scheduler's timesteps (of a running pipeline that does not say how long its loop is, or of the pipeline
+   AdaCache was applied to, called from a loop of one's own): the step is where the call's timestep sits in
+   `scheduler.timesteps`, the count its length. A scheduler set anew (`set_timesteps`) starts a new generation.
 4. the timestep alone: one step per call; a timestep that repeats or turns back against the run's direction
    (timesteps fall in most schedulers, rise in some, such as Mochi's) starts a new generation.
 
@@ -40,7 +40,6 @@ from typing import Any, Sequence
 
 MAX_AUTO_BRANCHES = 8
 
-
 Timestep = tuple[float, float]  # (largest value, mean) of a call's timestep
 
 
@@ -57,7 +56,7 @@ class Loop:
     def start(self) -> int | None:
         """Where the loop begins in the scheduler's timesteps (a strength-truncated schedule begins past 0); None
         where the loop is not a tail of them (diffusion forcing runs more iterations than the scheduler has)."""
-        if self.scheduled is None or not 0 <= self.scheduled - self.length:
+        if self.scheduled is None or self.scheduled < self.length:
             return None
         return self.scheduled - self.length
 

@@ -10,6 +10,11 @@ What it then reads is public: the pipeline's `num_timesteps` (the length of the 
 `do_classifier_free_guidance`, its `scheduler`'s `timesteps` and `step_index` (which advances once per
 `scheduler.step`); and, through `compat.loop_latents`, the batch of the latents its loop carries.
 
+Why a walk up the stack: nothing tells a model which pipeline is calling it (the cache context carries a name and,
+in Wan's pipelines only, the step), a pipeline made after apply_adacache is unknown to it, and patching pipeline
+classes is what this project does not do. The frame is never kept between calls (it holds every local of the
+pipeline's call, latents included), so each call walks again.
+
 Cost per transformer call where it is read (a call whose cache context gives no step index, and each generation's
 first call): a walk of about ten frames, the locals of those with a `self` read once (code objects that turned out
 not to be a pipeline's are remembered and skipped), a few attribute reads: a few microseconds on a CPU.

@@ -4,8 +4,8 @@ Per transformer call (`run`):
 1. `begin_call`: which CFG branch and step this is (the step clock, from diffusers' cache context, the loop of the
    pipeline running the call (running.py), the scheduler or the timestep); a new generation where the clock says
    so (`generation.Generations.begin`), its videos paired as CFG halves only where the pipeline guides in one
-   call; whether each video computes or skips this step. The result is one `span.Call`, or two where some videos compute and
-   others skip (their rows then run apart: `batch.cut_arguments`, `batch.merge_outputs`).
+   call; whether each video computes or skips this step. The result is one `span.Call`, or two where some videos
+   compute and others skip (their rows then run apart: `batch.cut_arguments`, `batch.merge_outputs`).
 2. The model's own forward runs; each cached block's wrapper (install.py) calls `before_block` and `after_block`,
    which hand the block's streams to `span.skip` (a skipped step, at the last block) or note the span's input and
    the probe and call `span.conclude` (a computed step, after the last block).
@@ -27,8 +27,8 @@ import torch
 from .. import parallel
 from ..calls import argument, parameter_names
 from ..config import AdaCacheConfig
-from ..models.specs import ModelSpec
 from ..core.clock import Timestep
+from ..models.specs import ModelSpec
 from .batch import cut_arguments, merge_outputs, not_batch_first, tensor_shapes, video_rows
 from .block_io import make_output, read_output, read_streams
 from .generation import Generations, GenerationStats
@@ -183,10 +183,11 @@ class Runtime(NotCopyable):
         layout, clock = self.layout, self.generations.clock
         name, step_index, num_steps = (context.name, context.step_index, context.num_inference_steps) \
             if context is not None else (None, None, None)
-        running: Running | None | bool = False  # False: not looked for yet (only where needed: it costs a walk)
-        t = loop = timesteps = None
-        if clock.needs_timestep(name, step_index):
-            # The timestep is read (a device sync on GPU) only when the context does not say which step this is.
+        # Only when the context does not say which step this is: the timestep is read (a device sync on GPU) and the
+        # running pipeline looked for (a walk up the stack); else the pipeline only at a generation's first call.
+        running = t = loop = timesteps = None
+        told = not clock.needs_timestep(name, step_index)
+        if not told:
             t = self._timestep(args, kwargs)
             running = self.running()
             loop = running.loop() if running is not None else None
@@ -219,7 +220,7 @@ class Runtime(NotCopyable):
         sharded = self._sharded_probe() if tick.new_generation else None  # (refuses before the clock moves)
         clock.commit(tick)
         if tick.new_generation:
-            if running is False:
+            if told:
                 running = self.running()
             batched_cfg = self._batched_cfg(name, batch, running)
             rows, paired = video_rows(latents, self.config.resolved_batch_schedule, batched_cfg=batched_cfg)
