@@ -206,6 +206,28 @@ def test_magcache_calibration_ratios_are_recorded_once_per_call():
     model.disable_cache()
 
 
+def test_a_running_pipelines_loop_latents_are_its_latents_local():
+    """compat.loop_latents reads `latents` from the frame of a pipeline's __call__: every diffusers video pipeline
+    that calls its transformer in a loop names its latents so, and those that guide in one call double them only in
+    the model's input."""
+    from diffusers import (AllegroPipeline, CogVideoXPipeline, LattePipeline, LTXPipeline, MochiPipeline,
+                           SanaVideoPipeline, SkyReelsV2DiffusionForcingPipeline, WanPipeline, WanVideoToVideoPipeline)
+
+    batched = (AllegroPipeline, CogVideoXPipeline, LattePipeline, LTXPipeline, MochiPipeline, SanaVideoPipeline)
+    for pipeline in (*batched, SkyReelsV2DiffusionForcingPipeline, WanPipeline, WanVideoToVideoPipeline):
+        with relying_on(f"{pipeline.__name__}.__call__'s local `latents`"):
+            call = inspect.unwrap(pipeline.__call__)
+            assert "latents" in call.__code__.co_varnames
+            if pipeline in batched:
+                assert re.search(r"torch\.cat\(\[latents\] \* 2\)", inspect.getsource(call))
+
+    def loop(latents):
+        return compat.loop_latents(inspect.currentframe())
+
+    marker = torch.zeros(3)
+    assert loop(marker) is marker
+
+
 # --- private diffusers names only in adacache.compat -------------------------------------------------------------
 PRIVATE_DIFFUSERS = re.compile(
     r"diffusers\.hooks|_diffusers_hook|_hook_order|\._cache_config\b|\._context\b|_set_cache_context|"

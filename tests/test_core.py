@@ -8,7 +8,7 @@ import torch
 
 from adacache import AdaCacheConfig, apply_adacache, get_stats, remove_adacache
 from adacache.config import ConfigError
-from adacache.core.clock import MAX_AUTO_BRANCHES, StepClock, find_step
+from adacache.core.clock import MAX_AUTO_BRANCHES, Loop, StepClock, find_step
 from adacache.core.decision import ProbeSums, Schedule, change_sums, motion_score, motion_sums, relative_l1
 from adacache.core.store import ForecastStore, ReuseStore, make_store
 
@@ -71,6 +71,35 @@ def test_clock_heun_repeats_timesteps_and_the_count_changes():
     context = StepClock()
     ticks(context, [dict(name="c", step_index=0, num_steps=10)])
     assert context.read(name="c", step_index=1, num_steps=20).new_generation  # another step count: another run
+
+
+def test_clock_from_the_running_loop():
+    """The running pipeline's loop (its length, its scheduler's step index) gives the count and the step; calls in a
+    row are CFG branches only between the same two scheduler steps."""
+    key = object()
+    heun = [1000.0, 500.0, 500.0, 0.0, 0.0]  # 3 steps, the last two evaluated twice; the scheduler steps after each
+    loop = [Loop(key, 5, None if i == 0 else i, 5) for i in range(5)]  # step_index is None before the first step
+    assert ticks(StepClock(), [dict(t=t, loop=lp) for t, lp in zip(heun, loop)]) == [
+        ("default", i + 1, i == 0) for i in range(5)]  # the repeated timesteps are steps, not a second branch
+    split = [dict(t=t, loop=lp) for t, lp in zip(heun, loop) for _ in range(2)]  # CFG as two calls per step
+    assert ticks(StepClock(), split) == [(b, i + 1, i == 0) for i in range(5) for b in ("default", "default.1")]
+    # strength: the loop runs the last 3 of 5 scheduled timesteps, so its first scheduler step is index 2
+    truncated = Loop(object(), 3, None, 5)
+    assert truncated.start == 2 and Loop(key, 8, None, 6).start is None  # diffusion forcing: more than scheduled
+    clock = StepClock()
+    calls = [dict(name="c", t=500.0, loop=truncated)] + [dict(name="c", t=t, loop=Loop(truncated.key, 3, p, 5))
+                                                         for t, p in ((250.0, 3), (0.0, 4))]
+    assert ticks(clock, calls) == [("c", 1, True), ("c", 2, False), ("c", 3, False)]
+    assert clock.read(name="c", t=0.0, loop=Loop(truncated.key, 3, 4, 5)).num_steps == 3
+    # a scheduler that does not step (diffusion forcing steps copies of it): one step per call, and the loop's end
+    # starts the next window; per-frame timesteps as (largest, mean), the largest repeating
+    windows = [dict(name="c", t=(999.0, m), loop=Loop(key, 3, None, 6)) for m in (900.0, 800.0, 700.0)]
+    windows += [dict(name="c", t=(999.0, m), loop=Loop(key, 2, None, 6)) for m in (500.0, 400.0)]
+    assert ticks(StepClock(), windows) == [("c", 1, True), ("c", 2, False), ("c", 3, False), ("c", 1, True),
+                                           ("c", 2, False)]
+    # a second expert (Wan 2.2) joins mid-loop: its first call is the scheduler's step, of the loop's count
+    joined = StepClock().read(name="c", t=250.0, loop=Loop(key, 5, 3, 5))
+    assert (joined.step, joined.num_steps, joined.new_generation) == (4, 5, True)
 
 
 def test_clock_read_changes_nothing_until_commit_and_forget_restarts():

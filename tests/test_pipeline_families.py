@@ -14,9 +14,10 @@ How each family calls its transformer under classifier-free guidance (CFG), as c
   num_inference_steps + 2 loop iterations for 3 latent frames;
 - Allegro, Sana-Video: one call per step on a batch of 2, no ``cache_context`` at all.
 
-None tells the step index or count, so AdaCache, applied to the pipeline, reads them from the scheduler. Diffusion
-forcing breaks that (xfail tests below): its loop runs more iterations than the scheduler has steps, and a long
-video's windows after the first have mean timesteps the scheduler does not list.
+None tells the step index or count, so AdaCache reads them from the pipeline running the call (found on the stack,
+whether AdaCache was applied to the pipeline or to its transformer alone): the length of its loop and its scheduler's
+step. Diffusion forcing needs the loop's length: it runs more iterations than the scheduler has steps, and denoises
+a long video window by window, each window a generation of its own.
 
 AdaCache's registry knows neither SanaVideoTransformer3DModel nor HunyuanVideo15Transformer3DModel: their tests
 pass the specs below. HunyuanVideo15Pipeline takes no callback_on_step_end: its generations are stopped from a
@@ -232,13 +233,6 @@ def test_permissive_codebook_skips_steps_and_computes_the_first_and_last_two(fam
     assert not np.array_equal(frames, family[2])  # the skipped steps really reused the cache
 
 
-@pytest.mark.parametrize("family", [
-    pytest.param(kind, marks=pytest.mark.xfail(strict=True, reason=(
-        "AdaCache takes the scheduler's step count (6) as the generation's length, but asynchronous diffusion "
-        "forcing runs 8 loop iterations (num_inference_steps + ar_step * (frames - 1)); every step from 5 on is "
-        "forced, so it computes [1, 2, 5, 6, 7, 8] instead of [1, 2, 7, 8], and GenerationStats.num_steps (6) is "
-        "below steps_seen (8)")))
-    if kind in ITERATIONS else kind for kind in KINDS], indirect=True)
 def test_permissive_codebook_computes_exactly_the_first_two_and_last_two(family, permissive):
     """Step 1 is forced, step 2 has no distance yet, N-1 and N are forced; nothing else with rate 100."""
     kind, _, stats = permissive
@@ -286,10 +280,11 @@ def test_generation_after_an_interrupted_one_equals_a_fresh_one(family, how, mon
     assert all(s.computed_steps[-2:] == [n - 1, n] and s.skipped_steps for s in stats)
 
 
-def test_transformer_alone_splits_branches_and_finds_generations_but_not_the_step_count(family, monkeypatch):
-    """Applied to the transformer alone, nothing tells the step count (the cache contexts carry names only, no
-    scheduler is known): the last two steps cannot be forced, and the stats say so. Back-to-back generations are
-    still told apart by their timesteps (Mochi's rise, the others' fall), without the pipeline's reset."""
+def test_transformer_alone_reads_the_running_pipeline(family, monkeypatch):
+    """Applied to the transformer alone, AdaCache still finds the pipeline running each call (on the stack): its
+    loop tells the step count, so the last two steps are forced, with no note. Back-to-back generations of other
+    step counts are told apart, without the pipeline's reset. (Before issue 20, a transformer alone knew no step
+    count from a pipeline that opens no cache context with one, and computed only [1, 2].)"""
     kind, pipe, _ = family
     monkeypatch.setattr(pipe, "maybe_free_model_hooks", lambda: None)
     apply_adacache(pipe.transformer, SKIP_ALL)
@@ -301,25 +296,19 @@ def test_transformer_alone_splits_branches_and_finds_generations_but_not_the_ste
         remove_adacache(pipe.transformer)
     names = CFG_PATTERN[kind][0]
     assert [s.branch for s in stats] == names * 2
-    assert all(s.video is None for s in stats)  # batched CFG (its halves hold the same latents): one video
+    assert all(s.video is None for s in stats)  # batched CFG (the pipeline guides in one call): one video
     extra = ITERATIONS.get(kind, STEPS) - STEPS  # loop iterations beyond the step count
-    assert [s.steps_seen for s in stats] == [STEPS + extra] * len(names) + [4 + extra] * len(names)
-    assert all(s.computed_steps == [1, 2] and s.num_steps is None for s in stats)
-    assert all(any("unknown" in n for n in s.notes) for s in stats)
+    for s, n in zip(stats, [STEPS + extra] * len(names) + [4 + extra] * len(names)):
+        assert (s.steps_seen, s.num_steps, s.computed_steps, s.notes) == (n, n, [1, 2, n - 1, n], []), str(s)
 
 
 @pytest.mark.parametrize("ar_step, window_iterations", [
-    pytest.param(0, [STEPS] * 3, marks=pytest.mark.xfail(strict=True, reason=(
-        "synchronous long video: the second window's first call (per-frame timesteps [0, 0, 999], mean 333) "
-        "continues the first window's generation, whose last call had mean 616 (falling, so no turn back): "
-        "AdaCache sees generations of 12 and 6 steps per branch instead of three of 6. Window 2 runs as steps "
-        "7-12 of a 6-step generation, all forced (never cached); window 3 starts a generation without a step "
-        "count and computes only [1, 2]"))),
-    pytest.param(1, [STEPS + 2, STEPS, STEPS], marks=pytest.mark.xfail(strict=True, reason=(
-        "asynchronous long video: windows 2 and 3 start new generations (their mean timestep turns back), "
-        "but with no step count (their mean timesteps are not in the scheduler's), so their last two "
-        "iterations are not forced: they compute only [1, 2] with the permissive codebook, and their stats say "
-        "the step count is unknown although AdaCache is applied to the pipeline"))),
+    # synchronous: every window runs the scheduler's 6 steps; the second window's first call (per-frame timesteps
+    # [0, 0, 999]) follows the first window's last, so only the loop's length tells that a new window began
+    (0, [STEPS] * 3),
+    # asynchronous: the first window staggers its 3 frames (6 + 2 iterations), later windows start with 2 frames
+    # ready; none of their per-frame timesteps is in the scheduler's
+    (1, [STEPS + 2, STEPS, STEPS]),
 ])
 @pytest.mark.parametrize("family", ["skyreels_v2_df"], indirect=True)
 def test_diffusion_forcing_long_video_windows_are_generations(family, ar_step, window_iterations):

@@ -133,6 +133,14 @@ def set_cache_context(module: torch.nn.Module, context: Any) -> None:
     _set_cache_context(module, context)
 
 
+# --- a running pipeline's denoising loop ---------------------------------------------------------------------------
+def loop_latents(frame: Any) -> Any:
+    """The latents a running pipeline's denoising loop carries, from the frame of its `__call__` (None where the
+    frame has none). Relies on: diffusers' pipelines naming them `latents` in `__call__`, one row per video (CFG
+    doubles them only in the model's input, `torch.cat([latents] * 2)`, never in `latents` itself)."""
+    return frame.f_locals.get("latents")
+
+
 # --- CacheMixin's one-cache-at-a-time rule ------------------------------------------------------------------------
 class _NamedInMessages(type):
     """diffusers names the enabled cache by its class (`type(model._cache_config)`) in its errors; this makes that

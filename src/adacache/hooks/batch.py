@@ -17,22 +17,26 @@ from ..calls import map_tensors, map_together, tensors_in
 SHARED_HINT = "set AdaCacheConfig(batch_schedule='shared') for this model"
 
 
-def video_rows(latents: torch.Tensor | None, batch_schedule: str) -> list[tuple[int, ...] | None]:
-    """Each video's rows of a batch (one entry of None: one schedule for the whole batch).
+def video_rows(latents: torch.Tensor | None, batch_schedule: str,
+               batched_cfg: bool = False) -> tuple[list[tuple[int, ...] | None], bool]:
+    """(each video's rows of a batch, whether the batch's two halves were paired as the videos' CFG halves). One
+    entry of None: one schedule for the whole batch.
 
-    With "video", a batch whose two halves hold the same latents is batched CFG (every diffusers pipeline that
-    guides in one call passes torch.cat([latents] * 2), the unconditional half first): video v is rows v and
-    v + batch/2. Anything else is one video per row ("row" always is); "shared" is one schedule for the batch."""
+    With "video", a batch that holds both CFG halves (`batched_cfg`: the pipeline guides in one call, passing
+    torch.cat([latents] * 2), the unconditional half first) and whose halves hold the same latents is paired: video
+    v is rows v and v + batch/2. Anything else is one video per row ("row" always is): equal halves alone are no
+    proof of CFG, since two prompts may start from the same noise. "shared" is one schedule for the batch."""
     batch = latents.shape[0] if latents is not None else None
     if batch is None or batch < 2 or batch_schedule == "shared":
-        return [None]
+        return [None], False
     half = batch // 2
-    batched_cfg = batch_schedule == "video" and batch % 2 == 0 and torch.equal(latents[:half], latents[half:])
-    halves = 2 if batched_cfg else 1
+    paired = (batched_cfg and batch_schedule == "video" and batch % 2 == 0
+              and torch.equal(latents[:half], latents[half:]))
+    halves = 2 if paired else 1
     count = batch // halves
     if count == 1:
-        return [None]
-    return [tuple(v + h * count for h in range(halves)) for v in range(count)]
+        return [None], paired
+    return [tuple(v + h * count for h in range(halves)) for v in range(count)], paired
 
 
 def rows_of(tensor: torch.Tensor, rows: tuple[int, ...] | None, batch: int | None) -> torch.Tensor:

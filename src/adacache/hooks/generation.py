@@ -20,9 +20,10 @@ from ..core.decision import Schedule
 from ..core.store import ResidualStore, make_store
 
 UNKNOWN_STEPS = (
-    "the number of inference steps is unknown (no cache_context with num_inference_steps, no scheduler): the last two "
-    "steps are not forced to compute. Apply to the pipeline (apply_adacache(pipe, ...)) or set "
-    "AdaCacheConfig(num_inference_steps=N)"
+    "the number of inference steps is unknown (no cache_context with num_inference_steps, no diffusers pipeline "
+    "running the call whose loop tells it, no scheduler listing the call's timestep): the last two steps are not "
+    "forced to compute. In a loop of your own, wrap each call in adacache.cache_context(model, name, step_index=i, "
+    "num_inference_steps=n), or set AdaCacheConfig(num_inference_steps=N)"
 )
 
 
@@ -44,6 +45,11 @@ class GenerationStats:
     model: str = "transformer"  # which transformer of the pipeline (Wan 2.2 has two)
     store: str = "reuse"  # what skipped steps added: the last computed residual ("reuse") or a "forecast" of it
     video: int | None = None  # which video of the batch, when each has its own schedule; None: the whole batch
+    # The batch rows this schedule decided for (None: the batch was not read). Where `paired`, the batch's two halves
+    # were taken as CFG halves (the pipeline guides in one call): video v is rows [v, v + batch/2], its uncond and
+    # cond rows; otherwise one row per video, or every row for one schedule over the batch.
+    rows: list[int] | None = None
+    paired: bool = False
 
     @property
     def compute_fraction(self) -> float:
@@ -56,6 +62,7 @@ class GenerationStats:
 
     def __str__(self) -> str:
         video = f" video {self.video}" if self.video is not None else ""
+        video += f" rows {self.rows} (CFG halves)" if self.paired else ""
         return (
             f"[{self.branch}{video} #{self.generation}] computed {len(self.computed_steps)}/{self.steps_seen} steps "
             f"{self.computed_steps}, rates {self.rates}, cache {self.cache_bytes / 2**20:.2f} MiB"
@@ -81,8 +88,9 @@ class VideoState:
         """Keep the peak of what is held between steps (after a computed step has stored what it keeps)."""
         self.peak_bytes = max(self.peak_bytes, self.cache_bytes())
 
-    def stats(self, branch: str, generation: int) -> GenerationStats:
+    def stats(self, branch: str, generation: int, batch: int | None = None, paired: bool = False) -> GenerationStats:
         s = self.schedule
+        rows = list(self.rows) if self.rows is not None else list(range(batch)) if batch is not None else None
         return GenerationStats(
             branch=branch,
             generation=generation,
@@ -97,6 +105,8 @@ class VideoState:
             notes=list(s.notes),
             store=self.store.name,
             video=self.video,
+            rows=rows,
+            paired=paired,
         )
 
 
@@ -108,6 +118,7 @@ class BranchState:
     generation: int
     videos: list[VideoState]
     batch: int | None = None  # rows in the batch (None: not read from the arguments)
+    paired: bool = False  # its two halves are its videos' CFG halves (batch.video_rows)
     thread: int | None = None  # the thread that made this generation's last call
     frames_shape: Any = None  # the shape of the model's frames argument (or its value): fixed within a generation
     sharded: Any = None  # under context parallelism: this rank's slice of the probe (parallel.ShardedProbe)
@@ -133,7 +144,7 @@ class BranchState:
         return self.only.store.latest
 
     def stats(self, branch: str) -> list[GenerationStats]:
-        return [video.stats(branch, self.generation) for video in self.videos]
+        return [video.stats(branch, self.generation, self.batch, self.paired) for video in self.videos]
 
 
 class Generations:
@@ -148,16 +159,18 @@ class Generations:
         self.count = 0  # generations begun, every branch counted
         self.warned_unknown_steps = False
 
-    def begin(self, branch: str, num_steps: int | None, video_rows: list[tuple[int, ...] | None]) -> BranchState:
-        """A new generation of `branch`, with one schedule and store per entry of `video_rows` (None: the whole
-        batch); the branch's previous generation goes to the history."""
+    def begin(self, branch: str, num_steps: int | None, video_rows: list[tuple[int, ...] | None],
+              paired: bool = False, batch: int | None = None) -> BranchState:
+        """A new generation of `branch` on a batch of `batch` rows, with one schedule and store per entry of
+        `video_rows` (None: the whole batch), `paired` where those pair CFG halves; the branch's previous generation
+        goes to the history."""
         old = self.states.get(branch)
         if old is not None:
             self.history.append(old.stats(branch))
         self.count += 1
         videos = [VideoState(Schedule(self.config, num_steps=num_steps), make_store(self.config), rows,
                              video=None if rows is None else v) for v, rows in enumerate(video_rows)]
-        state = BranchState(self.count, videos)
+        state = BranchState(self.count, videos, batch=batch, paired=paired)
         if num_steps is None:
             for video in videos:
                 # logged once per model; every generation's stats keep it

@@ -1,10 +1,11 @@
 """The runtime of one patched transformer: it orchestrates each call, and owns nothing but the call in progress.
 
 Per transformer call (`run`):
-1. `begin_call`: which CFG branch and step this is (the step clock, from diffusers' cache context, the pipeline's
-   scheduler or the timestep); a new generation where the clock says so (`generation.Generations.begin`); whether
-   each video computes or skips this step. The result is one `span.Call`, or two where some videos compute and
-   others skip (their rows then run apart: `batch.cut_arguments`, `batch.merge_outputs`).
+1. `begin_call`: which CFG branch and step this is (the step clock, from diffusers' cache context, the loop of the
+   pipeline running the call (running.py), the scheduler or the timestep); a new generation where the clock says
+   so (`generation.Generations.begin`), its videos paired as CFG halves only where the pipeline guides in one
+   call; whether each video computes or skips this step. The result is one `span.Call`, or two where some videos
+   compute and others skip (their rows then run apart: `batch.cut_arguments`, `batch.merge_outputs`).
 2. The model's own forward runs; each cached block's wrapper (install.py) calls `before_block` and `after_block`,
    which hand the block's streams to `span.skip` (a skipped step, at the last block) or note the span's input and
    the probe and call `span.conclude` (a computed step, after the last block).
@@ -26,12 +27,16 @@ import torch
 from .. import parallel
 from ..calls import argument, parameter_names
 from ..config import AdaCacheConfig
+from ..core.clock import Timestep
 from ..models.specs import ModelSpec
 from .batch import cut_arguments, merge_outputs, not_batch_first, tensor_shapes, video_rows
 from .block_io import make_output, read_output, read_streams
 from .generation import Generations, GenerationStats
 from .layout import Layout
+from .running import BATCHED_CFG_CONTEXT, Running, find_running, scheduler_of
 from .span import Call, conclude, skip, stamp, unchanged
+
+SMALL_TIMESTEP = 64  # timestep tensors up to this many values are read whole (one copy), larger ones reduced first
 
 NOT_COPYABLE = (
     "a model with AdaCache applied cannot be copied or pickled (copy.deepcopy, pickle, torch.save of the module): "
@@ -76,6 +81,7 @@ class Runtime(NotCopyable):
         self._busy = threading.Lock()  # held for the length of a transformer call
         self._busy_thread: int | None = None
         self._timesteps_cache: tuple[Any, list[float]] | None = None
+        self._not_pipelines: set = set()  # code objects the running-pipeline walk skips (running.find_running)
 
     @property
     def spec(self) -> ModelSpec | None:
@@ -182,10 +188,17 @@ class Runtime(NotCopyable):
         layout, clock = self.layout, self.generations.clock
         name, step_index, num_steps = (context.name, context.step_index, context.num_inference_steps) \
             if context is not None else (None, None, None)
-        # The timestep is read (a device sync on GPU) only when the context does not say which step this is.
-        t = self._timestep(args, kwargs) if clock.needs_timestep(name, step_index) else None
-        tick = clock.read(name=name, step_index=step_index, num_steps=num_steps, t=t,
-                          timesteps=self._scheduler_timesteps())
+        # Only when the context does not say which step this is: the timestep is read (a device sync on GPU) and the
+        # running pipeline looked for (a walk up the stack); else the pipeline only at a generation's first call.
+        running = t = loop = timesteps = None
+        told = not clock.needs_timestep(name, step_index)
+        if not told:
+            t = self._timestep(args, kwargs)
+            running = self.running()
+            loop = running.loop() if running is not None else None
+            if loop is None:
+                timesteps = self._scheduler_timesteps(running.pipeline if running is not None else None)
+        tick = clock.read(name=name, step_index=step_index, num_steps=num_steps, t=t, timesteps=timesteps, loop=loop)
         branch, state = tick.branch, self.generations.states.get(tick.branch)
         frames_value = argument(layout.spec.frames_argument, self.forward_parameters, args, kwargs)
         frames_shape = tuple(frames_value.shape) if isinstance(frames_value, torch.Tensor) else frames_value
@@ -212,9 +225,12 @@ class Runtime(NotCopyable):
         sharded = self._sharded_probe() if tick.new_generation else None  # (refuses before the clock moves)
         clock.commit(tick)
         if tick.new_generation:
-            rows = video_rows(latents, self.config.resolved_batch_schedule)
-            state = self.generations.begin(branch, tick.num_steps, rows)
-            state.frames_shape, state.batch = frames_shape, batch
+            if told:
+                running = self.running()
+            batched_cfg = self._batched_cfg(name, batch, running)
+            rows, paired = video_rows(latents, self.config.resolved_batch_schedule, batched_cfg=batched_cfg)
+            state = self.generations.begin(branch, tick.num_steps, rows, paired=paired, batch=batch)
+            state.frames_shape = frames_shape
             if sharded is not None:  # every rank decides from the sums of the whole probe
                 state.sharded = sharded
                 for video in state.videos:
@@ -304,17 +320,41 @@ class Runtime(NotCopyable):
         value = argument(name, self.forward_parameters, args, kwargs)
         return value if isinstance(value, torch.Tensor) and value.dim() > 0 else None
 
-    def _timestep(self, args: tuple, kwargs: dict) -> float | None:
+    def _timestep(self, args: tuple, kwargs: dict) -> Timestep | None:
+        """The call's timestep as (its largest value, its mean), one device sync: per-token timesteps (Wan 2.2
+        TI2V's clean first frame, LTX's conditioning, diffusion forcing) have the scheduler's timestep as their
+        largest value, and a mean that still falls step by step (see core/clock.py)."""
         value = argument(self.layout.spec.timestep_argument, self.forward_parameters, args, kwargs)
         if value is None:
             return None
-        if isinstance(value, torch.Tensor):
-            # the mean: per-frame timesteps (diffusion forcing, Wan 2.2 TI2V) still fall step by step
-            return float(value.detach().float().mean())
-        try:
-            return float(value)
-        except TypeError:  # a list or array of timesteps (per sample or per frame): their mean, as for a tensor
-            return float(torch.as_tensor(value, dtype=torch.float64).mean())
+        if not isinstance(value, torch.Tensor):
+            try:
+                return (float(value),) * 2
+            except TypeError:  # a list or array of timesteps (per sample or per frame), read as a tensor
+                value = torch.as_tensor(value, dtype=torch.float64)
+        value = value.detach()
+        if value.numel() <= SMALL_TIMESTEP:  # one per sample or per frame: one copy to the host, summed there
+            values = value.flatten().tolist()
+            return (float(max(values)), sum(values) / len(values)) if values else None
+        value = value.float()
+        largest, mean = torch.stack([value.max(), value.mean()]).tolist()  # per token: reduced on the device
+        return largest, mean
+
+    def running(self) -> Running | None:
+        """The diffusers pipeline whose loop made this call (running.find_running), or None."""
+        return find_running(self.model_ref(), self._not_pipelines)
+
+    @staticmethod
+    def _batched_cfg(name: str | None, batch: int | None, running: Running | None) -> bool:
+        """Whether the call holds both CFG halves of its videos (the uncond rows, then the cond rows): as the running
+        pipeline tells it (its loop's latents doubled, or its do_classifier_free_guidance); with no pipeline telling,
+        a cache context named "cond_uncond" (diffusers' name for it, and what a custom loop passes to
+        adacache.cache_context). Equal latents in the two halves alone are no proof: two prompts may start from the
+        same noise."""
+        if batch is None or batch % 2:
+            return False
+        told = running.batched_cfg(batch) if running is not None else None
+        return told if told is not None else name == BATCHED_CFG_CONTEXT
 
     def frames(self, value: Any) -> int | None:
         """Latent frames after patching, from the model's frames argument (a tensor, or a frame count)."""
@@ -330,10 +370,12 @@ class Runtime(NotCopyable):
             )
         return max(1, value.shape[spec.frames_dim] // patch)
 
-    def _scheduler_timesteps(self) -> tuple[Any, list[float]] | None:
-        """(the pipeline's current scheduler's timesteps object, as floats), converted once per set_timesteps; None
-        without a pipeline, a scheduler (removed or set to None) or timesteps."""
-        pipeline = self.pipeline_ref() if self.pipeline_ref is not None else None
+    def _scheduler_timesteps(self, pipeline: Any = None) -> tuple[Any, list[float]] | None:
+        """(the scheduler's timesteps object, as floats), converted once per set_timesteps: the scheduler of
+        `pipeline` (the running one), else of the pipeline AdaCache was applied to; None without a pipeline, a
+        scheduler (removed or set to None) or timesteps."""
+        if pipeline is None:
+            pipeline = self.pipeline_ref() if self.pipeline_ref is not None else None
         timesteps = getattr(scheduler_of(pipeline), "timesteps", None) if pipeline is not None else None
         if timesteps is None:
             return None
@@ -371,13 +413,3 @@ class Runtime(NotCopyable):
         if config is not None:
             self.config = config
 
-
-def scheduler_of(pipeline: Any) -> Any:
-    """The pipeline's scheduler as it is now, or None. Read without `getattr`'s fallbacks: on a diffusers pipeline
-    whose scheduler was deleted, ConfigMixin.__getattr__ would warn and return its config entry instead."""
-    import inspect
-
-    scheduler = inspect.getattr_static(pipeline, "scheduler", None)
-    if hasattr(type(scheduler), "__get__"):  # a property or other descriptor: let it compute the value
-        scheduler = getattr(pipeline, "scheduler", None)
-    return scheduler
