@@ -123,10 +123,13 @@ def install(model: torch.nn.Module, config: AdaCacheConfig, spec: ModelSpec | No
 
         def remove_transformer_hook() -> None:
             registry.remove_hook(HOOK_NAME, recurse=False)
-            if not had_registry and not compat.hooks_of(registry):
-                compat.drop_hook_registry(model)
+            if not compat.hooks_of(registry):
+                if not had_registry:
+                    compat.drop_hook_registry(model)
+                # diffusers rebinds the model's own forward as an instance attribute when its last hook goes, in a
+                # registry made before ours too (a pipeline's cache_context makes one at its first generation)
                 if not had_own_forward:
-                    del model.forward  # diffusers leaves the bound method as an instance attribute
+                    model.__dict__.pop("forward", None)
 
         installation.undos.append((replaced, remove_transformer_hook))
         # Counted by diffusers as its enabled cache, so model.enable_cache(...) refuses to stack one on AdaCache
