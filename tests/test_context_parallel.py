@@ -463,13 +463,34 @@ def test_bench_under_torchrun_runs_every_video_on_both_processes(tmp_path):
 @pytest.mark.parametrize("argv, world, message", [
     (["generate", "a red circle", "--context-parallel", "ulysses"], "1", "launch it with torchrun"),
     (["generate", "a red circle"], "2", "add --context-parallel ulysses"),
-    (["bench", "--context-parallel", "ring", "--methods", "none,fbc:0.1"], "2", "leave out fbc:0.1"),
+    (["bench", "--context-parallel", "ulysses", "--methods", "none,fbc:0.1"], "2", "leave out fbc:0.1"),
+    # ring on a CPU: refused before the model loads or the processes meet, under torchrun or not
+    (["generate", "a red circle", "--context-parallel", "ring"], "2", "ring needs a GPU"),
+    (["generate", "a red circle", "--context-parallel", "ring"], "1", "ring needs a GPU"),
+    (["bench", "--context-parallel", "ring"], "2", "log-sum-exp"),
 ])
 def test_context_parallel_options_that_cannot_work_are_refused(argv, world, message, monkeypatch, capsys, tmp_path):
+    import adacache.pipelines
     from adacache.cli import main
 
     monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU-only host
+    monkeypatch.setattr(adacache.pipelines, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded first"))
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ring_on_a_cpu_model_is_refused_before_parallelism_is_enabled():
+    """The library road: enable_context_parallel refuses Ring on a CPU model with the reason, before it asks for
+    the process group (none here) or changes the model."""
+    from adacache.parallel import enable_context_parallel
+    from adacache.testing import tiny_model
+
+    model = tiny_model("wan").build(seed=0)
+    with pytest.raises(ValueError, match="log-sum-exp.*WanTransformer3DModel is on the cpu; use Ulysses"):
+        enable_context_parallel(None, "ring", [model])
+    from adacache import compat
+
+    assert compat.context_parallel_config(model) is None

@@ -464,9 +464,17 @@ CONTEXT_PARALLEL = ("none", "ulysses", "ring")
 
 def _context_parallel(args: argparse.Namespace, command: str) -> str:
     """The --context-parallel mode, checked against the launch: it needs torchrun (or another launcher) with two
-    processes or more; generate under a launcher without it would write one video per process to one file."""
-    from .parallel import launched_world
+    processes or more; generate under a launcher without it would write one video per process to one file. Ring is
+    refused where the model will run on the CPU (no CUDA), before anything starts."""
+    import torch
 
+    from .parallel import launched_world, ring_problem
+
+    if args.context_parallel == "ring":
+        problem = ring_problem("cuda" if torch.cuda.is_available() else "cpu")
+        if problem is not None:
+            raise ConfigError(f"--context-parallel ring needs a GPU, and this machine has none that torch can use: "
+                              f"{problem}; use --context-parallel ulysses")
     world = launched_world()
     if args.context_parallel != "none" and world == 1:
         raise ConfigError(f"--context-parallel {args.context_parallel} splits the work over processes, but this is "

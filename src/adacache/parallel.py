@@ -236,13 +236,32 @@ def process_group() -> Iterator[int]:
             dist.destroy_process_group()
 
 
+def ring_problem(device_type: str) -> str | None:
+    """Why diffusers' Ring attention cannot run on this kind of device, or None where it may. Ring merges each
+    process's partial attention with its log-sum-exp, and no attention backend returns one on a CPU: the default
+    `native` (torch SDPA) refuses return_lse=True, `_native_flash` has no CPU kernel, and the others (flash, sage,
+    cuDNN, NPU, hub kernels) need an accelerator (checked on diffusers 0.42.1; notes/context-parallel.md)."""
+    if device_type != "cpu":
+        return None
+    return ("Ring attention merges each process's partial attention with its log-sum-exp, which no attention backend "
+            "returns on a CPU (diffusers' native backend refuses return_lse=True; the ones that return it need a GPU)")
+
+
 def enable_context_parallel(pipe: Any, mode: str, transformers: list[torch.nn.Module]) -> None:
     """diffusers' own context parallelism over every launched process (`enable_parallelism` with Ulysses or Ring of
-    the world's degree) on each transformer: after apply_adacache, so AdaCache's blocks sit inside the split."""
+    the world's degree) on each transformer: after apply_adacache, so AdaCache's blocks sit inside the split. Ring
+    on a CPU model is refused before anything changes (`ring_problem`)."""
     from diffusers import ContextParallelConfig
 
     import torch.distributed as dist
 
+    if mode == "ring":
+        for model in transformers:
+            device = next(model.parameters()).device
+            problem = ring_problem(device.type)
+            if problem is not None:
+                raise ValueError(f"{problem}: {type(model).__name__} is on the {device.type}; use Ulysses there "
+                                 "(ulysses_degree, --context-parallel ulysses)")
     world = dist.get_world_size()
     config = ContextParallelConfig(**{f"{mode}_degree": world})
     for model in transformers:
