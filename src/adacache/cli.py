@@ -320,7 +320,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     targets = sorted(args.psnr if by_psnr else args.speedup)
     try:  # the rules Calibrator.calibrate_many applies, before the model loads
         for target in targets:
-            check_target(args.steps, None if by_psnr else target, target if by_psnr else None, args.iterations)
+            check_target(args.steps, None if by_psnr else target, target if by_psnr else None, args.iterations,
+                         skip_cost=0.0 if args.compute else None)  # a wall-clock target's floor needs the cost model
     except ValueError as error:
         raise ConfigError(f"{error}; change --speedup/--psnr or --steps") from None
     repeated = sorted({target for target in targets if targets.count(target) > 1})
