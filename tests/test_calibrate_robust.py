@@ -252,12 +252,14 @@ def test_a_wall_target_beyond_the_measured_cost_is_refused_before_the_bisection(
 
 def test_a_wall_target_below_one_skipped_step_is_refused_before_the_bisection(monkeypatch):
     """`--speedup 1.1 --steps 5` (wall clock): a generation computes all 5 steps or skips step 3, which gives
-    5 / (4 + c) = 1.24x with c = 0.03, so 1.1x is no codebook's; refused once the cost model says c."""
+    5 / (4 + c) = 1.24x with c = 0.03, so 1.1x is no codebook's; refused as soon as the cost model gives c, before
+    the distance curves and the reference videos."""
     pipe = types.SimpleNamespace(set_progress_bar_config=lambda **kwargs: None)
     calibrator = Calibrator(pipe, PROMPTS[:1], steps=5)
     scales = _synthetic(calibrator, monkeypatch)
     monkeypatch.setattr(Calibrator, "measure_costs", lambda self, samples=16: cost_model([1.0] * 3, [0.03] * 3),
                         raising=False)
+    monkeypatch.setattr(calibrator, "curves", lambda: pytest.fail("the distance curves ran before the target's check"))
     with pytest.raises(ValueError, match=r"wall-clock speed-up of 1.1x is out of reach at 5 steps.*\(1.241x or more; "
                                          r"a skipped step costs 0.030.* at least 1.25, or more steps"):
         calibrator.calibrate(speedup=1.1, iterations=4)

@@ -414,6 +414,12 @@ class Calibrator:
         if not _is_int(check_repeats) or check_repeats < 0:
             raise ValueError(f"check_repeats must be a non-negative integer, got {check_repeats!r}")
         wall = bool(speedups) and wall_clock
+        goals: list[float | None] = list(speedups) if speedups else [None] * len(psnrs)
+        self.cost_model = None
+        if wall:  # first: a target the measured cost puts out of reach is refused before the longer runs
+            self.cost_model = cost or self.measure_costs()
+            self._say_cost(self.cost_model)
+            goals = [self._wall_goal(s, self.cost_model) for s in speedups]  # once: from here on, no clock decides
         norm = None
         if self.base.moreg:
             norm = self.moreg_norm()
@@ -424,12 +430,6 @@ class Calibrator:
                 self.say(f"MoReg normalisation: median raw motion {norm:.4g} (the authors' Open-Sora value: 0.385)")
         curves, references = self.curves()
         pooled = [d for curve in curves for d in curve]
-        goals: list[float | None] = list(speedups) if speedups else [None] * len(psnrs)
-        self.cost_model = None
-        if wall:
-            self.cost_model = cost or self.measure_costs()
-            self._say_cost(self.cost_model)
-            goals = [self._wall_goal(s, self.cost_model) for s in speedups]  # once: from here on, no clock decides
         memo = _Measurements(self, references)
         # threshold scales from 1/30 (nearly every step computed) to 30 (nearly every distance under the first)
         lo, hi = math.log(1 / SCALE_RANGE), math.log(SCALE_RANGE)
