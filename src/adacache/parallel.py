@@ -30,7 +30,6 @@ import torch
 
 from . import compat
 from .core.decision import ProbeSums, count_of, l1
-from .pipelines import RANK_TIMEOUT_S
 
 logger = logging.getLogger(__name__)
 
@@ -228,16 +227,22 @@ class RankTimeout(TimeoutError):
 _TIMEOUT_MESSAGE = re.compile(r"timed out|timeout", re.IGNORECASE)
 
 
+def is_wait_timeout(error: BaseException) -> bool:
+    """Whether `error` is what a collective raises when the process group's timeout passed (a peer frozen): after
+    one, another collective with that peer would only wait as long again."""
+    return isinstance(error, RuntimeError) and _TIMEOUT_MESSAGE.search(str(error)) is not None
+
+
 @contextlib.contextmanager
-def process_group(timeout: float = RANK_TIMEOUT_S) -> Iterator[int]:
+def process_group(timeout: float) -> Iterator[int]:
     """Under a launcher, the default process group (gloo for CPU tensors, and NCCL for CUDA ones where CUDA is, with
     this process's GPU from LOCAL_RANK), destroyed on the way out unless something did already; yields this
     process's rank (0 outside a launcher, with no group).
 
-    `timeout` (seconds) bounds every wait for another process, the start included: past it, gloo's collective raises
-    and the block raises `RankTimeout`, one line naming this rank and the timeout, so a frozen process ends the
-    others (the launcher then stops it). NCCL applies the same timeout through its watchdog, which ends the process
-    with its own report."""
+    `timeout` (seconds; the command line's --rank-timeout, by default `pipelines.RANK_TIMEOUT_S`) bounds every wait
+    for another process, the start included: past it, gloo's collective raises and the block raises `RankTimeout`,
+    one line naming this process and the timeout, so a frozen process ends the others (the launcher then stops it).
+    NCCL applies the same timeout through its watchdog, which ends the process with its own report."""
     import datetime
 
     import torch.distributed as dist
@@ -254,7 +259,7 @@ def process_group(timeout: float = RANK_TIMEOUT_S) -> Iterator[int]:
                                 timeout=datetime.timedelta(seconds=timeout))
         yield dist.get_rank()
     except RuntimeError as error:
-        if not _TIMEOUT_MESSAGE.search(str(error)):
+        if not is_wait_timeout(error):
             raise
         rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", "?")
         raise RankTimeout(
