@@ -364,3 +364,16 @@ def test_flops_are_counted_exactly_and_on_a_module_graph_with_a_cycle():
         meter.reset(count_flops=True)
         model(torch.ones(3, 4))
         assert meter.flops == 2 * 3 * 4 * 8
+
+
+def test_a_phase_that_timed_out_waiting_for_a_frozen_process_does_not_wait_for_it_again(monkeypatch):
+    """Under --context-parallel a collective that waited --rank-timeout for a frozen process raises; the phase's
+    agreement (an all-reduce with that same process) is skipped, or the run would wait as long again."""
+    import torch.distributed as dist
+
+    from adacache.evaluation import bench
+
+    monkeypatch.setattr(dist, "all_reduce", lambda *args, **kwargs: pytest.fail("waited for the frozen process again"))
+    with pytest.raises(RuntimeError, match="Timed out waiting"):
+        with bench._together(2):
+            raise RuntimeError("[gloo/transport/tcp/pair.cc:1] Timed out waiting 5000ms for recv operation to complete")

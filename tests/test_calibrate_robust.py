@@ -184,6 +184,9 @@ def test_the_timed_check_interleaves_runs_and_warns_when_it_disagrees_with_the_m
     (30, {"target_psnr": 150.0}, r"in \(0, 100\)"),
     (30, {"target_psnr": -5.0}, r"in \(0, 100\)"),
     (30, {"target_psnr": 30.0, "iterations": 0}, "iterations must be a positive integer"),
+    # below one skipped step: a generation computes all 5 steps (1.00x) or skips one (1.25x), nothing between
+    (5, {"speedup": 1.1, "wall_clock": False}, r"1.1x is out of reach at 5 steps.* at least 1.25, or more steps"),
+    (30, {"speedup": 1.03, "wall_clock": False}, r"skips at least one \(1.034x or more\).* at least 1.04"),
 ])
 def test_unreachable_targets_are_refused_before_any_generation(steps, target, message):
     def generate(*args, **kwargs):
@@ -245,6 +248,35 @@ def test_a_wall_target_beyond_the_measured_cost_is_refused_before_the_bisection(
     with pytest.raises(ValueError, match=r"wall-clock speed-up of 1.8x is out of reach.* at most 1.33x"):
         calibrator.calibrate(speedup=1.8, iterations=4)
     assert scales == []
+
+
+def test_a_wall_target_below_one_skipped_step_is_refused_before_the_bisection(monkeypatch):
+    """`--speedup 1.1 --steps 5` (wall clock): a generation computes all 5 steps or skips step 3, which gives
+    5 / (4 + c) = 1.24x with c = 0.03, so 1.1x is no codebook's; refused as soon as the cost model gives c, before
+    the distance curves and the reference videos."""
+    pipe = types.SimpleNamespace(set_progress_bar_config=lambda **kwargs: None)
+    calibrator = Calibrator(pipe, PROMPTS[:1], steps=5)
+    scales = _synthetic(calibrator, monkeypatch)
+    monkeypatch.setattr(Calibrator, "measure_costs", lambda self, samples=16: cost_model([1.0] * 3, [0.03] * 3),
+                        raising=False)
+    monkeypatch.setattr(calibrator, "curves", lambda: pytest.fail("the distance curves ran before the target's check"))
+    with pytest.raises(ValueError, match=r"wall-clock speed-up of 1.1x is out of reach at 5 steps.*\(1.241x or more; "
+                                         r"a skipped step costs 0.030.* at least 1.25, or more steps"):
+        calibrator.calibrate(speedup=1.1, iterations=4)
+    assert scales == []
+
+
+def test_a_codebook_that_never_skips_is_no_result(monkeypatch):
+    """Where no codebook the bisection measures skips (distances above every threshold reached), the closest to the
+    goal computes every step: refused, never written as a codebook for a speed-up."""
+    pipe = types.SimpleNamespace(set_progress_bar_config=lambda **kwargs: None)
+    calibrator = Calibrator(pipe, PROMPTS[:1], steps=12)
+    _synthetic(calibrator, monkeypatch)
+    monkeypatch.setattr(calibrator, "measure", lambda config, references: {
+        "compute_speedup": 1.0, "wall_speedup": 1.0, "computed_steps": 12.0, "psnr": 100.0})
+    with pytest.raises(ValueError, match=r"no codebook for 1.50x compute at 12 steps.* computes every step.*the 3 "
+                                         r"measured reached 1.00x to 1.00x\), so it would never skip"):
+        calibrator.calibrate(speedup=1.5, wall_clock=False, iterations=3)
 
 
 def test_fewest_computed_is_what_a_real_cached_run_computes(tiny_pipe):

@@ -185,6 +185,8 @@ def _files(folder):
     (["-o", "{tmp}/c.txt", "--speedup", "2"], "must be a .json file (one target) or a folder"),
     (["-o", "{tmp}/a-file", "--speedup", "2"], "is a file, not a folder"),
     (["-o", "{tmp}/out/", "--speedup", "1.5", "9"], "in (1, 5.00] at 30 steps"),
+    (["-o", "{tmp}/c.json", "--speedup", "1.1", "--steps", "5", "--compute"],
+     "1.1x is out of reach at 5 steps: a generation either computes all 5 steps (1.00x) or skips at least one"),
     (["-o", "{tmp}/out", "--speedup", "2", "--forecast", "--base", "{tmp}/paper.json"], "--forecast: paper_mode"),
 ])
 def test_the_command_refuses_bad_outputs_and_targets_before_loading_the_model(argv, message, tmp_path, capsys,

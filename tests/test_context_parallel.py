@@ -460,16 +460,120 @@ def test_bench_under_torchrun_runs_every_video_on_both_processes(tmp_path):
     assert json.loads((tmp_path / "b" / "run.json").read_text())["context_parallel"] == "ulysses"
 
 
+def _frozen_peer_worker(rank: int, port: int, timeout: float, results) -> None:
+    """One of two processes in `parallel.process_group(timeout)`: rank 1 is frozen (sleeps past the timeout without
+    joining the collective), rank 0 all-reduces and reports what it raised."""
+    import os
+
+    os.environ.update(WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import torch.distributed as dist
+
+    from adacache.parallel import process_group
+
+    started = time.monotonic()
+    try:
+        with process_group(timeout) as joined:
+            assert joined == rank
+            if rank == 1:
+                time.sleep(timeout + 4)
+            else:
+                dist.all_reduce(torch.ones(1))
+        results.put((rank, "finished", time.monotonic() - started))
+    except BaseException as error:  # noqa: BLE001 - reported to the parent
+        results.put((rank, f"{type(error).__name__}: {error}", time.monotonic() - started))
+
+
+def test_a_frozen_peer_ends_the_process_group_with_one_line_after_its_timeout(tmp_path):
+    """`process_group(timeout)`, as `--rank-timeout` gives it: the process waiting for a frozen one raises
+    RankTimeout (a TimeoutError, one line naming the process and the timeout) once the timeout passes."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    timeout = 2.0
+    workers = [context.Process(target=_frozen_peer_worker, args=(rank, port, timeout, results), daemon=True)
+               for rank in range(WORLD)]
+    for worker in workers:
+        worker.start()
+    try:
+        outcome = {}
+        while 0 not in outcome:
+            rank, message, seconds = results.get(timeout=DEADLINE_S)
+            outcome[rank] = (message, seconds)
+    finally:
+        for worker in workers:  # rank 1 is still "frozen": no need to wait for it (or for rank 0's exit)
+            worker.kill()
+            worker.join()
+    message, _ = outcome[0]
+    assert message.startswith("RankTimeout: process 0 of 2 waited 2 s for the others (--rank-timeout): one of them "
+                              "is frozen or stopped"), message
+    assert "\n" not in message and "Timed out waiting 2000ms" in message
+
+
+@pytest.mark.slow
+def test_a_frozen_process_ends_the_others_with_one_line_after_the_rank_timeout(tmp_path):
+    """`adacache generate --context-parallel ulysses --rank-timeout 5` on two processes, rank 1 frozen at its third
+    transformer call (tests/frozen_rank.py): rank 0 waits 5 s in the attention's all-to-all, then stops with one
+    `adacache: error:` line naming the timeout (exit 1, no traceback); the launcher then ends rank 1. The default
+    users get is pipelines.RANK_TIMEOUT_S (600 s)."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["FROZEN_RANK"] = "1"
+    script = pathlib.Path(__file__).with_name("frozen_rank.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD), str(script), "generate",
+               "a red circle moving left fast", "--steps", "4", "--cache", "none", "--no-progress", "-o", "f.mp4",
+               "--context-parallel", "ulysses", "--rank-timeout", "5"]
+    started = time.monotonic()
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=DEADLINE_S)
+    output = done.stdout + done.stderr
+    errors = [line for line in output.splitlines() if line.startswith("adacache: error:")]
+    assert done.returncode != 0 and len(errors) == 1, output[-3000:]
+    assert "process 0 of 2 waited 5 s for the others (--rank-timeout): one of them is frozen" in errors[0]
+    assert "[rank0]: Traceback" not in output, output[-3000:]  # how torchrun shows a worker's uncaught error
+    assert "exitcode  : 1 " in output and not (tmp_path / "f.mp4").exists()
+    assert time.monotonic() - started < DEADLINE_S
+
+
 @pytest.mark.parametrize("argv, world, message", [
     (["generate", "a red circle", "--context-parallel", "ulysses"], "1", "launch it with torchrun"),
     (["generate", "a red circle"], "2", "add --context-parallel ulysses"),
-    (["bench", "--context-parallel", "ring", "--methods", "none,fbc:0.1"], "2", "leave out fbc:0.1"),
+    (["bench", "--context-parallel", "ulysses", "--methods", "none,fbc:0.1"], "2", "leave out fbc:0.1"),
+    # ring on a CPU: refused before the model loads or the processes meet, under torchrun or not
+    (["generate", "a red circle", "--context-parallel", "ring"], "2", "ring needs a GPU"),
+    (["generate", "a red circle", "--context-parallel", "ring"], "1", "ring needs a GPU"),
+    (["bench", "--context-parallel", "ring"], "2", "log-sum-exp"),
+    (["generate", "a red circle", "--rank-timeout", "5"], "1", "without --context-parallel it would do nothing"),
 ])
 def test_context_parallel_options_that_cannot_work_are_refused(argv, world, message, monkeypatch, capsys, tmp_path):
+    import adacache.pipelines
     from adacache.cli import main
 
     monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU-only host
+    monkeypatch.setattr(adacache.pipelines, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded first"))
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ring_on_a_cpu_model_is_refused_before_parallelism_is_enabled():
+    """The library road: enable_context_parallel refuses Ring on a CPU model with the reason, before it asks for
+    the process group (none here) or changes the model."""
+    from adacache.parallel import enable_context_parallel
+    from adacache.testing import tiny_model
+
+    model = tiny_model("wan").build(seed=0)
+    with pytest.raises(ValueError, match="log-sum-exp.*WanTransformer3DModel is on the cpu; use Ulysses"):
+        enable_context_parallel(None, "ring", [model])
+    from adacache import compat
+
+    assert compat.context_parallel_config(model) is None

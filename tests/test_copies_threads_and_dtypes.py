@@ -388,3 +388,59 @@ def test_a_config_field_cannot_be_deleted_and_asdict_works():
     assert dataclasses.astuple(config)[1] is True
     with pytest.raises(ConfigError, match="stats_history"):
         AdaCacheConfig(stats_history=10**30)
+
+
+# --- removal leaves nothing bound ------------------------------------------------------------------------------------
+def _attribute_names(model):
+    """Every submodule's own attribute names (its __dict__ keys), the model's under ''."""
+    return {name: set(module.__dict__) for name, module in model.named_modules()}
+
+
+def _uncached_pipeline_first(tmp_path):
+    """A diffusers pipeline that generated once before apply: its cache_context made the transformer's hook
+    registry, so AdaCache finds one (diffusers then rebinds `forward` on the model when the last hook goes)."""
+    from tiny_pipelines import TINY_PIPELINE_CALL, load_tiny_pipeline, save_tiny_pipeline
+
+    pipe = load_tiny_pipeline(save_tiny_pipeline("wan", tmp_path))
+    call = {**TINY_PIPELINE_CALL["wan"], "num_inference_steps": 4}
+
+    def generate():
+        pipe("a cat", generator=torch.Generator().manual_seed(0), **call)
+
+    generate()
+    return pipe, pipe.transformer, generate
+
+
+def _cache_enabled_and_disabled_first(tmp_path):
+    from diffusers import FirstBlockCacheConfig
+
+    tiny = tiny_model("wan")
+    model = tiny.build(seed=0)
+    model.enable_cache(FirstBlockCacheConfig(threshold=0.1))
+    model.disable_cache()
+    return model, model, lambda: wan_loop(model, tiny)
+
+
+def _fresh_model(tmp_path):
+    tiny = tiny_model("wan")
+    model = tiny.build(seed=0)
+    return model, model, lambda: wan_loop(model, tiny)
+
+
+def _spec_inferred(tmp_path):
+    model = ToyDiT()
+    return model, model, lambda: denoise(model, torch.ones(1, 6, 3))
+
+
+@pytest.mark.parametrize("setup", [_fresh_model, _uncached_pipeline_first, _cache_enabled_and_disabled_first,
+                                   _spec_inferred], ids=lambda setup: setup.__name__.strip("_"))
+def test_removal_leaves_every_modules_attributes_as_they_were_before_apply(setup, tmp_path):
+    target, model, generate = setup(tmp_path)
+    before = _attribute_names(model)
+    apply_adacache(target, SKIPPING)
+    generate()
+    remove_adacache(target)
+    after = _attribute_names(model)
+    assert after == before, {name: (sorted(after[name] - before[name]), sorted(before[name] - after[name]))
+                             for name in before if after[name] != before[name]}
+    assert "forward" not in model.__dict__

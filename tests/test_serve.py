@@ -12,6 +12,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -239,6 +240,144 @@ def test_page_has_its_controls_and_one_generation_at_a_time(page):
             "summary", "distance-plot"} <= ids
     (event,) = blocks.fns.values()
     assert (event.concurrency_limit, event.queue) == (1, True)
+
+
+# --- what a raw API client can send, and a client that leaves ------------------------------------------------------
+RAW_GOOD = [DEFAULT_PROMPT, "auto", False, 6, 0, 4.0]  # prompt, cache, moreg, steps, seed, guidance
+
+
+def _raw(index, value):
+    values = list(RAW_GOOD)
+    values[index] = value
+    return values
+
+
+RAW_BAD = [  # (values sent to the generate API, the message expected)
+    (_raw(4, float("nan")), "seed must be a whole number from 0 to 18446744073709551615, got nan"),
+    (_raw(4, float("inf")), "seed must be a whole number"),
+    (_raw(4, "7"), "seed must be a whole number from 0 to 18446744073709551615, got '7'"),
+    (_raw(3, None), "steps must be a whole number from 4 to 100, got None"),
+    (_raw(3, "6"), "steps must be a whole number from 4 to 100, got '6'"),
+    (_raw(5, "4.0"), "guidance must be a number from 0 to 100 (at most 1 turns guidance off), got '4.0'"),
+    (_raw(5, {"a": 1}), "guidance must be a number from 0 to 100"),
+    (_raw(5, None), "guidance must be a number from 0 to 100"),
+    (_raw(2, "yes"), "moreg must be true or false, got 'yes'"),
+    (_raw(2, None), "moreg must be true or false, got None"),
+    (_raw(1, 3), "unknown cache 3; pick one of: auto"),
+    (_raw(1, ["auto"]), "unknown cache ['auto']; pick one of: auto"),
+    (_raw(0, 12), "the prompt must be text, got 12"),
+    (_raw(0, ["a red circle"]), "the prompt must be text, got ['a red circle']"),
+    (_raw(0, "x" * 500), "the prompt"),
+    (RAW_GOOD[:3], "the generate API takes 6 values (prompt, cache, moreg, steps, seed, guidance), got 3"),
+    (RAW_GOOD + [1], "the generate API takes 6 values (prompt, cache, moreg, steps, seed, guidance), got 7"),
+]
+
+
+@pytest.mark.parametrize("values, message", [case for case in RAW_BAD if len(case[0]) == 6])
+def test_every_raw_value_the_api_may_send_is_one_message(page, values, message):
+    gr = pytest.importorskip("gradio")
+    with pytest.raises(gr.Error) as raised:
+        page.generate(*values)
+    assert message in raised.value.message and len(raised.value.message) < 400
+    assert not page.folder.exists()
+
+
+@pytest.fixture(scope="module")
+def server(embedded, tmp_path_factory):
+    """The page served in this process on a free loopback port: (WebPage, API base URL)."""
+    pytest.importorskip("gradio")
+    from adacache.serve import launch
+
+    folder = tmp_path_factory.mktemp("serve")
+    page = WebPage(embedded, folder)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = launch(page.build(), "127.0.0.1", port, folder)
+    yield page, f"http://127.0.0.1:{port}/gradio_api"
+    app.close(verbose=False)
+    page.close()
+
+
+def _post(base, values) -> str:
+    """Send `values` to the generate API; its event id."""
+    import json
+
+    body = json.dumps({"data": values}).encode()  # NaN and Infinity as Python's json writes them
+    request = urllib.request.Request(f"{base}/call/generate", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())["event_id"]
+
+
+def _outcome(base, event) -> tuple[str, object]:
+    """The event's last server-sent event: ("complete", outputs) or ("error", message)."""
+    import json
+
+    with urllib.request.urlopen(f"{base}/call/generate/{event}", timeout=120) as response:
+        text = response.read().decode()
+    kind = re.findall(r"^event: (\w+)$", text, re.M)[-1]
+    data = json.loads(re.findall(r"^data: (.*)$", text, re.M)[-1])
+    return kind, (data.get("error") if isinstance(data, dict) else data)
+
+
+@pytest.mark.parametrize("values, message", RAW_BAD)
+def test_the_generate_api_answers_every_bad_raw_value_with_its_message(server, values, message):
+    page, base = server
+    kind, said = _outcome(base, _post(base, values))
+    assert kind == "error" and isinstance(said, str) and message in said, said
+    assert not page.busy and not list(page.folder.glob("run-*"))
+
+
+def test_uploads_are_refused(server):
+    """The page takes no file: gradio's upload route refuses one with a byte in it (HTTP 413), saving nothing."""
+    _, base = server
+    boundary = "adacache-test"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.bin\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + b"x" * 2048 + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(f"{base}/upload", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 413 and b"maximum allowed size of 0 bytes" in refused.value.read()
+
+
+def test_a_client_that_disconnects_stops_its_generation_and_frees_the_model(server, embedded):
+    """A 100-step comparison (up to 200 transformer calls, each slowed to 50 ms here) whose client closes its
+    connection after the second call: the generation stops at a transformer call within a few seconds, the model
+    is free, nothing more runs, and the next generation works."""
+    import http.client
+
+    page, base = server
+    calls = []
+
+    def slow(module, args):
+        calls.append(time.monotonic())
+        time.sleep(0.05)
+
+    handle = embedded.transformer.register_forward_pre_hook(slow)
+    try:
+        event = _post(base, [DEFAULT_PROMPT, "auto", False, 100, 0, 4.0])
+        host, port = base.split("//")[1].split("/")[0].split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=60)
+        connection.request("GET", f"/gradio_api/call/generate/{event}")
+        connection.getresponse()
+        deadline = time.monotonic() + 120
+        while len(calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(calls) >= 2, "the generation did not start"
+        connection.sock.close()  # the client leaves
+        connection.close()
+        left = time.monotonic()
+        while (page.busy or len(calls) < 2) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stopped = time.monotonic() - left
+        made = len(calls)
+        time.sleep(1.0)
+        assert not page.busy and len(calls) == made and made < 100, (made, stopped)
+        assert stopped < 20, stopped
+    finally:
+        handle.remove()
+    uncached, cached, _, _ = page.generate(DEFAULT_PROMPT, "auto", False, 4, 0, 4.0)  # the model works on
+    assert Path(uncached).is_file() and Path(cached).is_file()
 
 
 # --- the plot, on hand-made statistics ------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """The `adacache` command line. The CLI owns the terminal; the library only logs.
 
 Exit status: 0 done; 2 a usage or input error (one `adacache: error: ...` line on stderr; argparse's usage error
-for a malformed option); 1 the system failed (an I/O error); 130 after Ctrl-C and 143 after SIGTERM, each with
-one line and no traceback, after the `finally` blocks ran (atomic writers remove their temporary files).
+for a malformed option); 1 the system failed (an I/O error, or under --context-parallel a process frozen past
+--rank-timeout); 130 after Ctrl-C and 143 after SIGTERM, each with one line and no traceback, after the `finally`
+blocks ran (atomic writers remove their temporary files).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from . import pipelines
 from .config import PRESETS, AdaCacheConfig, ConfigError
 from .extras import MissingExtra, missing_for_cli
 from .interrupts import Terminated, sigterm_as_interrupt
-from .pipelines import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, MAX_TRAIN_SEED
+from .pipelines import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, MAX_TRAIN_SEED, RANK_TIMEOUT_S
 
 
 def _integer(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -138,7 +139,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise ConfigError("--moreg is part of AdaCache; with --cache none it would do nothing (leave out one of them)")
     config = None if args.cache == "none" else _cache_config(args)
     mode = _context_parallel(args, "generate")
-    with parallel.process_group() if mode != "none" else contextlib.nullcontext(0) as rank:
+    with parallel.process_group(args.rank_timeout) if mode != "none" else contextlib.nullcontext(0) as rank:
         return _generate_on(args, kind, sizes, output, gif, config, mode, rank)
 
 
@@ -291,7 +292,7 @@ def _bench(args: argparse.Namespace) -> int:
         from . import parallel
         from .hooks import apply_adacache, reconfigure, transformers_of
 
-        with parallel.process_group() as rank:
+        with parallel.process_group(args.rank_timeout) as rank:
             # AdaCache first, paused (each AdaCache method reconfigures it), then diffusers' split around its blocks
             apply_adacache(pipe)
             reconfigure(pipe, None)
@@ -322,7 +323,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     targets = sorted(args.psnr if by_psnr else args.speedup)
     try:  # the rules Calibrator.calibrate_many applies, before the model loads
         for target in targets:
-            check_target(args.steps, None if by_psnr else target, target if by_psnr else None, args.iterations)
+            check_target(args.steps, None if by_psnr else target, target if by_psnr else None, args.iterations,
+                         skip_cost=0.0 if args.compute else None)  # a wall-clock target's floor needs the cost model
     except ValueError as error:
         raise ConfigError(f"{error}; change --speedup/--psnr or --steps") from None
     repeated = sorted({target for target in targets if targets.count(target) > 1})
@@ -468,14 +470,27 @@ CONTEXT_PARALLEL = ("none", "ulysses", "ring")
 
 def _context_parallel(args: argparse.Namespace, command: str) -> str:
     """The --context-parallel mode, checked against the launch: it needs torchrun (or another launcher) with two
-    processes or more; generate under a launcher without it would write one video per process to one file."""
-    from .parallel import launched_world
+    processes or more; generate under a launcher without it would write one video per process to one file. Ring is
+    refused where the model will run on the CPU (no CUDA), before anything starts."""
+    import torch
 
+    from .parallel import launched_world, ring_problem
+
+    if args.context_parallel == "ring":
+        problem = ring_problem("cuda" if torch.cuda.is_available() else "cpu")
+        if problem is not None:
+            raise ConfigError(f"--context-parallel ring needs a GPU, and this machine has none that torch can use: "
+                              f"{problem}; use --context-parallel ulysses")
     world = launched_world()
     if args.context_parallel != "none" and world == 1:
         raise ConfigError(f"--context-parallel {args.context_parallel} splits the work over processes, but this is "
                           f"one process; launch it with torchrun, e.g. torchrun --nproc-per-node 2 -m adacache.cli "
                           f"{command} ... --context-parallel {args.context_parallel}")
+    if args.rank_timeout is not None and args.context_parallel == "none":
+        raise ConfigError("--rank-timeout is how long a process of --context-parallel waits for the others; without "
+                          "--context-parallel it would do nothing (leave it out)")
+    if args.rank_timeout is None:
+        args.rank_timeout = RANK_TIMEOUT_S
     if command == "generate" and args.context_parallel == "none" and world > 1:
         raise ConfigError(f"adacache generate under a launcher ({world} processes) would make the same video "
                           f"{world} times; add --context-parallel ulysses to split it over them")
@@ -500,7 +515,12 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     sampling = argparse.ArgumentParser(add_help=False, parents=[steps, guidance])  # generate, bench
     progress = argparse.ArgumentParser(add_help=False)  # demo, generate
     progress.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    return dict(model=model, guidance=guidance, steps=steps, sampling=sampling, progress=progress)
+    ranks = argparse.ArgumentParser(add_help=False)  # generate, bench
+    ranks.add_argument("--rank-timeout", type=_number(0.0, above=True), default=None, metavar="SECONDS",
+                       help="with --context-parallel: how long a process waits for the others before it stops with "
+                            "an error (a frozen or stopped process); raise it where loading the model takes longer "
+                            f"(default {RANK_TIMEOUT_S:g})")
+    return dict(model=model, guidance=guidance, steps=steps, sampling=sampling, progress=progress, ranks=ranks)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -521,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate",
                               help="prompt -> video (the embedded model by default, or any diffusers pipeline)",
-                              parents=[shared["model"], shared["sampling"], shared["progress"]])
+                              parents=[shared["model"], shared["sampling"], shared["progress"], shared["ranks"]])
     gen.add_argument("prompt", help='e.g. "a red circle moving right fast"')
     gen.add_argument("-o", "--output", default="out.mp4",
                      help="output .mp4 or .gif, replaced atomically if it exists; its folder must exist "
@@ -544,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=_generate)
 
     be = commands.add_parser("bench", help="AdaCache and its peers side by side: speed-up, FLOPs, memory, quality",
-                             parents=[shared["model"], shared["sampling"]])
+                             parents=[shared["model"], shared["sampling"], shared["ranks"]])
     be.add_argument("--prompts", default=None, help="prompt file, one per line (default on the embedded model: its "
                                                     "36-prompt set)")
     be.add_argument("--num-prompts", type=_POSITIVE, default=None, help="use N prompts spread over the set")

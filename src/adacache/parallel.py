@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from typing import Any, Iterator
 
 import torch
@@ -216,33 +217,92 @@ def launched_world() -> int:
         return 1
 
 
+class RankTimeout(TimeoutError):
+    """A collective (or the start) waited longer than the process group's timeout for another process: one is frozen
+    or stopped. A TimeoutError (an OSError): the system failed, not the input."""
+
+
+# What a collective raises when gloo's timeout passes: "Timed out waiting 5000ms for recv operation to complete"
+# (gloo's transport), or the store's "wait timeout after 5000ms" while the processes meet (torch 2.13).
+_TIMEOUT_MESSAGE = re.compile(r"timed out|timeout", re.IGNORECASE)
+
+
+def is_wait_timeout(error: BaseException) -> bool:
+    """Whether `error` is what a collective raises when the process group's timeout passed (a peer frozen): after
+    one, another collective with that peer would only wait as long again."""
+    return isinstance(error, RuntimeError) and _TIMEOUT_MESSAGE.search(str(error)) is not None
+
+
 @contextlib.contextmanager
-def process_group() -> Iterator[int]:
+def process_group(timeout: float) -> Iterator[int]:
     """Under a launcher, the default process group (gloo for CPU tensors, and NCCL for CUDA ones where CUDA is, with
     this process's GPU from LOCAL_RANK), destroyed on the way out unless something did already; yields this
-    process's rank (0 outside a launcher, with no group)."""
+    process's rank (0 outside a launcher, with no group).
+
+    `timeout` (seconds; the command line's --rank-timeout, by default `pipelines.RANK_TIMEOUT_S`) bounds every wait
+    for another process, the start included: past it, gloo's collective raises and the block raises `RankTimeout`,
+    one line naming this process and the timeout, so a frozen process ends the others (the launcher then stops it).
+    NCCL applies the same timeout through its watchdog, which ends the process with its own report."""
+    import datetime
+
     import torch.distributed as dist
 
     if launched_world() == 1 or dist.is_initialized():
         yield dist.get_rank() if dist.is_initialized() else 0
         return
+    if not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and 0 < timeout < float("inf")):
+        raise ValueError(f"the process group timeout must be a positive number of seconds, got {timeout!r}")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     try:
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout))
         yield dist.get_rank()
+    except RuntimeError as error:
+        if not is_wait_timeout(error):
+            raise
+        rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", "?")
+        raise RankTimeout(
+            f"process {rank} of {launched_world()} waited {timeout:g} s for the others (--rank-timeout): one of them "
+            "is frozen or stopped, so this run ends here; if they are only slow (a large model loading), give a "
+            f"longer timeout. ({_first_line(error)})") from None
     finally:
         if dist.is_initialized():  # (the bench leaves the group itself)
             dist.destroy_process_group()
 
 
+def ring_problem(device_type: str) -> str | None:
+    """Why diffusers' Ring attention cannot run on this kind of device, or None where it may. Ring merges each
+    process's partial attention with its log-sum-exp, and no attention backend returns one on a CPU: the default
+    `native` (torch SDPA) refuses return_lse=True, `_native_flash` has no CPU kernel, and the others (flash, sage,
+    cuDNN, NPU, hub kernels) need an accelerator (checked on diffusers 0.42.1; notes/context-parallel.md)."""
+    if device_type != "cpu":
+        return None
+    return ("Ring attention merges each process's partial attention with its log-sum-exp, which no attention backend "
+            "returns on a CPU (diffusers' native backend refuses return_lse=True; the ones that return it need a GPU)")
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an error from torch's C++ side, without the source location it starts with."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    return re.sub(r"^\[[^\]]*\]\s*", "", lines[0].strip())[:200]
+
+
 def enable_context_parallel(pipe: Any, mode: str, transformers: list[torch.nn.Module]) -> None:
     """diffusers' own context parallelism over every launched process (`enable_parallelism` with Ulysses or Ring of
-    the world's degree) on each transformer: after apply_adacache, so AdaCache's blocks sit inside the split."""
+    the world's degree) on each transformer: after apply_adacache, so AdaCache's blocks sit inside the split. Ring
+    on a CPU model is refused before anything changes (`ring_problem`)."""
     from diffusers import ContextParallelConfig
 
     import torch.distributed as dist
 
+    if mode == "ring":
+        for model in transformers:
+            device = next(model.parameters()).device
+            problem = ring_problem(device.type)
+            if problem is not None:
+                raise ValueError(f"{problem}: {type(model).__name__} is on the {device.type}; use Ulysses there "
+                                 "(ulysses_degree, --context-parallel ulysses)")
     world = dist.get_world_size()
     config = ContextParallelConfig(**{f"{mode}_degree": world})
     for model in transformers:

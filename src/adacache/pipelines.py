@@ -48,6 +48,10 @@ MAX_GUIDANCE = 100.0  # CFG scale: real models use 1-15; far above, the guided v
 #                       At most 1 turns guidance off (diffusers' convention), so 0-1 all mean "no CFG".
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
 MAX_TRAIN_SEED = 2**32 - 1  # training derives its stream seeds as seed * 1,000,003 + step, which must stay in 64 bits
+RANK_TIMEOUT_S = 600.0  # --context-parallel: how long a process waits for the others in one collective (or at the
+# start) before it stops with an error. 10 minutes, NCCL's own default: far above the gap between two collectives of
+# one generation (a layer's compute) and the longest legitimate wait (rank 0 writing a video or a bench report), so a
+# frozen peer ends the run in minutes instead of gloo's default 30. Raise it where loading the model takes longer.
 
 # What `auto` means where the model ships no calibrated codebook (any --model pipeline): the paper's 30-step preset
 AUTO_FALLBACK = "balanced"  # the calibration-free default (a preset of AdaCacheConfig)

@@ -13,11 +13,25 @@ Three layers, each usable without the one above it:
 One generation at a time per model: a model with AdaCache refuses concurrent calls (see hooks.py), so the page's
 generate event runs with a gradio concurrency limit of 1 (the queue holds the rest) and under a lock as well.
 gradio is an optional dependency (`pip install "adacache[all]"`), imported only here and only when needed.
+
+What reaches the page from outside, and what it does with it (gradio 6):
+- The generate API takes any JSON, not only what the page's controls send: the event runs with `preprocess=False`
+  (gradio's own conversion fails on a NaN seed or a string guidance with a blank error), so `check_inputs` sees
+  the raw values and refuses each bad one with a message; a call with too few or too many values is refused by
+  the Blocks' `validate_inputs` (overridden in `build`) with one too.
+- Uploads: the page takes no file, and gradio's upload route refuses any file over MAX_UPLOAD_BYTES (HTTP 413).
+- A client that disconnects stops its generation: gradio runs a plain function to its end whatever the client does,
+  but stops iterating a generator whose client is gone and closes it. The event is therefore a generator
+  (`generate_while_connected`) that runs `generate` in a worker thread and yields "no change" every HEARTBEAT_S;
+  closed, it sets the generation's stop flag, and the transformers raise `Stopped` at their next call (between
+  denoising steps), which frees the model for the next in the queue.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import contextvars
 import dataclasses
 import errno
 import logging
@@ -29,7 +43,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from . import pipelines
 from .config import PRESETS, AdaCacheConfig, ConfigError
@@ -50,6 +64,9 @@ GRADIO_MISSING = 'the web page needs gradio: pip install "adacache[all]"'
 PAGE_VIDEO_SIZE = 256  # tiny clips are upscaled (nearest neighbour, whole factors) to about this many pixels high
 KEEP_RUNS = 8  # a run's videos stay in the temporary folder until this many newer runs exist
 QUEUE_SIZE = 16  # generations waiting for the model; more are refused with gradio's "queue is full"
+MAX_UPLOAD_BYTES = 0  # the page takes no file: gradio's upload route refuses any file with a byte in it (HTTP 413)
+HEARTBEAT_S = 0.5  # while generating, the event yields "no change" this often, so that gradio notices a client gone
+INPUT_NAMES = ("prompt", "cache", "moreg", "steps", "seed", "guidance")  # the generate API's values, in order
 
 
 # --- one comparison: the library part -------------------------------------------------------------------------------
@@ -70,6 +87,33 @@ class Comparison:
     @property
     def speedup(self) -> float:
         return self.uncached_seconds / self.cached_seconds
+
+
+class Stopped(Exception):
+    """A generation stopped between two transformer calls because its stop flag was set (its client left)."""
+
+
+@contextlib.contextmanager
+def stop_when(pipe, stop: threading.Event | None) -> Iterator[None]:
+    """Within the block, the pipeline's transformers raise `Stopped` at their next call once `stop` is set: the
+    generation ends between denoising steps (or between a step's CFG calls), as a failing call would end it
+    (AdaCache, applied for the cached run only, is removed by `pipelines.timed_cached`'s finally). Forward
+    pre-hooks, removed on the way out; any pipeline, with or without a step callback."""
+    if stop is None:
+        yield
+        return
+    from .hooks import transformers_of
+
+    def check(module, args) -> None:
+        if stop.is_set():
+            raise Stopped("the generation was stopped: its client disconnected")
+
+    handles = [model.register_forward_pre_hook(check) for model in transformers_of(pipe)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def compare(pipe, prompt: str, config: AdaCacheConfig, folder: str | os.PathLike, *, steps: int, seed: int,
@@ -261,19 +305,23 @@ class WebPage:
                      ) -> tuple[str, str, bool, int, int, float, list[str]]:
         """Every input checked (a page's API takes any value); ConfigError says what to change. Returns them
         normalised, with the prompt's unknown words (the embedded model reads them as <unk>)."""
-        if not isinstance(prompt, str) or not prompt.strip():
+        if prompt is not None and not isinstance(prompt, str):
+            raise ConfigError(f"the prompt must be text, got {_shown(prompt)}")
+        if prompt is None or not prompt.strip():
             raise ConfigError(f"the prompt is empty; describe a clip, e.g. '{DEFAULT_PROMPT}'")
         prompt = prompt.strip()
-        if cache not in self.cache_choices:
-            raise ConfigError(f"unknown cache {cache!r}; pick one of: {', '.join(self.cache_choices)}")
+        if not isinstance(cache, str) or cache not in self.cache_choices:
+            raise ConfigError(f"unknown cache {_shown(cache)}; pick one of: {', '.join(self.cache_choices)}")
+        if not isinstance(moreg, bool):
+            raise ConfigError(f"moreg must be true or false, got {_shown(moreg)}")
         steps = _whole(steps, "steps", PAGE_MIN_STEPS, PAGE_MAX_STEPS)
         seed = _whole(seed, "seed", 0, MAX_SEED)
         if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
                 or not 0 <= guidance <= MAX_GUIDANCE:
             raise ConfigError(f"guidance must be a number from 0 to {MAX_GUIDANCE:g} (at most 1 turns guidance "
-                              f"off), got {guidance!r}")
+                              f"off), got {_shown(guidance)}")
         unknown = pipelines.check_prompts(self.pipe, [prompt])
-        return prompt, cache, bool(moreg), steps, seed, float(guidance), unknown
+        return prompt, cache, moreg, steps, seed, float(guidance), unknown
 
     def close(self) -> None:
         """Wait for the generation in progress, if any, to finish, and refuse any later one.
@@ -301,10 +349,11 @@ class WebPage:
             shutil.rmtree(stale, ignore_errors=True)
         return folder
 
-    def generate(self, prompt, cache, moreg, steps, seed, guidance, progress: Any = None
-                 ) -> tuple[str, str, "Figure", str]:
+    def generate(self, prompt, cache, moreg, steps, seed, guidance, progress: Any = None,
+                 stop: threading.Event | None = None) -> tuple[str, str, "Figure", str]:
         """The button: (uncached video path, AdaCache video path, distance plot, summary markdown). Every failure
-        is a gradio.Error with a one-line message."""
+        is a gradio.Error with a one-line message. `stop`, once set, ends the generation at the next transformer
+        call (`stop_when`)."""
         gr = _gradio()
         try:
             prompt, cache, moreg, steps, seed, guidance, unknown = self.check_inputs(
@@ -324,11 +373,15 @@ class WebPage:
                     raise ConfigError("the server is stopping; no new generation starts")
                 if progress is not None:
                     progress(0.05, desc="generating uncached, then with AdaCache")
-                result = compare(self.pipe, prompt, config, self.next_folder(), steps=steps, seed=seed,
-                                 guidance=guidance, call=call)
+                with stop_when(self.pipe, stop):
+                    result = compare(self.pipe, prompt, config, self.next_folder(), steps=steps, seed=seed,
+                                     guidance=guidance, call=call)
                 if progress is not None:
                     progress(0.95, desc="drawing")
                 figure = distance_plot(result.stats, steps, dict(config.codebook) if config.codebook else None)
+        except Stopped as stopped:  # nobody is left to read it; the model is free again
+            logger.info("%s", stopped)
+            raise gr.Error(str(stopped), print_exception=False) from None
         except (ValueError, FloatingPointError) as error:  # bad values met during generation: say what to change
             raise gr.Error(str(error), print_exception=False) from None
         except Exception as error:  # anything else: one line on the page, the traceback in the server's log
@@ -337,14 +390,54 @@ class WebPage:
                 from None
         return str(result.uncached_video), str(result.cached_video), figure, summary(result, label)
 
+    def generate_while_connected(self, *inputs: Any, progress: Any = None) -> Iterator[tuple]:
+        """`generate(*inputs)` for the page's event, as a generator that gradio stops when the client disconnects:
+        the generation runs in a worker thread (with this thread's context, where gradio's warnings and progress
+        find their event), this yields gradio's "no change" every HEARTBEAT_S while it runs, then its result.
+        Closed early (the client left), it sets the generation's stop flag on the way out: the generation ends at
+        its next transformer call and frees the model."""
+        gr = _gradio()
+        stop, outcome = threading.Event(), {}
+
+        def work() -> None:
+            try:
+                outcome["result"] = self.generate(*inputs, progress=progress, stop=stop)
+            except BaseException as error:  # noqa: BLE001 - raised again in the event's thread
+                outcome["error"] = error
+
+        worker = threading.Thread(target=contextvars.copy_context().run, args=(work,), name="adacache-generation",
+                                  daemon=True)
+        worker.start()
+        try:
+            while worker.is_alive():
+                worker.join(HEARTBEAT_S)
+                if worker.is_alive():
+                    yield tuple(gr.skip() for _ in range(4))
+        finally:
+            stop.set()  # the generation is over, or its client is gone (gradio closed this generator)
+        if "error" in outcome:
+            raise outcome["error"]
+        yield outcome["result"]
+
     def build(self):
         """The gradio Blocks: controls left, the two videos right, numbers and the plot below."""
         gr = _gradio()
 
         def on_click(prompt, cache, moreg, steps, seed, guidance, progress=gr.Progress()):
-            return self.generate(prompt, cache, moreg, steps, seed, guidance, progress)
+            yield from self.generate_while_connected(prompt, cache, moreg, steps, seed, guidance, progress=progress)
 
-        with gr.Blocks(title="AdaCache", analytics_enabled=False) as page:
+        class Page(gr.Blocks):
+            """Refuses an API call with too few or too many values with a message (relies on: gradio 6's
+            `Blocks.validate_inputs(block_fn, inputs)`, called before any value is read, which refuses too few
+            without one and lets extra values through)."""
+
+            def validate_inputs(self, block_fn, inputs) -> None:
+                if len(inputs) != len(block_fn.inputs):
+                    raise gr.Error(f"the generate API takes {len(INPUT_NAMES)} values ({', '.join(INPUT_NAMES)}), "
+                                   f"got {len(inputs)}", print_exception=False)
+                super().validate_inputs(block_fn, inputs)
+
+        with Page(title="AdaCache", analytics_enabled=False) as page:
             gr.Markdown(
                 f"## AdaCache: adaptive caching for video diffusion transformers\n"
                 f"Model: **{self.model_label}**. Each prompt is generated twice from the same seed: uncached, then "
@@ -372,8 +465,9 @@ class WebPage:
                     numbers = gr.Markdown("Press **Generate**: both videos, the times, speed-up and PSNR appear "
                                           "here.", elem_id="summary")
             plot = gr.Plot(label="probe distance per step", format="png", elem_id="distance-plot")
+            # preprocess=False: the raw values reach check_inputs, which has a message for each bad one
             button.click(on_click, [prompt, cache, moreg, steps, seed, guidance], [uncached, cached, plot, numbers],
-                         concurrency_limit=1, concurrency_id="model", api_name="generate")
+                         concurrency_limit=1, concurrency_id="model", api_name="generate", preprocess=False)
         return page
 
 
@@ -381,8 +475,14 @@ def _whole(value: Any, name: str, low: int, high: int) -> int:
     """An integer in [low, high] from a page input (gradio's numbers arrive as int or float)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or value != int(value) or not low <= value <= high:
-        raise ConfigError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
+        raise ConfigError(f"{name} must be a whole number from {low} to {high}, got {_shown(value)}")
     return int(value)
+
+
+def _shown(value: Any) -> str:
+    """A raw input as a message shows it: its repr, cut short (an API call may send anything, of any length)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # --- the command ----------------------------------------------------------------------------------------------------
@@ -437,7 +537,7 @@ def launch(page, host: str, port: int, folder: Path):
     # installable app, no run history kept in the browser (the last two only where this gradio has them)
     settings = dict(server_name=host, server_port=port, share=False, inbrowser=False, prevent_thread_lock=True,
                     quiet=True, show_error=False, allowed_paths=[str(folder)], ssr_mode=False, mcp_server=False,
-                    pwa=False, run_history=False, footer_links=[])
+                    pwa=False, run_history=False, footer_links=[], max_file_size=MAX_UPLOAD_BYTES)
     known = inspect.signature(page.launch).parameters
     try:
         page.launch(**{key: value for key, value in settings.items() if key in known})

@@ -568,6 +568,10 @@ class _together:
         if self.world > 1:
             import torch.distributed as dist
 
+            from ..parallel import is_wait_timeout
+
+            if error is not None and is_wait_timeout(error):  # a peer is frozen: agreeing would wait as long again
+                return False
             failed = torch.tensor([1 if error is not None else 0])
             dist.all_reduce(failed)
             if error is None and int(failed):

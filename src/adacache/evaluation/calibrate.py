@@ -10,6 +10,11 @@
    Both are deterministic: the bisection reads no clock, so it gives the same codebook on a busy machine as on a
    quiet one.
 
+A speed-up target is refused where no generation runs at it: above the fastest derived codebook, and below one
+skipped step's speed-up (`least_speedup`: 5 / 4 = 1.25x in compute at 5 steps), where a generation computes every
+step or skips one, and a mean over the prompts lands there only by skipping on some and never on others. A
+bisection whose closest codebook never skips is refused too, never written.
+
 A wall-clock target becomes a compute target once, before the bisection, through a cost model (`CostModel`):
 
     wall speed-up = steps / (computed + c * skipped)
@@ -146,6 +151,14 @@ def fewest_computed(steps: int, rate: int) -> int:
         if step == 1 or step >= steps - 1 or step >= previous + current:
             count, previous, current = count + 1, step, (1 if step == 1 else rate)
     return count
+
+
+def least_speedup(steps: int, skip_cost: float = 0.0) -> float:
+    """The smallest speed-up above 1 a generation can have at `steps` steps: one step skipped, a skipped step
+    costing `skip_cost` of a computed one (0: the compute speed-up, steps / (steps - 1)). Between 1 and this, a
+    generation computes every step or skips one; a codebook whose mean over the prompts lands there skips on some
+    prompts and never on others."""
+    return steps / (steps - 1 + skip_cost)
 
 
 def rate_cap(steps: int) -> int:
@@ -373,7 +386,7 @@ class Calibrator:
         measured before (default: measured here, for a wall-clock target); `check_repeats` the timed runs of each
         kind in the final check (0: no check). Targets no derived codebook can reach are refused before any
         generation where arithmetic tells, else before the bisection."""
-        check_target(self.steps, speedup, target_psnr, iterations)
+        check_target(self.steps, speedup, target_psnr, iterations, skip_cost=None if wall_clock else 0.0)
         return self.calibrate_many(speedups=() if speedup is None else (speedup,),
                                    psnrs=() if target_psnr is None else (target_psnr,), wall_clock=wall_clock,
                                    iterations=iterations, cost=cost, check_repeats=check_repeats)[0]
@@ -393,13 +406,20 @@ class Calibrator:
                              "psnrs=[30, 35])")
         targets = speedups or psnrs
         for target in targets:
-            check_target(self.steps, target if speedups else None, target if psnrs else None, iterations)
+            check_target(self.steps, target if speedups else None, target if psnrs else None, iterations,
+                         skip_cost=None if wall_clock else 0.0)
         repeated = sorted({target for target in targets if targets.count(target) > 1})
         if repeated:
             raise ValueError(f"the target {repeated[0]:g} is given more than once; give each target once")
         if not _is_int(check_repeats) or check_repeats < 0:
             raise ValueError(f"check_repeats must be a non-negative integer, got {check_repeats!r}")
         wall = bool(speedups) and wall_clock
+        goals: list[float | None] = list(speedups) if speedups else [None] * len(psnrs)
+        self.cost_model = None
+        if wall:  # first: a target the measured cost puts out of reach is refused before the longer runs
+            self.cost_model = cost or self.measure_costs()
+            self._say_cost(self.cost_model)
+            goals = [self._wall_goal(s, self.cost_model) for s in speedups]  # once: from here on, no clock decides
         norm = None
         if self.base.moreg:
             norm = self.moreg_norm()
@@ -410,12 +430,6 @@ class Calibrator:
                 self.say(f"MoReg normalisation: median raw motion {norm:.4g} (the authors' Open-Sora value: 0.385)")
         curves, references = self.curves()
         pooled = [d for curve in curves for d in curve]
-        goals: list[float | None] = list(speedups) if speedups else [None] * len(psnrs)
-        self.cost_model = None
-        if wall:
-            self.cost_model = cost or self.measure_costs()
-            self._say_cost(self.cost_model)
-            goals = [self._wall_goal(s, self.cost_model) for s in speedups]  # once: from here on, no clock decides
         memo = _Measurements(self, references)
         # threshold scales from 1/30 (nearly every step computed) to 30 (nearly every distance under the first)
         lo, hi = math.log(1 / SCALE_RANGE), math.log(SCALE_RANGE)
@@ -471,9 +485,11 @@ class Calibrator:
         `target_psnr` (`conservative`: the most conservative end, measured and found to keep it)."""
         lo, hi = math.log(1 / SCALE_RANGE), math.log(SCALE_RANGE)
         best = conservative if target_psnr is not None else None
+        reached_speedups = []
         for _ in range(iterations):
             mid = (lo + hi) / 2
             measured = memo.measure(config_for(math.exp(mid)), f"scale {math.exp(mid):.3g}")
+            reached_speedups.append(measured["compute_speedup"])
             if goal is not None:
                 reached = measured["compute_speedup"] >= goal
                 if best is None or abs(measured["compute_speedup"] - goal) < abs(best[1]["compute_speedup"] - goal):
@@ -488,6 +504,12 @@ class Calibrator:
                 lo = mid
         if best is None:  # not reached: the conservative end was checked first
             raise ValueError(f"no codebook keeps PSNR >= {target_psnr} dB on the calibration prompts; lower the target")
+        if goal is not None and best[1]["computed_steps"] >= self.steps:  # a codebook that never skips: no result
+            raise ValueError(
+                f"no codebook for {goal:.2f}x compute at {self.steps} steps: the closest one the search measured "
+                f"computes every step on every calibration video (the {len(reached_speedups)} measured reached "
+                f"{min(reached_speedups):.2f}x to {max(reached_speedups):.2f}x), so it would never skip; choose a "
+                "target nearer to one of those, more --iterations, or more calibration prompts")
         if goal is not None and best[1]["compute_speedup"] < 0.95 * goal:
             logger.warning("the closest codebook found computes %.1f of %d steps (%.2fx compute), short of the %.2fx "
                            "compute the target needs; more --iterations may get closer", best[1]["computed_steps"],
@@ -512,6 +534,8 @@ class Calibrator:
                 f"{c:.3f} of a computed one (measured here), and the fastest derived codebook computes {fewest} steps, "
                 f"so at most {fastest:.2f}x; choose a target in (1, {fastest:.2f}], or calibrate for compute "
                 "(--compute)")
+        if c < 1:
+            check_target(self.steps, speedup, None, 1, skip_cost=c, clock="wall-clock")
         goal = cost.compute_goal(speedup, self.steps)
         self.say(f"{speedup:g}x wall clock = {goal:.3f}x compute "
                  f"({self.steps / goal:.2f} of {self.steps} steps computed)")
@@ -563,8 +587,12 @@ class _Measurements:
         return dict(measured)
 
 
-def check_target(steps: int, speedup: Any, target_psnr: Any, iterations: Any) -> None:
-    """Refuse, before any generation, a target no derived codebook can reach, saying what can be reached."""
+def check_target(steps: int, speedup: Any, target_psnr: Any, iterations: Any, *, skip_cost: float | None = None,
+                 clock: str = "compute") -> None:
+    """Refuse, before any generation, a target no derived codebook can reach, saying what can be reached.
+    `skip_cost`: a skipped step's cost as a fraction of a computed one where known (0 for a compute target; None for
+    a wall-clock one before the cost model is measured): a speed-up below one skipped step's (`least_speedup`) is
+    then refused too, since a generation either computes every step or skips at least one."""
     if (speedup is None) == (target_psnr is None):
         raise ValueError("give exactly one target: a speed-up (e.g. 2.0) or a PSNR in dB (e.g. 30)")
     if not _is_int(iterations) or iterations < 1:
@@ -580,6 +608,15 @@ def check_target(steps: int, speedup: Any, target_psnr: Any, iterations: Any) ->
                 f"a speed-up target must be a number in (1, {fastest:.2f}] at {steps} steps, got {speedup!r}: a "
                 f"derived codebook computes at least one step in {rate_cap(steps)}, and always the first two and the "
                 f"last two, so at least {fewest} steps: at most {fastest:.2f}x in compute (less in wall clock)")
+        least = least_speedup(steps, skip_cost) if skip_cost is not None else 1.0
+        if speedup < least * (1 - 1e-12):
+            cost = f"; a skipped step costs {skip_cost:.3f} of a computed one, measured here" if skip_cost else ""
+            shown = math.ceil(least * 100 - 1e-9) / 100  # rounded up: a target of what is shown is reachable
+            raise ValueError(
+                f"a {clock} speed-up of {speedup:g}x is out of reach at {steps} steps: a generation either computes "
+                f"all {steps} steps (1.00x) or skips at least one ({least:.3f}x or more{cost}), so a codebook for "
+                f"{speedup:g}x would skip on some prompts and never on others; choose a target of at least "
+                f"{shown:.2f}, or more steps")
     elif not _is_real(target_psnr) or not math.isfinite(target_psnr) or not 0 < target_psnr < PSNR_CAP:
         raise ValueError(
             f"a PSNR target must be a number of dB in (0, {PSNR_CAP:g}), got {target_psnr!r}: PSNR is counted up to "
