@@ -380,12 +380,13 @@ def test_extreme_moreg_settings_compute_instead_of_overflowing():
 
 
 def test_a_config_field_cannot_be_deleted_and_asdict_works():
-    config = AdaCacheConfig(moreg=True)
+    config = AdaCacheConfig.from_preset("opensora-30-fast", moreg=True)
     with pytest.raises(ConfigError, match="deleting"):
         del config.moreg
     assert config.moreg is True
     assert dataclasses.asdict(config)["codebook"] == dict(config.codebook)
-    assert dataclasses.astuple(config)[1] is True
+    assert dataclasses.asdict(AdaCacheConfig())["codebook"] is None  # the default: no codebook, calibration-free
+    assert dataclasses.astuple(config)[[f.name for f in dataclasses.fields(config)].index("moreg")] is True
     with pytest.raises(ConfigError, match="stats_history"):
         AdaCacheConfig(stats_history=10**30)
 

@@ -94,7 +94,7 @@ def test_generate_with_a_codebook_file_and_moreg(embedded, tmp_path):
     (None, "auto", 6, 0, 4.0, "the prompt is empty"),
     ("hello world", "auto", 6, 0, 4.0, "has no word the embedded model knows"),
     ("red " * 40, "auto", 6, 0, 4.0, "has 40 words"),
-    (DEFAULT_PROMPT, "nope", 6, 0, 4.0, "unknown cache 'nope'; pick one of: auto, opensora-100-fast"),
+    (DEFAULT_PROMPT, "nope", 6, 0, 4.0, "unknown cache 'nope'; pick one of: auto, balanced, fast, opensora-100-fast"),
     (DEFAULT_PROMPT, "auto", 3, 0, 4.0, "steps must be a whole number from 4 to 100, got 3"),
     (DEFAULT_PROMPT, "auto", 101, 0, 4.0, "steps must be a whole number from 4 to 100"),
     (DEFAULT_PROMPT, "auto", 6.5, 0, 4.0, "steps must be a whole number"),

@@ -89,8 +89,7 @@ def find_running(model: torch.nn.Module, skip: set[CodeType]) -> Running | None:
 
 
 def _is_model(candidate: Any, model: torch.nn.Module) -> bool:
-    return candidate is model or (isinstance(candidate, torch.nn.Module)
-                                  and candidate._modules.get("_orig_mod") is model)  # torch.compile's wrapper
+    return candidate is model or compat.compiled_module_inner(candidate) is model  # or torch.compile's wrapper
 
 
 def scheduler_of(pipeline: Any) -> Any:
