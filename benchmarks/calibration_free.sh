@@ -3,7 +3,9 @@
 # calibrated front (where it has one) and, at 30 steps, every peer at its own default setting; then the targets
 # table (benchmarks/calibration_free.py). All 36 prompts (4 still, 16 slow, 16 fast), seed 0.
 #   bash benchmarks/calibration_free.sh embedded 30 50 100     (the shipped model; reports under runs/cf-<model>-<N>)
-#   bash benchmarks/calibration_free.sh deep 30 50 100         (the deep model: no calibrated front ships)
+#   bash benchmarks/calibration_free.sh deep 30 50 100         (the deep model: its fronts from
+#                                                               MODEL=deep bash benchmarks/calibrate_fronts.sh)
+#   PROMPTS=12 bash benchmarks/calibration_free.sh deep 100    (12 prompts spread over the set: 4 still, 4 slow, 4 fast)
 # Nothing else may run meanwhile if the wall-clock columns matter; the targets use compute speed-ups only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,16 +15,19 @@ free="speedup:1.5,default,speedup:2.5,speedup:3,default+moreg,speedup:3+moreg"
 peers="fbc,pab,taylorseer,fastercache,magcache,dbcache,cachedit-mask"
 for steps in $counts; do
   option=""; [ "$model" = embedded ] || option="--model $model"  # the embedded models by name
-  front=""
-  if [ "$model" = embedded ] && [ -d "benchmarks/codebooks/front-$steps" ]; then
-    front=",$(ls benchmarks/codebooks/front-$steps/*x.json | paste -sd, -)"  # plain reuse: the calibrated front
+  front=""; fronts="benchmarks/codebooks/front-$steps"; [ "$model" = embedded ] || fronts="benchmarks/codebooks/$model-front-$steps"
+  if [ -d "$fronts" ]; then
+    front=",$(ls "$fronts"/*x.json | paste -sd, -)"  # plain reuse: the calibrated front
   fi
+  shipped=""  # the shipped model's codebook and its MoReg codebook (30 and 100 steps), as auto picks them
+  if [ "$model" = embedded ] && [ "$steps" != 50 ]; then shipped=",auto,auto+moreg"; fi
+  subset=""; [ -z "${PROMPTS:-}" ] || subset="--num-prompts $PROMPTS"
   if [ "$steps" = 30 ]; then
     # peers need the FLOP-counting pass for their compute speed-up
-    adacache bench $option --steps "$steps" --seeds 0 --no-progress --methods "none,$free$front,$peers" \
+    adacache bench $option --steps "$steps" --seeds 0 --no-progress --methods "none,$free$front$shipped,$peers" $subset \
       -o "runs/cf-$model-$steps" > "runs/cf-$model-$steps.txt"
   else
-    adacache bench $option --steps "$steps" --seeds 0 --no-flops --no-progress --methods "none,$free$front" \
+    adacache bench $option --steps "$steps" --seeds 0 --no-flops --no-progress --methods "none,$free$front$shipped" $subset \
       -o "runs/cf-$model-$steps" > "runs/cf-$model-$steps.txt"
   fi
 done

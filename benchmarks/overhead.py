@@ -41,7 +41,10 @@ def main() -> None:
     torch.manual_seed(0)
     plain = WanTransformer3DModel(**config).eval()
     patched = WanTransformer3DModel(**config).eval()
-    patched.load_state_dict(plain.state_dict())
+    # The same weight tensors in both (not copies): two copies of the weights alone differ by up to +-0.5% in step
+    # time here (where each lands in memory), which is as much as what is measured
+    for mine, theirs in zip(patched.parameters(), plain.parameters()):
+        mine.data = theirs.data
     apply_adacache(patched, AdaCacheConfig(codebook={1.0: 1}))
 
     b, c, f, _, _ = DEMO_LATENT_SHAPE
