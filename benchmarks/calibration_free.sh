@@ -16,8 +16,9 @@ peers="fbc,pab,taylorseer,fastercache,magcache,dbcache,cachedit-mask"
 for steps in $counts; do
   option=""; [ "$model" = embedded ] || option="--model $model"  # the embedded models by name
   front=""; fronts="benchmarks/codebooks/front-$steps"; [ "$model" = embedded ] || fronts="benchmarks/codebooks/$model-front-$steps"
-  if [ -d "$fronts" ]; then
-    front=",$(ls "$fronts"/*x.json | paste -sd, -)"  # plain reuse: the calibrated front
+  if [ -d "$fronts" ]; then  # the calibrated front: plain reuse (and, on the deep model, the forecast store too)
+    pattern="*x.json"; [ "$model" = embedded ] || pattern="*.json"
+    front=",$(ls "$fronts"/$pattern | paste -sd, -)"
   fi
   shipped=""  # the shipped model's codebook and its MoReg codebook (30 and 100 steps), as auto picks them
   if [ "$model" = embedded ] && [ "$steps" != 50 ]; then shipped=",auto,auto+moreg"; fi

@@ -14,14 +14,14 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import types
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny pipelines live with the tests
 
-from tiny_pipelines import PIPELINE_KINDS, TINY_PIPELINE_CALL, load_tiny_pipeline, save_tiny_pipeline  # noqa: E402
+from tiny_pipelines import (PIPELINE_KINDS, TINY_PIPELINE_CALL, ftfy_stand_in, load_tiny_pipeline,  # noqa: E402
+                            save_tiny_pipeline)
 
 from adacache import apply_adacache, get_stats, remove_adacache  # noqa: E402
 
@@ -33,16 +33,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if any(kind.startswith("skyreels_v2") for kind in args.kinds):
-        # diffusers' SkyReels-V2 pipelines call ftfy without checking that it is installed; what it does to these
-        # ASCII prompts is nothing (the test suite stands in for it the same way)
-        from diffusers.pipelines.skyreels_v2 import pipeline_skyreels_v2, pipeline_skyreels_v2_diffusion_forcing
-        for module in (pipeline_skyreels_v2, pipeline_skyreels_v2_diffusion_forcing):
-            if not hasattr(module, "ftfy"):
-                module.ftfy = types.SimpleNamespace(fix_text=lambda text: text)
     print("| family | steps | branch | computed | compute speed-up |")
     print("|---|---|---|---|---|")
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, ftfy_stand_in():  # SkyReels-V2 calls ftfy unchecked
         for kind in args.kinds:
             pipe = load_tiny_pipeline(save_tiny_pipeline(kind, Path(folder) / kind))
             pipe.set_progress_bar_config(disable=True)

@@ -10,7 +10,6 @@ second CFG branch ("default.1"); two prompts from the same noise without CFG wer
 (equal latents in the two halves of the batch), each getting the other's schedule.
 """
 
-import types
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ from PIL import Image
 from adacache import AdaCacheConfig, apply_adacache, get_stats, remove_adacache
 from adacache.hooks.running import find_running
 
-from tiny_pipelines import TINY_PIPELINE_CALL, load_tiny_pipeline, save_tiny_pipeline
+from tiny_pipelines import TINY_PIPELINE_CALL, ftfy_stand_in, load_tiny_pipeline, save_tiny_pipeline
 
 SKIP_ALL = AdaCacheConfig(codebook={1e9: 100})  # computes steps 1, 2, N-1 and N where N is known
 ALWAYS_COMPUTE = AdaCacheConfig(codebook={1e9: 1})
@@ -29,17 +28,10 @@ PROMPTS = ["a red circle moving left", "a blue square standing still"]
 
 @pytest.fixture(autouse=True, scope="module")
 def _setup():
-    """One thread (tiny tensors); the Wan and SkyReels-V2 pipelines' prompt cleaning calls ftfy, which may not be
-    installed (an identity stand-in is what ftfy does to these ASCII prompts)."""
-    from diffusers.pipelines.skyreels_v2 import pipeline_skyreels_v2
-    from diffusers.pipelines.wan import pipeline_wan_i2v, pipeline_wan_video2video
-
+    """One thread (tiny tensors); ftfy stood in for where a pipeline calls it without it installed."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        for module in (pipeline_wan_i2v, pipeline_wan_video2video, pipeline_skyreels_v2):
-            if not hasattr(module, "ftfy"):
-                patch.setattr(module, "ftfy", types.SimpleNamespace(fix_text=lambda text: text), raising=False)
+    with ftfy_stand_in():
         yield
     torch.set_num_threads(threads)
 
@@ -274,6 +266,5 @@ def test_find_running_finds_the_nearest_pipeline_holding_the_model():
     assert outer().pipeline is outer
     assert outer(lambda: inner()).pipeline is outer  # the inner one holds another model
     assert Pipeline(transformer_2=model)().pipeline is not None
-    compiled = torch.nn.Module()
-    compiled._orig_mod = model  # what torch.compile's OptimizedModule holds
+    compiled = torch.compile(model)  # an OptimizedModule holding the model (nothing compiles until it is called)
     assert Pipeline(transformer=compiled)().pipeline is not None

@@ -58,10 +58,13 @@ caching machinery quickly and deterministically on a CPU.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 import pathlib
+import types
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:  # pragma: no cover
     from diffusers import DiffusionPipeline
@@ -796,3 +799,27 @@ def _shrink_hunyuan_video15(pipe) -> None:
     pipe.tokenizer_max_length = 16
     pipe.tokenizer_2_max_length = 16
     pipe.vision_num_semantic_tokens = 8
+
+
+# --- ftfy -------------------------------------------------------------------------------------------------------------
+FTFY_PIPELINE_MODULES = ("diffusers.pipelines.wan.pipeline_wan_i2v", "diffusers.pipelines.wan.pipeline_wan_video2video",
+                         "diffusers.pipelines.skyreels_v2.pipeline_skyreels_v2",
+                         "diffusers.pipelines.skyreels_v2.pipeline_skyreels_v2_diffusion_forcing")
+
+
+@contextlib.contextmanager
+def ftfy_stand_in() -> Iterator[None]:
+    """Some diffusers pipelines (Wan's image- and video-to-video, SkyReels-V2) call `ftfy.fix_text` on the prompt
+    without checking that ftfy is installed (diffusers 0.42.1); where it is not, their modules get an identity
+    stand-in while inside (what ftfy does to these ASCII prompts), and lose it on the way out."""
+    added = []
+    for name in FTFY_PIPELINE_MODULES:
+        module = importlib.import_module(name)
+        if not hasattr(module, "ftfy"):
+            module.ftfy = types.SimpleNamespace(fix_text=lambda text: text)
+            added.append(module)
+    try:
+        yield
+    finally:
+        for module in added:
+            del module.ftfy
