@@ -134,3 +134,54 @@ def test_the_default_on_the_embedded_model_needs_no_codebook():
         remove_adacache(pipe)
     assert 30 / len(stats.computed_steps) == pytest.approx(2.0, rel=0.15)
     assert stats.distances[1] == pytest.approx(1.0)  # the first distance is the reference
+
+
+# --- from the hostile review of the default ---------------------------------------------------------------------
+def test_frames_without_texture_read_no_motion_rather_than_nan():
+    flat = torch.ones(1, 4, 16, 1)  # uniform within each frame and the same in every frame: a still video
+    assert float(scale_free_motion(flat)) == 0
+    flashing = torch.stack([torch.full((16,), float(t)) for t in range(4)]).view(1, 4, 16, 1)  # no texture, changes
+    assert float(scale_free_motion(flashing)) == math.inf and motion_factor(math.inf) == 4.0
+
+
+def test_a_nan_motion_is_left_out_of_the_budget_and_the_stats():
+    schedule = Schedule(AdaCacheConfig(moreg=True), num_steps=30)
+    ramp = torch.arange(64, dtype=torch.float32)
+    probe = torch.stack([ramp[t: t + 16] for t in range(4)]).view(1, 4, 16, 1)
+    for step, value in ((1, probe), (2, probe * 1.1), (3, probe * float("nan"))):
+        decide_computed_step(schedule, step, value, frames=4)
+    assert all(not math.isnan(f) for f in schedule.motion_factors)
+    assert schedule.records[-1].motion is None and any("not a number" in note for note in schedule.notes)
+
+
+def test_a_speedup_beyond_the_step_count_is_said():
+    from adacache.core.decision import most_reachable
+
+    assert most_reachable(30) == pytest.approx(30 / (4 + math.ceil(26 / 6)))
+    schedule = run_schedule(AdaCacheConfig(speedup=10.0), 30, curve(30))
+    assert any("beyond what 30 steps allow" in note for note in schedule.notes)
+    assert not run_schedule(AdaCacheConfig(speedup=3.0), 30, curve(30)).notes
+
+
+def test_a_numpy_speedup_is_a_float_and_saves(tmp_path):
+    np = pytest.importorskip("numpy")
+    config = AdaCacheConfig(speedup=np.float32(2.5))
+    assert type(config.speedup) is float
+    config.save(tmp_path / "c.json")
+    assert AdaCacheConfig.load(str(tmp_path / "c.json")).speedup == 2.5
+
+
+def test_the_command_line_takes_the_bench_names_of_the_knob():
+    import argparse
+
+    from adacache.cli import _cache_config
+    from adacache.config import ConfigError
+
+    def config(cache, auto=True):
+        return _cache_config(argparse.Namespace(cache=cache, steps=30, moreg=False), auto=auto)
+
+    assert config("default") == AdaCacheConfig() and config("speedup:2.5") == AdaCacheConfig(speedup=2.5)
+    assert config("auto", auto=False) == AdaCacheConfig.from_preset("balanced")  # the demo's random model
+    for bad, message in (("speedup:x", "speedup:<number>"), ("speedup:0.5", "from 1 to")):
+        with pytest.raises(ConfigError, match=message):
+            config(bad)

@@ -146,6 +146,7 @@ class AdaCacheConfig:
         if not _is_number(self.speedup) or not math.isfinite(self.speedup) or not 1 <= self.speedup <= MAX_SPEEDUP:
             raise ConfigError(f"speedup must be a number from 1 to {MAX_SPEEDUP:g} (the compute speed-up aimed at "
                               f"without a codebook; 2 is the default), got {self.speedup!r}")
+        self.speedup = float(self.speedup)  # (a numpy scalar would not save to JSON)
         for name in ("moreg", "paper_mode"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")

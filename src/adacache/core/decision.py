@@ -128,7 +128,10 @@ def _scale_free_motion_of(sums: list[tuple[torch.Tensor, torch.Tensor]]) -> torc
     if not sums:
         return None
     *temporal, (spatial, count) = sums
-    return torch.stack([change / number for change, number in temporal]).mean() / (spatial / count)
+    change = torch.stack([change / number for change, number in temporal]).mean()
+    # frames without texture (no change between neighbouring tokens): no motion where they do not change either
+    # (0/0 reads 0, not NaN), and as much as can be read where they do (x/0 reads inf, the factor's upper bound)
+    return torch.where(spatial == 0, torch.where(change == 0, 0.0, torch.inf), change / (spatial / count))  # NaN stays NaN
 
 
 def scale_free_motion(frames: torch.Tensor, strides: tuple[int, ...] = (1,)) -> torch.Tensor | None:
@@ -170,6 +173,13 @@ def budget_rate(relative_distance: float, step: int, computed: int, num_steps: i
         nudge = (needed / speedup) ** BUDGET_FEEDBACK
     stride = speedup * BUDGET_SHAPE * nudge / math.sqrt(max(relative_distance, 1e-12))
     return int(min(max(round(stride), 1), max_rate(num_steps)))
+
+
+def most_reachable(num_steps: int) -> float:
+    """The largest compute speed-up the calibration-free rule can reach over `num_steps`: steps 1, 2, N-1 and N
+    computed, the rest at most `max_rate` apart."""
+    free = max(0, num_steps - 4)
+    return num_steps / (min(num_steps, 4) + math.ceil(free / max_rate(num_steps)))
 
 
 def motion_factor(motion: float) -> float:
@@ -343,10 +353,18 @@ class Schedule:
         if self.reference is None and math.isfinite(distance) and distance > 0:
             self.reference = distance  # (a first distance of 0 or garbage waits for a usable one)
         relative = distance / self.reference if self.reference is not None else 1.0
-        if motion is not None:
+        if motion is not None and math.isnan(motion):  # a probe with NaN in it: nothing to read, nothing recorded
+            self.note(f"MoReg: the motion at step {step} is not a number (a non-finite probe); left out")
+        elif motion is not None:
             record.motion, record.motion_factor = motion, motion_factor(motion)
             self.motion_factors.append(record.motion_factor)
         speedup = self.config.speedup
+        if self.num_steps is not None:  # (said once: note() keeps one copy)
+            reachable = most_reachable(self.num_steps)
+            if speedup > reachable * 1.05:
+                self.note(f"speedup={speedup:g} is beyond what {self.num_steps} steps allow (about {reachable:.2f}x: "
+                          f"the first two and last two steps are always computed, and at most {max_rate(self.num_steps)} "
+                          "steps apart); aiming at that instead", log=True)
         if self.motion_factors:  # the video's budget: more computed steps the more it moves
             speedup = max(1.0, speedup / (sum(self.motion_factors) / len(self.motion_factors)))
         record.distance = relative
