@@ -5,7 +5,7 @@
 #   bash benchmarks/calibration_free.sh embedded 30 50 100     (the shipped model; reports under runs/cf-<model>-<N>)
 #   bash benchmarks/calibration_free.sh deep 30 50 100         (the deep model: its fronts from
 #                                                               MODEL=deep bash benchmarks/calibrate_fronts.sh)
-#   PROMPTS=12 bash benchmarks/calibration_free.sh deep 100    (12 prompts spread over the set: 4 still, 4 slow, 4 fast)
+#   PROMPTS=12 bash benchmarks/calibration_free.sh deep 100    (12 of the 36 prompts, every third: 1 still, 6 slow, 5 fast)
 # Nothing else may run meanwhile if the wall-clock columns matter; the targets use compute speed-ups only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
