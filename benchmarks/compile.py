@@ -10,9 +10,10 @@ process:
   and compiled.
 
 Compiled is the model compiled whole after apply_adacache (`model.compile(backend=...)`, the way the issue names;
-`--compile regional` uses diffusers' `compile_repeated_blocks` instead). Each variant is warmed up (compiled) first;
-then the runs are interleaved (one generation of each variant per round, `--rounds` rounds), and the medians and
-their ratios are printed, with the computed steps and how far each compiled output is from its eager twin.
+`--compile regional` uses diffusers' `compile_repeated_blocks` instead, `--compile blocks` `adacache.compile_blocks`).
+Each variant is warmed up (compiled) first; then the runs are interleaved (one generation of each variant per round,
+`--rounds` rounds), and the medians and their ratios are printed, with the computed steps and how far each compiled
+output is from its eager twin.
 
     python benchmarks/compile.py                      # inductor, 20 steps, 5 rounds
     python benchmarks/compile.py --steps 10 --rounds 2 --backend eager   # a quick check of the script
@@ -30,7 +31,7 @@ import time
 
 import torch
 
-from adacache import AdaCacheConfig, apply_adacache, get_stats
+from adacache import AdaCacheConfig, apply_adacache, compile_blocks, get_stats
 from adacache.demo import DEMO_LATENT_SHAPE, DEMO_MODEL_CONFIG, build_demo_model, denoise
 
 VARIANTS = ("plain", "rate 1", "cached")
@@ -45,8 +46,10 @@ def build(variant: str, compiled: bool, codebook: dict[float, int], args: argpar
     if compiled:
         if args.compile == "whole":
             model.compile(backend=args.backend)
-        else:
+        elif args.compile == "regional":
             model.compile_repeated_blocks(backend=args.backend)
+        else:  # "blocks": adacache.compile_blocks, each block's own forward (the same call works without AdaCache)
+            compile_blocks(model, backend=args.backend)
     return model
 
 
@@ -55,7 +58,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--backend", default="inductor")
-    parser.add_argument("--compile", choices=("whole", "regional"), default="whole")
+    parser.add_argument("--compile", choices=("whole", "regional", "blocks"), default="whole",
+                        help="model.compile(), diffusers' compile_repeated_blocks, or adacache.compile_blocks")
     parser.add_argument("--codebook", default="1e9:2", help="the cached variant's fixed codebook, distance:rate")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
@@ -81,8 +85,9 @@ def main() -> None:
 
     print(f"Wan transformer (adacache.demo: {DEMO_MODEL_CONFIG['num_layers']} blocks, latents {DEMO_LATENT_SHAPE}), "
           f"{args.steps} steps, {args.rounds} interleaved rounds, {args.threads} thread(s)")
-    print(f"compile: model.{'compile' if args.compile == 'whole' else 'compile_repeated_blocks'}"
-          f"(backend={args.backend!r}) after apply_adacache; cached codebook {codebook}")
+    how = {"whole": "model.compile", "regional": "model.compile_repeated_blocks",
+           "blocks": "adacache.compile_blocks(model, ...)"}[args.compile]
+    print(f"compile: {how}(backend={args.backend!r}) after apply_adacache; cached codebook {codebook}")
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
           f"load average {load_before[0]:.1f} before the timed rounds, {load_after[0]:.1f} after")
     print(f"{'variant':<8} {'eager s':>9} {'compiled s':>11} {'compiled/eager':>15} {'first compiled call s':>22} "
