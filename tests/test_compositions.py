@@ -29,7 +29,7 @@ import torch
 from adacache import AdaCacheConfig, apply_adacache, get_stats, reconfigure, remove_adacache
 from adacache.hooks import runtime_of
 
-from tiny_pipelines import TINY_PIPELINE_CALL, ftfy_stand_in, load_tiny_pipeline, save_tiny_pipeline
+from tiny_pipelines import TINY_PIPELINE_CALL, ftfy_stand_in, load_tiny_pipeline, saved_once
 
 RATE_ONE = AdaCacheConfig(codebook={1.0: 1})
 PERMISSIVE = AdaCacheConfig(codebook={1e9: 3})
@@ -134,14 +134,7 @@ def _ftfy():
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    made = {}
-
-    def folder(kind):
-        if kind not in made:
-            made[kind] = save_tiny_pipeline(kind, tmp_path_factory.mktemp(kind))
-        return made[kind]
-
-    return folder
+    return saved_once(tmp_path_factory.mktemp)
 
 
 @pytest.fixture(scope="module")

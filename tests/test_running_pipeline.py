@@ -19,7 +19,7 @@ from PIL import Image
 from adacache import AdaCacheConfig, apply_adacache, get_stats, remove_adacache
 from adacache.hooks.running import find_running
 
-from tiny_pipelines import TINY_PIPELINE_CALL, ftfy_stand_in, load_tiny_pipeline, save_tiny_pipeline
+from tiny_pipelines import TINY_PIPELINE_CALL, ftfy_stand_in, load_tiny_pipeline, saved_once
 
 SKIP_ALL = AdaCacheConfig(codebook={1e9: 100})  # computes steps 1, 2, N-1 and N where N is known
 ALWAYS_COMPUTE = AdaCacheConfig(codebook={1e9: 1})
@@ -39,14 +39,8 @@ def _setup():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """tiny(kind): a fresh tiny pipeline of `kind`, built once per module and loaded anew each time."""
-    folders = {}
-
-    def load(kind):
-        if kind not in folders:
-            folders[kind] = save_tiny_pipeline(kind, tmp_path_factory.mktemp(kind))
-        return load_tiny_pipeline(folders[kind])
-
-    return load
+    folder = saved_once(tmp_path_factory.mktemp)
+    return lambda kind: load_tiny_pipeline(folder(kind))
 
 
 def call(kind, **overrides):

@@ -64,7 +64,7 @@ import os
 import pathlib
 import types
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 if TYPE_CHECKING:  # pragma: no cover
     from diffusers import DiffusionPipeline
@@ -823,3 +823,16 @@ def ftfy_stand_in() -> Iterator[None]:
     finally:
         for module in added:
             del module.ftfy
+
+
+def saved_once(make_folder: Callable[[str], pathlib.Path]) -> Callable[[str], pathlib.Path]:
+    """kind -> the folder of a tiny pipeline of that kind, saved at its first request into `make_folder(kind)`
+    (a pytest fixture passes `tmp_path_factory.mktemp`) and reused after."""
+    folders: dict[str, pathlib.Path] = {}
+
+    def folder(kind: str) -> pathlib.Path:
+        if kind not in folders:
+            folders[kind] = save_tiny_pipeline(kind, make_folder(kind))
+        return folders[kind]
+
+    return folder
