@@ -27,7 +27,6 @@ ASCII prompt).
 """
 
 import inspect
-import types
 
 import numpy as np
 import pytest
@@ -39,7 +38,7 @@ from adacache import AdaCacheConfig, get_stats, remove_adacache
 from adacache import apply_adacache as _apply_adacache
 from adacache.models.specs import BlockList, BlockSpec, ModelSpec
 
-from tiny_pipelines import TINY_PIPELINE_CALL, load_tiny_pipeline, save_tiny_pipeline
+from tiny_pipelines import TINY_PIPELINE_CALL, ftfy_stand_in, load_tiny_pipeline, save_tiny_pipeline
 
 STEPS = 6
 STOP_AT = 3  # interrupted generations stop after this step
@@ -100,12 +99,7 @@ def _one_thread():
 def family(request, tmp_path_factory):
     """(kind, pipeline, reference frames of the never-patched pipeline at STEPS steps, seed 0)."""
     kind = request.param
-    with pytest.MonkeyPatch.context() as patch:
-        if kind.startswith("skyreels_v2"):
-            from diffusers.pipelines.skyreels_v2 import pipeline_skyreels_v2, pipeline_skyreels_v2_diffusion_forcing
-            for module in (pipeline_skyreels_v2, pipeline_skyreels_v2_diffusion_forcing):
-                if not hasattr(module, "ftfy"):
-                    patch.setattr(module, "ftfy", types.SimpleNamespace(fix_text=lambda text: text), raising=False)
+    with ftfy_stand_in():
         pipe = load_tiny_pipeline(save_tiny_pipeline(kind, tmp_path_factory.mktemp(kind)))
         reference = generate(kind, pipe)
         assert np.array_equal(generate(kind, pipe), reference), "the pipeline itself is not deterministic"
